@@ -1,0 +1,115 @@
+"""Typed containers for what flows between the training stages.
+
+    sample  ->  RolloutBatch
+    score   ->  ScoredBatch   (RolloutBatch + rewards)
+
+Token layout (the same everywhere in the shell): every sequence is
+``[prompt | completion]``.  Prompts are **left**-padded to a common length P, completions
+are **right**-padded to a common length C, so that column ``P + t`` of the concatenation
+holds completion token ``t`` of every row.  The maths core only ever sees the completion
+part, shape ``(B, C)``; prompt and padding tokens therefore never reach a loss.
+
+B counts *samples* (prompts x samples per prompt), not prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Prompt:
+    """One prompt to sample from, with whatever its scorer needs to judge a completion."""
+
+    text: str
+    """The user's message (a chat template is applied by the sampler when configured)."""
+    id: str
+    """Stable identifier, unique within its source (used for splits, logging and resuming)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Task data for the scorer, e.g. a reasoning-gym entry with its answer."""
+
+
+@dataclass
+class RolloutBatch:
+    """Sampled completions and the log-probabilities the sampler gave them.
+
+    Row ``i`` is sample ``i``; ``prompts[i]`` is its prompt (repeated for n samples),
+    ``group_ids_B[i]`` numbers the prompt within the batch (rows sharing a prompt share it).
+    """
+
+    prompts: list[Prompt]  # B
+    completions: list[str]  # B, decoded completion text (stop strings removed)
+    prompt_ids_BP: torch.Tensor  # (B, P) long, left-padded
+    prompt_mask_BP: torch.Tensor  # (B, P) bool, True on real prompt tokens
+    completion_ids_BC: torch.Tensor  # (B, C) long, right-padded
+    completion_mask_BC: torch.Tensor  # (B, C) bool, True on real completion tokens (EOS included)
+    sample_logprobs_BC: torch.Tensor  # (B, C) float32, log pi_sample(token) at the sampling temperature, 0 on padding
+    group_ids_B: torch.Tensor  # (B,) long
+    finished_B: torch.Tensor  # (B,) bool, True when the sample stopped on EOS or a stop string (not truncated)
+
+    def __post_init__(self) -> None:
+        B = len(self.prompts)
+        for name in ("prompt_ids_BP", "prompt_mask_BP", "completion_ids_BC", "completion_mask_BC",
+                     "sample_logprobs_BC"):
+            t = getattr(self, name)
+            if t.dim() != 2 or t.shape[0] != B:
+                raise ValueError(f"RolloutBatch.{name} must have shape (B={B}, ·), got {tuple(t.shape)}")
+        if self.prompt_ids_BP.shape != self.prompt_mask_BP.shape:
+            raise ValueError("RolloutBatch: prompt_ids_BP and prompt_mask_BP shapes differ: "
+                             f"{tuple(self.prompt_ids_BP.shape)} vs {tuple(self.prompt_mask_BP.shape)}")
+        C = self.completion_ids_BC.shape
+        if self.completion_mask_BC.shape != C or self.sample_logprobs_BC.shape != C:
+            raise ValueError("RolloutBatch: completion_ids_BC, completion_mask_BC and sample_logprobs_BC "
+                             f"must share one shape, got {tuple(C)}, {tuple(self.completion_mask_BC.shape)}, "
+                             f"{tuple(self.sample_logprobs_BC.shape)}")
+        if len(self.completions) != B or self.group_ids_B.shape != (B,) or self.finished_B.shape != (B,):
+            raise ValueError(f"RolloutBatch: completions, group_ids_B and finished_B need length B={B}")
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def input_ids_BL(self) -> torch.Tensor:
+        """(B, P + C) the full token rows, prompt then completion."""
+        return torch.cat([self.prompt_ids_BP, self.completion_ids_BC], dim=1)
+
+    @property
+    def attention_mask_BL(self) -> torch.Tensor:
+        """(B, P + C) True on every real token, prompt or completion."""
+        return torch.cat([self.prompt_mask_BP, self.completion_mask_BC], dim=1)
+
+    @property
+    def completion_lengths_B(self) -> torch.Tensor:
+        return self.completion_mask_BC.sum(dim=1)
+
+    def select(self, rows: torch.Tensor | list[int]) -> "RolloutBatch":
+        """The sub-batch of the given rows (for micro-batches and per-process shares)."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        il = idx.tolist()
+        return RolloutBatch(
+            prompts=[self.prompts[i] for i in il],
+            completions=[self.completions[i] for i in il],
+            prompt_ids_BP=self.prompt_ids_BP[idx],
+            prompt_mask_BP=self.prompt_mask_BP[idx],
+            completion_ids_BC=self.completion_ids_BC[idx],
+            completion_mask_BC=self.completion_mask_BC[idx],
+            sample_logprobs_BC=self.sample_logprobs_BC[idx],
+            group_ids_B=self.group_ids_B[idx],
+            finished_B=self.finished_B[idx],
+        )
+
+
+@dataclass
+class ScoredBatch:
+    """A rollout with its rewards: the weighted total and each scorer's own score."""
+
+    rollout: RolloutBatch
+    rewards_B: torch.Tensor  # (B,) float32, weighted sum of the scorers' sequence scores
+    scores: dict[str, torch.Tensor]  # scorer name -> (B,) float32 raw (unweighted) score
+    token_rewards_BC: torch.Tensor | None = None  # (B, C) dense per-token rewards (weighted), if any scorer gives them
+    correct_B: torch.Tensor | None = None  # (B,) bool, where the task defines correctness (e.g. a verifier score of 1)
+    num_scorer_errors: int = 0  # scores replaced by 0 after a scorer raised (only with on_error="zero")
