@@ -1,0 +1,12 @@
+"""seqpg: policy-gradient reinforcement learning for language models.
+
+The maths core is re-exported here flat (``seqpg.token_logprobs``, ``seqpg.compute_advantages``,
+...). Importing ``seqpg`` imports torch and the core only; the model, sampling and training
+modules (which need transformers) load when imported by name (``seqpg.trainer``, ``seqpg.cli``).
+"""
+
+from .core import *  # noqa: F401,F403  (the public core API, listed in seqpg.core.__all__)
+from .core import __all__ as _core_all
+
+__version__ = "0.1.0"
+__all__ = ["__version__", *_core_all]
