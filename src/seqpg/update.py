@@ -1,0 +1,138 @@
+"""One policy (and critic) update on a scored batch: epochs x mini-batches x micro-batches.
+
+The loss of every micro-batch is normalised by the counts of its whole mini-batch
+(``num_tokens``, ``num_seqs``, ``max_len`` handed to the core), so the gradient that the
+optimizer sees after accumulation is the mini-batch's gradient, whatever the micro-batch
+size.  The data-parallel trainer passes counts summed over processes for the same reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from . import core
+from .batch import RolloutBatch
+from .policy import completion_logprobs
+
+
+@dataclass
+class TrainBatch:
+    """Everything one update needs, row-aligned with the rollout (B samples, C completion columns)."""
+
+    rollout: RolloutBatch
+    advantages_BC: torch.Tensor  # (B, C)
+    returns_BC: torch.Tensor  # (B, C)
+    old_logprobs_BC: torch.Tensor  # (B, C) log-probs of the policy that sampled (behaviour policy)
+    ref_logprobs_BC: torch.Tensor | None = None  # (B, C) reference-policy log-probs (KL as a loss term)
+    old_values_BC: torch.Tensor | None = None  # (B, C) critic values at sampling time
+
+    @property
+    def mask_BC(self) -> torch.Tensor:
+        return self.rollout.completion_mask_BC
+
+    def select(self, rows: torch.Tensor) -> "TrainBatch":
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return TrainBatch(self.rollout.select(rows), self.advantages_BC[rows], self.returns_BC[rows],
+                          self.old_logprobs_BC[rows], pick(self.ref_logprobs_BC), pick(self.old_values_BC))
+
+
+@dataclass
+class UpdateSettings:
+    """Plain arguments of an update (built from the config by the trainer)."""
+
+    loss: str
+    agg: str
+    loss_params: dict = field(default_factory=dict)
+    epochs: int = 1
+    minibatches: int = 1
+    micro_batch_size: int = 0
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0
+    kl_loss_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    vf_coef: float = 0.5
+    vf_clip: float | None = 0.2
+    bf16: bool = False
+
+
+def _sum_counts(mask_BC: torch.Tensor, all_reduce: Callable | None) -> tuple[float, float]:
+    counts = torch.stack([mask_BC.sum().float(), torch.tensor(float(mask_BC.shape[0]))])
+    if all_reduce is not None:
+        counts = all_reduce(counts)
+    return float(counts[0]), float(counts[1])
+
+
+def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch, s: UpdateSettings, *,
+           critic=None, generator: torch.Generator | None = None, all_reduce: Callable | None = None,
+           max_len: int | None = None) -> dict[str, float]:
+    """Run ``s.epochs`` passes of ``s.minibatches`` optimizer steps over ``batch``; return mean stats.
+
+    ``critic`` (optional) has ``values(policy_out, rollout) -> (B, C)`` and parameters in the
+    same optimizer.  ``all_reduce`` sums tensors across data-parallel processes (counts only:
+    DDP averages the gradients, so every process must scale its loss by the process count,
+    which the data-parallel trainer does by passing counts and a matching world size).
+    """
+    B, C = batch.mask_BC.shape
+    max_len = max_len or C
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    totals: dict[str, float] = {}
+    n_steps = 0
+    autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) \
+        if s.bf16 else nullcontext()
+    for _epoch in range(s.epochs):
+        order = torch.randperm(B, generator=generator) if s.minibatches > 1 else torch.arange(B)
+        for rows in order.chunk(s.minibatches):
+            mb = batch.select(rows)
+            num_tokens, num_seqs = _sum_counts(mb.mask_BC, all_reduce)
+            optimizer.zero_grad(set_to_none=True)
+            step = max(1, s.micro_batch_size or len(rows))
+            mb_stats: dict[str, float] = {}
+            for lo in range(0, len(rows), step):
+                micro = mb.select(torch.arange(lo, min(lo + step, len(rows))))
+                with autocast:
+                    loss, st = _micro_loss(policy, critic, micro, s, num_tokens, num_seqs, max_len)
+                loss.backward()
+                share = float(micro.mask_BC.sum()) / max(float(mb.mask_BC.sum()), 1.0)
+                for k, v in st.items():
+                    mb_stats[k] = mb_stats.get(k, 0.0) + (v if k.endswith("loss") else v * share)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf"))
+            optimizer.step()
+            mb_stats["grad_norm"] = float(grad_norm)
+            for k, v in mb_stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+            n_steps += 1
+    return {k: v / n_steps for k, v in totals.items()}
+
+
+def _micro_loss(policy, critic, micro: TrainBatch, s: UpdateSettings, num_tokens: float, num_seqs: float,
+                max_len: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one micro-batch, normalised by its mini-batch's counts; and its statistics."""
+    counts = dict(num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
+    mask = micro.mask_BC
+    out = completion_logprobs(policy, micro.rollout, temperature=s.temperature,
+                              with_entropy=True, with_hidden=critic is not None and critic.shared)
+    pg_loss, pst = core.policy_loss(s.loss, out.logprobs_BC, micro.advantages_BC, mask,
+                                    old_logprobs=micro.old_logprobs_BC, agg=s.agg, **counts, **s.loss_params)
+    loss = pg_loss
+    stats = {"pg_loss": float(pg_loss.detach()), "clip_frac": float(pst.clip_frac), "approx_kl_old": float(pst.approx_kl)}
+    stats["entropy"] = float(core.masked_mean(out.entropy_BC.detach(), mask))
+    if s.entropy_coef:
+        loss = loss - s.entropy_coef * core.aggregate_loss(out.entropy_BC, mask, s.agg, **counts)
+    if s.kl_loss_coef and micro.ref_logprobs_BC is not None:
+        kl = core.kl_loss(out.logprobs_BC, micro.ref_logprobs_BC, mask, estimator=s.kl_estimator, agg=s.agg,
+                          **counts)
+        loss = loss + s.kl_loss_coef * kl
+        stats["kl_loss"] = float(kl.detach())
+    if critic is not None:
+        values = critic.values(out, micro.rollout)
+        vloss, vst = core.value_loss(values, micro.returns_BC, mask, old_values=micro.old_values_BC,
+                                     clip_range=s.vf_clip, agg=s.agg, **counts)
+        loss = loss + s.vf_coef * vloss
+        stats["value_loss"] = float(vloss.detach())
+    stats["loss"] = float(loss.detach())
+    return loss, stats
