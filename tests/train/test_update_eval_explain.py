@@ -1,0 +1,90 @@
+"""The update's gradient accumulation, held-out evaluation, pass@k and `seqpg explain`."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from seqpg import core
+from seqpg.batch import Prompt
+from seqpg.cli import main
+from seqpg.config import load_config
+from seqpg.evaluate import evaluate, pass_at_k
+from seqpg.models import build_tiny_model, build_tiny_tokenizer
+from seqpg.sampling import generate
+from seqpg.scorers import make_scorer
+from seqpg.trainer import train
+from seqpg.update import TrainBatch, UpdateSettings, update
+
+
+def _batch(model, tok):
+    prompts = [Prompt("cat", "0"), Prompt("dog", "1"), Prompt("sun", "2")]
+    r = generate(model, tok, prompts, n=4, max_new_tokens=7, chat_template=False,
+                 generator=torch.Generator().manual_seed(0))
+    rewards_B = torch.randn(r.batch_size, generator=torch.Generator().manual_seed(1))
+    adv, ret = core.compute_advantages("grpo", rewards_B, r.completion_mask_BC, group_ids=r.group_ids_B)
+    return TrainBatch(r, adv, ret, r.sample_logprobs_BC)
+
+
+@pytest.mark.parametrize("agg", core.AGG_MODES)
+@pytest.mark.parametrize("loss", ["pg", "ppo", "gspo"])
+def test_gradient_accumulation_does_not_change_the_update(agg, loss):
+    tok = build_tiny_tokenizer()
+    base = build_tiny_model(len(tok), seed=3)
+    batch = _batch(base, tok)
+    params = []
+    for micro in (0, 1, 5):
+        model = copy.deepcopy(base).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        update(model, opt, batch, UpdateSettings(loss=loss, agg=agg, micro_batch_size=micro, max_grad_norm=0))
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    moved = (params[0] - torch.cat([p.flatten() for p in base.parameters()])).abs().max()
+    assert moved > 1e-4
+    torch.testing.assert_close(params[1], params[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(params[2], params[0], rtol=0, atol=1e-6)
+
+
+def test_pass_at_k_matches_its_definition():
+    assert pass_at_k(4, 0, 1) == 0.0 and pass_at_k(4, 4, 2) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    with pytest.raises(ValueError, match="at least 4"):
+        pass_at_k(2, 1, 4)
+
+
+def test_evaluate_reports_reward_accuracy_standard_errors_and_pass_at_k():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(len(tok), seed=0)
+    prompts = [Prompt(w, w, {"answer": "x"}) for w in ("cat", "dog", "sun", "sea", "sky")]
+    scorers = [(make_scorer("contains", name="has_x", column="answer"), 1.0)]
+    res = evaluate(model, tok, prompts, scorers, max_new_tokens=8, chat_template=False, ks=(1, 2), samples=4)
+    assert res.n_prompts == 5 and res.accuracy is not None
+    assert res.mean_reward == pytest.approx(res.accuracy)  # contains gives 1 exactly when correct
+    assert set(res.pass_at_k) == {1, 2} and res.pass_at_k[2] >= res.pass_at_k[1]
+    assert res.se_reward >= 0 and len(res.completions) == 5
+
+
+def test_eval_and_explain_commands_on_a_trained_run(tiny_overrides, capsys):
+    run = train(load_config(None, tiny_overrides("steps=3")), progress=False).run_dir
+    assert main(["eval", str(run), "--json", str(run / "eval.json")]) == 0
+    out = capsys.readouterr().out
+    assert "step 3" in out and "mean reward" in out and (run / "eval.json").is_file()
+    assert main(["explain", str(run), "--prompt", "cat", "--completion", "aab"]) == 0
+    out = capsys.readouterr().out
+    assert "log pi" in out and "'a'" in out and "U = " in out
+    page = (run / "explain.html").read_text()
+    assert "<span class=\"tok\"" in page and "raised by the update" in page
+
+
+def test_explain_signs_follow_the_advantage(tiny_overrides):
+    from seqpg.explain import explain
+    run = train(load_config(None, tiny_overrides("steps=2")), progress=False).run_dir
+    good = explain(str(run), "cat", "aaaa", seed=1)  # all target: best in its group
+    assert good.reward == 1.0 and max(good.group_rewards[1:]) < 1.0
+    bad = explain(str(run), "cat", "zzzz", reward=-1.0, seed=1)  # a given reward below every sample's
+    assert (good.contributions.direction_BT[0, :4] == 1).all()
+    assert (bad.contributions.direction_BT[0, :4] == -1).all()
+    torch.testing.assert_close(torch.tensor(good.utility),
+                               (good.contributions.logprob_BT * good.contributions.advantage_BT).sum())
