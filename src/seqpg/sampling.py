@@ -1,0 +1,245 @@
+"""Batched sampling with a KV cache: our own decode loop, producing a ``RolloutBatch``.
+
+Each prompt is tokenised once (chat template with the assistant generation prompt), the rows
+are left-padded to P and repeated ``n`` times, the prompts are prefilled in one forward pass,
+and then one token per row is decoded per step against the KV cache.  Position ids count real
+tokens only, so a left-padded row decodes exactly as it would alone.
+
+Sampling: ``y ~ softmax(filter(z) / T)`` where ``filter`` keeps the ``top_k`` largest logits and
+the smallest nucleus of probability ``>= top_p`` (Holtzman et al. 2020, arXiv:1904.09751).
+The log-probability recorded for each token is ``log softmax(z / T)[y]``: the full tempered
+distribution, i.e. what ``completion_logprobs`` computes at the same temperature.  The top-k /
+top-p truncation is NOT reflected in it (with truncation the recorded value is the log-prob under
+the untruncated policy, not the probability the token was actually drawn with).
+
+Stopping: a row stops on EOS, or when its decoded completion contains a stop string.  In the
+second case the token that completed the stop string stays in ``completion_ids_BC`` with mask
+True (it was sampled and is trained on), while the completion *text* is cut just before the
+first occurrence of the stop string.  After a row stops it gets pad tokens, mask False and
+log-prob 0.  ``finished_B`` is False for rows cut off by ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import transformers
+from torch import nn
+
+from seqpg.batch import Prompt, RolloutBatch
+from seqpg.policy import position_ids_from_mask
+
+
+@dataclass
+class SamplingArgs:
+    """How to choose each token."""
+
+    temperature: float = 1.0
+    """Softmax temperature T > 0; the recorded log-probs are at this temperature."""
+    top_p: float = 1.0
+    """Nucleus: keep the most likely tokens whose probability sums to >= top_p (1 keeps all)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 keeps all)."""
+    greedy: bool = False
+    """Take the argmax instead of sampling (log-probs are still recorded at ``temperature``)."""
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[Prompt],
+    *,
+    n: int = 1,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    greedy: bool = False,
+    stop_strings: Sequence[str] = (),
+    chat_template: bool = True,
+    system_prompt: str | None = None,
+    generator: torch.Generator | None = None,
+) -> RolloutBatch:
+    """Sample ``n`` completions for each prompt; rows ``i*n .. i*n+n-1`` belong to prompt ``i``.
+
+    The model is put in eval mode for the call (its mode is restored afterwards).
+    """
+    args = SamplingArgs(temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
+    _check_args(args, n=n, max_new_tokens=max_new_tokens, num_prompts=len(prompts))
+    token_lists = [encode_prompt(tokenizer, p.text, chat_template=chat_template, system_prompt=system_prompt)
+                   for p in prompts]
+    prompt_ids_BP, prompt_mask_BP = left_pad(token_lists, tokenizer.pad_token_id)
+    prompt_ids_BP = prompt_ids_BP.repeat_interleave(n, dim=0)  # (B, P), B = len(prompts) * n
+    prompt_mask_BP = prompt_mask_BP.repeat_interleave(n, dim=0)  # (B, P)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            ids_BC, mask_BC, logprobs_BC, finished_B, texts = _decode(
+                model, tokenizer, prompt_ids_BP, prompt_mask_BP, args, max_new_tokens,
+                tuple(stop_strings), generator)
+    finally:
+        model.train(was_training)
+    # Clone out of inference mode: inference tensors cannot be saved for a later backward pass.
+    return RolloutBatch(
+        prompts=[p for p in prompts for _ in range(n)],
+        completions=texts,
+        prompt_ids_BP=prompt_ids_BP,
+        prompt_mask_BP=prompt_mask_BP,
+        completion_ids_BC=ids_BC.clone(),
+        completion_mask_BC=mask_BC.clone(),
+        sample_logprobs_BC=logprobs_BC.clone(),
+        group_ids_B=torch.arange(len(prompts)).repeat_interleave(n),
+        finished_B=finished_B.clone(),
+    )
+
+
+def _check_args(args: SamplingArgs, *, n: int, max_new_tokens: int, num_prompts: int) -> None:
+    if num_prompts == 0:
+        raise ValueError("generate: no prompts")
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"generate: n and max_new_tokens must be >= 1, got {n}, {max_new_tokens}")
+    if args.temperature <= 0:
+        raise ValueError(f"generate: temperature must be > 0 (use greedy=True for argmax), got {args.temperature}")
+    if not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise ValueError(f"generate: need 0 < top_p <= 1 and top_k >= 0, got {args.top_p}, {args.top_k}")
+
+
+def encode_prompt(tokenizer, text: str, *, chat_template: bool = True, system_prompt: str | None = None) -> list[int]:
+    """Token ids of one prompt: the chat template with the assistant generation prompt, or raw text."""
+    if not chat_template:
+        return list(tokenizer(text).input_ids)
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    messages.append({"role": "user", "content": text})
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(rendered, add_special_tokens=False).input_ids)
+
+
+def left_pad(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids_BP, mask_BP): the lists left-padded to the longest; mask True on real tokens."""
+    P = max(len(t) for t in token_lists)
+    ids_BP = torch.full((len(token_lists), P), pad_id, dtype=torch.long)
+    mask_BP = torch.zeros((len(token_lists), P), dtype=torch.bool)
+    for i, toks in enumerate(token_lists):
+        if toks:
+            ids_BP[i, P - len(toks):] = torch.tensor(toks, dtype=torch.long)
+            mask_BP[i, P - len(toks):] = True
+    return ids_BP, mask_BP
+
+# transformers renamed the ``past_key_values`` argument to ``cache`` (5.x); pass whichever it takes.
+_CACHE_KWARG = "cache" if "cache" in transformers.modeling_outputs.CausalLMOutputWithPast.__dataclass_fields__ \
+    else "past_key_values"
+
+
+def _decode(
+    model: nn.Module,
+    tokenizer,
+    prompt_ids_BP: torch.Tensor,
+    prompt_mask_BP: torch.Tensor,
+    args: SamplingArgs,
+    max_new_tokens: int,
+    stop_strings: tuple[str, ...],
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """Prefill, then one token per row per step until every row stops or the budget runs out.
+
+    Returns (ids_BC, mask_BC, logprobs_BC, finished_B, completion texts), C <= max_new_tokens.
+    """
+    B = prompt_ids_BP.shape[0]
+    eos_ids_E = torch.tensor(_eos_ids(model, tokenizer), dtype=torch.long)  # (E,)
+    attn_BL = prompt_mask_BP.long()  # (B, P), grows by one column per step
+    cache = {_CACHE_KWARG: transformers.DynamicCache(config=model.config)}  # filled in place by each call
+    out = model(input_ids=prompt_ids_BP, attention_mask=attn_BL, position_ids=position_ids_from_mask(prompt_mask_BP),
+                use_cache=True, logits_to_keep=1, **cache)
+    next_pos_B = prompt_mask_BP.sum(dim=1)  # (B,) position of the next token
+    rows = _Rows(B, tokenizer, stop_strings)
+    for t in range(max_new_tokens):
+        token_B, logprob_B = choose_tokens(out.logits[:, -1], args, generator)  # (B,), (B,)
+        active_B = ~rows.finished_B  # (B,) rows that produce token t
+        rows.append(torch.where(active_B, token_B, tokenizer.pad_token_id),
+                    torch.where(active_B, logprob_B, 0.0), active_B, eos_ids_E)
+        if bool(rows.finished_B.all()) or t == max_new_tokens - 1:
+            break
+        attn_BL = torch.cat([attn_BL, active_B.long().unsqueeze(1)], dim=1)  # (B, P+t+1)
+        out = model(input_ids=rows.ids[-1].unsqueeze(1), attention_mask=attn_BL,
+                    position_ids=next_pos_B.unsqueeze(1), use_cache=True, **cache)
+        next_pos_B = next_pos_B + 1
+    return (torch.stack(rows.ids, dim=1), torch.stack(rows.masks, dim=1), torch.stack(rows.logprobs, dim=1),
+            rows.finished_B, rows.texts())
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
+    """EOS ids of the tokenizer and of the model's generation config (which may list several)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or []))
+    if not ids:
+        raise ValueError("generate: the tokenizer has no eos_token_id")
+    return sorted(ids)
+
+
+class _Rows:
+    """Per-step columns of the completion, and which rows have stopped (and where their text ends)."""
+
+    def __init__(self, B: int, tokenizer, stop_strings: tuple[str, ...]) -> None:
+        self.tokenizer, self.stop_strings = tokenizer, stop_strings
+        self.ids: list[torch.Tensor] = []  # C x (B,) long
+        self.masks: list[torch.Tensor] = []  # C x (B,) bool
+        self.logprobs: list[torch.Tensor] = []  # C x (B,) float32
+        self.finished_B = torch.zeros(B, dtype=torch.bool)
+        self.tokens: list[list[int]] = [[] for _ in range(B)]
+        self.text_end: list[int | None] = [None] * B  # where the text is cut (a stop string), per row
+
+    def append(self, token_B: torch.Tensor, logprob_B: torch.Tensor, active_B: torch.Tensor,
+               eos_ids_E: torch.Tensor) -> None:
+        self.ids.append(token_B)
+        self.masks.append(active_B)
+        self.logprobs.append(logprob_B.float())
+        active = active_B.nonzero().flatten().tolist()
+        for i, tok in zip(active, token_B[active].tolist()):
+            self.tokens[i].append(tok)
+        self.finished_B = self.finished_B | (active_B & torch.isin(token_B, eos_ids_E))
+        if self.stop_strings:
+            self._check_stop_strings([i for i in active if not self.finished_B[i]])
+
+    def _check_stop_strings(self, rows: list[int]) -> None:
+        for i, text in zip(rows, self.tokenizer.batch_decode([self.tokens[i] for i in rows], skip_special_tokens=True)):
+            hits = [k for k in (text.find(s) for s in self.stop_strings) if k >= 0]
+            if hits:
+                self.text_end[i] = min(hits)
+                self.finished_B[i] = True
+
+    def texts(self) -> list[str]:
+        decoded = self.tokenizer.batch_decode(self.tokens, skip_special_tokens=True)
+        return [text if end is None else text[:end] for text, end in zip(decoded, self.text_end)]
+
+
+def choose_tokens(logits_BV: torch.Tensor, args: SamplingArgs,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_B, logprob_B): the chosen token and its log-prob under the full softmax(z / T)."""
+    if logits_BV.dim() != 2:
+        raise ValueError(f"choose_tokens: logits must be (B, V), got {tuple(logits_BV.shape)}")
+    scaled_BV = logits_BV.float() / args.temperature
+    logprobs_BV = torch.log_softmax(scaled_BV, dim=-1)
+    if args.greedy:
+        token_B = scaled_BV.argmax(dim=-1)
+    else:
+        probs_BV = torch.softmax(filter_top_k_top_p(scaled_BV, args.top_k, args.top_p), dim=-1)
+        token_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
+    return token_B, logprobs_BV.gather(1, token_B.unsqueeze(1)).squeeze(1)
+
+
+def filter_top_k_top_p(scaled_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """(B, V) logits with everything outside the top-k and outside the top-p nucleus set to -inf."""
+    if top_k > 0 and top_k < scaled_BV.shape[-1]:
+        kth_B1 = scaled_BV.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        scaled_BV = scaled_BV.masked_fill(scaled_BV < kth_B1, float("-inf"))
+    if top_p < 1.0:
+        sorted_BV, order_BV = scaled_BV.sort(dim=-1, descending=True)
+        probs_BV = sorted_BV.softmax(dim=-1)
+        mass_before_BV = probs_BV.cumsum(dim=-1) - probs_BV  # the most likely token always has 0
+        drop_BV = torch.zeros_like(mass_before_BV, dtype=torch.bool).scatter(1, order_BV, mass_before_BV >= top_p)
+        scaled_BV = scaled_BV.masked_fill(drop_BV, float("-inf"))
+    return scaled_BV
