@@ -21,5 +21,8 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+demo: $(STAMP)
+	$(PY) -m seqpg demo -c examples/demo.yaml
+
 clean:
 	rm -rf $(VENV) .pytest_cache runs

@@ -55,6 +55,8 @@ def summary_table(before: EvalResult, after: EvalResult, n_train_steps: int, sec
 
 def run_demo(config: str | None = None, overrides: list[str] | None = None) -> int:
     cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    if Path(cfg.run_dir).exists() and any(Path(cfg.run_dir).iterdir()):
+        cfg.run_dir = f"{cfg.run_dir}-{time.strftime('%Y%m%d-%H%M%S')}"  # never mix two demo runs
     t0 = time.monotonic()
     scorers = build_scorers(cfg.rewards)
     _, held_out = build_prompts(cfg.task)
