@@ -327,3 +327,39 @@ def test_score_batch_rejects_wrong_lengths_and_duplicate_names():
         score_batch(rollout, [(Short("short"), 1.0)])
     with pytest.raises(ValueError, match=r"distinct names, got \['vader', 'vader'\]"):
         score_batch(rollout, [(make_scorer("vader"), 1.0), (make_scorer("vader"), 0.5)])
+
+
+def test_reasoning_gym_untagged_whole_gives_the_verifiers_partial_credit():
+    from seqpg.scorers import make_scorer
+    from seqpg.tasks import load_prompts
+
+    prompt = load_prompts("reasoning_gym", "basic_arithmetic", size=1, seed=1,
+                          params={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1,
+                                  "operators": ["+"], "allow_parentheses": False, "allow_negation": False})[0]
+    answer = prompt.meta["entry"]["answer"]
+    strict = make_scorer("reasoning_gym")
+    whole = make_scorer("reasoning_gym", untagged="whole")
+    bare, sentence, tagged = answer, f"The result is {answer}", f"so <answer>{answer}</answer>"
+    assert strict([prompt] * 3, [bare, sentence, tagged]) == [0.0, 0.0, 1.0]
+    scores = whole([prompt] * 3, [bare, sentence, tagged])
+    assert scores[0] == 1.0 and scores[2] == 1.0
+    assert scores[1] == pytest.approx(len(answer) / len(sentence))  # reasoning-gym's substring credit
+    assert whole.correct(prompt, bare) and not whole.correct(prompt, sentence)
+    with pytest.raises(ValueError, match="untagged"):
+        make_scorer("reasoning_gym", untagged="sometimes")
+
+
+def test_vader_positive_threshold_defines_correctness_for_evaluation(make_rollout):
+    from seqpg.batch import Prompt
+    from seqpg.scorers import make_scorer, score_batch
+
+    plain = make_scorer("vader")
+    thresholded = make_scorer("vader", positive_threshold=0.05)
+    assert not plain.has_correctness and thresholded.has_correctness
+    rollout = make_rollout([[5], [5]], [[6], [6]])
+    rollout.completions[:] = ["What a wonderful, lovely day!", "This is terrible and sad."]
+    rollout.prompts[:] = [Prompt("x", "0"), Prompt("y", "1")]
+    scored = score_batch(rollout, [(thresholded, 1.0)])
+    assert scored.correct_B.tolist() == [True, False]
+    assert scored.rewards_B[0] > 0.5 and scored.rewards_B[1] < -0.3
+    assert score_batch(rollout, [(plain, 1.0)]).correct_B is None

@@ -109,16 +109,24 @@ def extract_tagged(completion: str, tag: str = "answer") -> str | None:
 @register_scorer("reasoning_gym")
 class ReasoningGymScorer(PerSampleScorer):
     """The task's own verifier, ``dataset.score_answer(answer, entry)``, on the text inside the last
-    ``<tag></tag>`` pair of the completion; 0 without tags. Correct means a score of exactly 1.
+    ``<tag></tag>`` pair of the completion. Correct means a score of exactly 1.
+
+    ``untagged`` decides what a completion without a tag pair gets: ``zero`` (reasoning-gym's own
+    convention) or ``whole``: the verifier judges the whole stripped completion as the answer. Most
+    verifiers give partial credit there (``basic_arithmetic``: len(answer) / len(completion) when the
+    answer is a substring), so a short completion holding the right number earns more than a long one.
 
     Needs prompts from the ``reasoning_gym`` source (their meta re-creates the dataset, cached).
     """
 
     has_correctness = True
+    UNTAGGED = ("zero", "whole")
 
-    def __init__(self, name: str, *, tag: str = "answer") -> None:
+    def __init__(self, name: str, *, tag: str = "answer", untagged: str = "zero") -> None:
         super().__init__(name)
-        self.tag = tag
+        if untagged not in self.UNTAGGED:
+            raise ValueError(f"scorer {name!r}: untagged={untagged!r}; valid: {', '.join(self.UNTAGGED)}")
+        self.tag, self.untagged = tag, untagged
         self._datasets: dict[tuple[str, str, int], Any] = {}
 
     def _dataset(self, prompt: Prompt) -> Any:
@@ -137,7 +145,9 @@ class ReasoningGymScorer(PerSampleScorer):
     def score_one(self, prompt: Prompt, completion: str) -> float:
         answer = extract_tagged(completion, self.tag)
         if answer is None:
-            return 0.0
+            if self.untagged == "zero" or not completion.strip():
+                return 0.0
+            answer = completion.strip()
         return float(self._dataset(prompt).score_answer(answer, prompt.meta["entry"]))
 
     def correct(self, prompt: Prompt, completion: str) -> bool:
@@ -214,18 +224,29 @@ class ContainsScorer(_ReferenceScorer):
 @register_scorer("vader")
 class VaderScorer(PerSampleScorer):
     """VADER sentiment of the completion (Hutto & Gilbert, 2014): ``compound`` in [-1, 1] by default,
-    or its ``pos`` / ``neg`` / ``neu`` proportion."""
+    or its ``pos`` / ``neg`` / ``neu`` proportion.
+
+    With ``positive_threshold`` (VADER's authors classify compound >= 0.05 as positive) the scorer
+    defines correctness: a completion is "correct" when its score reaches the threshold, so evaluation
+    reports the positive rate as accuracy."""
 
     FIELDS = ("compound", "pos", "neg", "neu")
 
-    def __init__(self, name: str, *, field: str = "compound") -> None:
+    def __init__(self, name: str, *, field: str = "compound", positive_threshold: float | None = None) -> None:
         super().__init__(name)
         if field not in self.FIELDS:
             raise ValueError(f"scorer {name!r}: unknown VADER field {field!r}; valid: {', '.join(self.FIELDS)}")
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         self.field = field
+        self.threshold = positive_threshold
+        self.has_correctness = positive_threshold is not None
         self._analyzer = SentimentIntensityAnalyzer()
+
+    def correct(self, prompt: Prompt, completion: str) -> bool:
+        if self.threshold is None:
+            raise ValueError(f"scorer {self.name!r}: correctness needs positive_threshold")
+        return self.score_one(prompt, completion) >= self.threshold
 
     def score_one(self, prompt: Prompt, completion: str) -> float:
         return float(self._analyzer.polarity_scores(completion)[self.field])
