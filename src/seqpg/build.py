@@ -2,6 +2,9 @@
 
 Order matters for users: scorers and prompts are built (and so checked) before any model
 loads, so a typo in a scorer name fails in a second, not after a minute of loading weights.
+With several processes, everything up to the models is built by each process on its own (an
+error on one stops all, see ``DistContext.fail_together``); then the models are replicated or
+sharded (``Parallel.wrap``), and only then is the optimizer built on their parameters.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import torch
 
 from . import core
 from .algorithms import Family, get_family
-from .config import ConfigError, ModelConfig, ScorerConfig, TaskConfig, TrainConfig
+from .config import ConfigError, ModelConfig, OptimConfig, ScorerConfig, TaskConfig, TrainConfig, \
+    validate_for_processes
 from .critic import Critic, build_critic
-from .distributed import DistContext
+from .distributed import DistContext, Parallel
 from .models import LoraArgs, ReferencePolicy, build_tiny_model, build_tiny_tokenizer, load_model_and_tokenizer, \
     resolve_model
 from .scorers import make_scorer
@@ -38,6 +42,7 @@ class Components:
     update_settings: UpdateSettings
     sample_kwargs: dict
     family_params: dict
+    parallel: Parallel
     reference: ReferencePolicy | None = None
     critic: Critic | None = None
     extra_modules: dict = field(default_factory=dict)
@@ -90,27 +95,26 @@ def build_policy(m: ModelConfig, seed: int, device: torch.device):
 
 
 def build_components(cfg: TrainConfig, dist: DistContext) -> Components:
-    """Everything `train()` needs, built in the order that fails fastest."""
-    family = get_family(cfg.algo.name)
-    scorers = build_scorers(cfg.rewards)
-    train_prompts, eval_prompts = build_prompts(cfg.task)
-    seed_everything(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    policy, tok = build_policy(cfg.model, cfg.seed, dist.device)
-    a, o = cfg.algo, cfg.optim
-    reference = ReferencePolicy(policy) if a.kl_coef > 0 else None
-    critic = build_critic(policy, shared=a.critic == "shared", seed=cfg.seed) if family.critic else None
-    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": o.lr}]
-    extra = {}
-    if critic is not None:
-        groups.append({"params": list(critic.own_parameters()), "lr": a.critic_lr or 10 * o.lr})
-        extra["critic"] = critic.module
-    if dist.enabled:
-        policy = torch.nn.parallel.DistributedDataParallel(policy)
-    optimizer = torch.optim.AdamW(groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    warm = max(o.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
+    """Everything `train()` needs, built in the order that fails fastest.
+
+    Every process calls this; the models come back replicated or sharded across processes
+    (``Components.parallel``), ``Components.policy`` being the module the update trains.
+    """
+    validate_for_processes(cfg, dist.world_size)
+    with dist.fail_together("setup"):
+        family = get_family(cfg.algo.name)
+        scorers = build_scorers(cfg.rewards)
+        train_prompts, eval_prompts = build_prompts(cfg.task)
+        seed_everything(cfg.seed)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        policy, tok = build_policy(cfg.model, cfg.seed, dist.device)
+        a, o = cfg.algo, cfg.optim
+        reference = ReferencePolicy(policy) if a.kl_coef > 0 else None
+        critic = build_critic(policy, shared=a.critic == "shared", seed=cfg.seed) if family.critic else None
+    extra = {"critic": critic.module} if critic is not None else {}
+    parallel = Parallel.wrap(policy, extra, dist, cfg.parallel)
+    optimizer, scheduler = build_optimizer(o, policy, critic, a.critic_lr)
     kl_ctl = core.AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target is not None \
         else core.FixedKLController(a.kl_coef)
     s = cfg.sampling
@@ -124,8 +128,22 @@ def build_components(cfg: TrainConfig, dist: DistContext) -> Components:
                               vf_coef=a.vf_coef, vf_clip=a.vf_clip, bf16=cfg.bf16)
     family_params = _family_params(family, cfg)
     stream = PromptStream(train_prompts, seed=cfg.seed)
-    return Components(family, policy, tok, optimizer, scheduler, scorers, stream, eval_prompts, kl_ctl, settings,
-                      sample_kwargs, family_params, reference, critic, extra)
+    return Components(family, parallel.policy, tok, optimizer, scheduler, scorers, stream, eval_prompts, kl_ctl,
+                      settings, sample_kwargs, family_params, parallel, reference, critic, extra)
+
+
+def build_optimizer(o: OptimConfig, policy: torch.nn.Module, critic: Critic | None, critic_lr: float | None):
+    """(AdamW, warm-up scheduler) over the policy's trainable parameters and the critic's own.
+
+    Built after ``Parallel.wrap``: FSDP2 replaces the parameters with their shards.
+    """
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": o.lr}]
+    if critic is not None:
+        groups.append({"params": list(critic.own_parameters()), "lr": critic_lr or 10 * o.lr})
+    optimizer = torch.optim.AdamW(groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    warm = max(o.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
+    return optimizer, scheduler
 
 
 def _family_params(family: Family, cfg: TrainConfig) -> dict:

@@ -86,7 +86,8 @@ class ScorerConfig:
 @dataclass
 class SamplingConfig:
     prompts_per_step: int = 2
-    """Distinct prompts per training step."""
+    """Distinct prompts per training step, over all processes together: with N processes
+    (torchrun) each samples prompts_per_step / N of them, so N must divide it."""
     samples_per_prompt: int = 8
     """Completions sampled per prompt (the group of group-baseline estimators)."""
     max_new_tokens: int = 32
@@ -103,6 +104,10 @@ class SamplingConfig:
     """Wrap prompts in the tokenizer's chat template."""
     system_prompt: str | None = None
     """Optional system message for the chat template."""
+    seed_per_prompt: bool = False
+    """Sample each prompt with its own random generator, seeded by (seed, step, the prompt's place in
+    the step's batch): the samples, and so the whole run, are then the same with any number of
+    processes, at the cost of one `generate` call per prompt (no batching across prompts)."""
 
 
 @dataclass
@@ -207,6 +212,15 @@ class TrainConfig:
     """Write TensorBoard event files."""
     device: str = "auto"
     """cpu, cuda, or auto (cuda when available)."""
+    parallel: str = "ddp"
+    """How a multi-process run (torchrun) holds the model: `ddp` (a full replica per process, gradients
+    summed by DistributedDataParallel) or `fsdp2` (parameters, gradients and optimizer state sharded with
+    `fully_shard`, for models that do not fit one device). Ignored in one process."""
+    dist_backend: str = "auto"
+    """torch.distributed backend of a multi-process run: auto (nccl on GPUs, gloo on CPU), nccl or gloo."""
+    dist_timeout_s: float = 1800.0
+    """Seconds a process waits for the others in a collective before the run fails with a timeout
+    (rather than hanging when a process is lost)."""
 
 
 FAMILIES = ("a2c", "ppo", "grpo", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "remax")
@@ -221,6 +235,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "task.source": ("reasoning_gym", "jsonl", "csv", "hf_datasets"),
     "on_scorer_error": ("raise", "zero"),
     "device": ("auto", "cpu", "cuda"),
+    "parallel": ("ddp", "fsdp2"),
+    "dist_backend": ("auto", "nccl", "gloo"),
 }
 
 
@@ -421,6 +437,20 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"model.lora_r must be >= 0, got {cfg.model.lora_r}")
     if cfg.save_every < 1:
         raise ConfigError(f"save_every must be at least 1, got {cfg.save_every}")
+    if cfg.dist_timeout_s <= 0:
+        raise ConfigError(f"dist_timeout_s must be > 0, got {cfg.dist_timeout_s}")
+
+
+def validate_for_processes(cfg: TrainConfig, world_size: int) -> None:
+    """Refuse a configuration that cannot be split over ``world_size`` processes."""
+    s, a = cfg.sampling, cfg.algo
+    if s.prompts_per_step % world_size:
+        raise ConfigError(f"sampling.prompts_per_step={s.prompts_per_step} cannot be split over {world_size} "
+                          f"processes; make it a multiple of {world_size}")
+    local = s.prompts_per_step // world_size * s.samples_per_prompt
+    if a.minibatches > local:
+        raise ConfigError(f"algo.minibatches={a.minibatches} exceeds each process's batch of {local} samples "
+                          f"(sampling.prompts_per_step / {world_size} processes x sampling.samples_per_prompt)")
 
 
 # ---------------------------------------------------------------------------------------------

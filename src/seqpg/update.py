@@ -3,7 +3,12 @@
 The loss of every micro-batch is normalised by the counts of its whole mini-batch
 (``num_tokens``, ``num_seqs``, ``max_len`` handed to the core), so the gradient that the
 optimizer sees after accumulation is the mini-batch's gradient, whatever the micro-batch
-size.  The data-parallel trainer passes counts summed over processes for the same reason.
+size.  With several processes the counts are summed over all of them (``all_reduce``), each
+process's loss is its share of the global mini-batch's loss, and the gradients are SUMMED
+across processes (``grad_sync``; see :mod:`seqpg.distributed`): the optimizer step is the
+same whatever the number of processes.  Every process holds the same number of rows, so all
+take the same number of optimizer steps.  Reported statistics are global too: each process
+weights its tokens by the global token count and the sums are reduced once at the end.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import ContextManager, Protocol
 
 import torch
 
@@ -60,6 +66,16 @@ class UpdateSettings:
     bf16: bool = False
 
 
+class GradSync(Protocol):
+    """How gradients cross processes (``seqpg.distributed.Parallel``)."""
+
+    def no_sync(self) -> ContextManager:
+        """Around the forward and backward of each micro-batch but the last: no reduction yet."""
+
+    def sync_loose_grads(self) -> None:
+        """After the last backward: sum the gradients that no wrapper reduced."""
+
+
 def _sum_counts(mask_BC: torch.Tensor, all_reduce: Callable | None) -> tuple[float, float]:
     counts = torch.stack([mask_BC.sum().float(), torch.tensor(float(mask_BC.shape[0]))])
     if all_reduce is not None:
@@ -69,13 +85,13 @@ def _sum_counts(mask_BC: torch.Tensor, all_reduce: Callable | None) -> tuple[flo
 
 def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch, s: UpdateSettings, *,
            critic=None, generator: torch.Generator | None = None, all_reduce: Callable | None = None,
-           max_len: int | None = None) -> dict[str, float]:
+           max_len: int | None = None, grad_sync: GradSync | None = None) -> dict[str, float]:
     """Run ``s.epochs`` passes of ``s.minibatches`` optimizer steps over ``batch``; return mean stats.
 
     ``critic`` (optional) has ``values(policy_out, rollout) -> (B, C)`` and parameters in the
-    same optimizer.  ``all_reduce`` sums tensors across data-parallel processes (counts only:
-    DDP averages the gradients, so every process must scale its loss by the process count,
-    which the data-parallel trainer does by passing counts and a matching world size).
+    same optimizer.  ``all_reduce`` sums tensors across data-parallel processes (the counts that
+    normalise the loss, and the statistics returned); ``grad_sync`` sums the gradients (once per
+    mini-batch, in its last micro-batch).  Both default to one process.
     """
     B, C = batch.mask_BC.shape
     max_len = max_len or C
@@ -91,21 +107,45 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
             num_tokens, num_seqs = _sum_counts(mb.mask_BC, all_reduce)
             optimizer.zero_grad(set_to_none=True)
             step = max(1, s.micro_batch_size or len(rows))
+            starts = range(0, len(rows), step)
             mb_stats: dict[str, float] = {}
-            for lo in range(0, len(rows), step):
+            for lo in starts:
                 micro = mb.select(torch.arange(lo, min(lo + step, len(rows))))
-                with autocast:
-                    loss, st = _micro_loss(policy, critic, micro, s, num_tokens, num_seqs, max_len)
-                loss.backward()
-                share = float(micro.mask_BC.sum()) / max(float(mb.mask_BC.sum()), 1.0)
+                last = lo == starts[-1]
+                with nullcontext() if last or grad_sync is None else grad_sync.no_sync():
+                    with autocast:
+                        loss, st = _micro_loss(policy, critic, micro, s, num_tokens, num_seqs, max_len)
+                    loss.backward()
+                share = float(micro.mask_BC.sum()) / max(num_tokens, 1.0)  # of the global mini-batch
                 for k, v in st.items():
                     mb_stats[k] = mb_stats.get(k, 0.0) + (v if k.endswith("loss") else v * share)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf"))
+            if grad_sync is not None:
+                grad_sync.sync_loose_grads()
+            grad_norm = _clip_grad_norm(params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf"))
             optimizer.step()
-            mb_stats["grad_norm"] = float(grad_norm)
             for k, v in mb_stats.items():
                 totals[k] = totals.get(k, 0.0) + v
+            totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm
             n_steps += 1
+    return _global_means(totals, n_steps, all_reduce)
+
+
+def _clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """``clip_grad_norm_``, also for FSDP2's sharded (DTensor) gradients; returns the global norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(hasattr(g, "full_tensor") for g in grads):  # plain tensors: one process, or DDP
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    total = torch.nn.utils.get_total_norm(grads).full_tensor()  # the norm over all shards
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
+
+
+def _global_means(totals: dict[str, float], n_steps: int, all_reduce: Callable | None) -> dict[str, float]:
+    """Per-step means of the statistics, summed over processes (``grad_norm`` is global already)."""
+    keys = sorted(k for k in totals if k != "grad_norm")
+    if all_reduce is not None and keys:
+        summed = all_reduce(torch.tensor([totals[k] for k in keys], dtype=torch.float64))
+        totals = dict(totals, **dict(zip(keys, summed.tolist())))
     return {k: v / n_steps for k, v in totals.items()}
 
 
