@@ -85,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=6, help="measured steps per library (after warm-up)")
     b.add_argument("--out", default="bench", help="output directory (latest.json, latest.md)")
     b.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"], help="which precisions to run")
+    b.add_argument("--threads", type=int, nargs="*", default=[1, 2],
+                   help="torch thread counts to run at (the same for both libraries; the headline takes the one "
+                        "where TRL is fastest)")
+    b.add_argument("--learning", action="store_true",
+                   help="instead: train both libraries --learning-steps steps and compare reward per step and "
+                        "held-out reward against wall-clock time (bench/learning.md; ~15 min on 2 cores)")
+    b.add_argument("--learning-steps", type=int, default=20, help="steps per library with --learning")
 
     g = sub.add_parser("config", help="print the resolved configuration (checks it)", formatter_class=fmt,
                        epilog=_config_help())
@@ -93,6 +100,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _record(fn):
+    """torchrun's @record: its failure summary then shows the failing rank's traceback."""
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import record
+    except ImportError:  # pragma: no cover - torch without elastic
+        return fn
+    return record(fn)
+
+
+@_record
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -126,7 +143,7 @@ def _cmd_train(args) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
-    if result.steps_done:
+    if result.steps_done and int(os.environ.get("RANK", "0")) == 0:
         print(f"seqpg: {result.steps_done} steps done; run in {result.run_dir}"
               + (" (stopped early; continue with --resume)" if result.stopped_early else ""))
     return 0
@@ -154,7 +171,8 @@ def _cmd_demo(args) -> int:
 
 def _cmd_bench(args) -> int:
     from .bench import run_bench
-    return run_bench(steps=args.steps, out_dir=args.out, dtypes=args.dtypes)
+    return run_bench(steps=args.steps, out_dir=args.out, dtypes=args.dtypes, threads=args.threads,
+                     learning=args.learning, learning_steps=args.learning_steps)
 
 
 _COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "explain": _cmd_explain, "demo": _cmd_demo,
