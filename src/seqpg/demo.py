@@ -32,7 +32,8 @@ def _row(name: str, before: float | None, se_b: float | None, after: float | Non
     if before is None or after is None:
         return ""
     f = (lambda v: f"{100 * v:6.1f}%") if pct else (lambda v: f"{v:+7.3f}")
-    return f"| {name:<14} | {f(before)} ± {f(se_b).strip():>7} | {f(after)} ± {f(se_a).strip():>7} | " \
+    e = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.3f}")
+    return f"| {name:<14} | {f(before)} ± {e(se_b):>6} | {f(after)} ± {e(se_a):>6} | " \
            f"{f(after - before)} |"
 
 
