@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.seqpg-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-learning clean
 
 install: $(STAMP)
 
@@ -23,6 +23,18 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m seqpg demo -c examples/demo.yaml
+
+# TRL is an optional extra (the benchmark's opponent), never needed to train.
+BENCH_STAMP := $(VENV)/.seqpg-bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m seqpg bench
+
+bench-learning: $(BENCH_STAMP)
+	$(PY) -m seqpg bench --learning
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

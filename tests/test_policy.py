@@ -84,3 +84,101 @@ def test_rejects_non_positive_temperature(tiny_model_and_tokenizer, make_rollout
     model, _ = tiny_model_and_tokenizer
     with pytest.raises(ValueError, match="temperature"):
         completion_logprobs(model, make_rollout(PROMPT_TOKENS, COMPLETION_TOKENS), temperature=0.0)
+
+
+
+# Shared-prompt layout: rows 0, 2, 3 share a prompt, rows 1 and 4 share another (uneven groups, mixed order).
+SHARED_PROMPTS = [[10, 11, 12], [20, 21, 22, 23, 24, 25], [10, 11, 12], [10, 11, 12], [20, 21, 22, 23, 24, 25]]
+SHARED_COMPLETIONS = [[40, 41, 42, 43], [50], [60, 61, 2], [70, 71, 72, 73], [80, 81]]
+
+
+def padded_and_shared(model, batch, temperature=1.0, with_entropy=False, with_hidden=False):
+    """(padded-layout output, shared-prompt-layout output) of the same batch."""
+    from seqpg.policy import _padded_logprobs, _shared_prompt_logprobs, shared_prompt_groups
+
+    groups = shared_prompt_groups(batch)
+    args = (temperature, with_entropy, with_hidden)
+    return _padded_logprobs(model, batch, *args), _shared_prompt_logprobs(model, batch, groups, *args)
+
+
+def test_shared_prompt_groups_by_prompt_tokens(make_rollout):
+    from seqpg.policy import shared_prompt_groups
+
+    g = shared_prompt_groups(make_rollout(SHARED_PROMPTS, SHARED_COMPLETIONS))
+    assert (g.num_groups, g.max_members) == (2, 3)
+    assert g.group_B.tolist() == [0, 1, 0, 0, 1] and g.member_B.tolist() == [0, 0, 1, 2, 1]
+    assert g.first_row_G.tolist() == [0, 1]
+    assert shared_prompt_groups(make_rollout(PROMPT_TOKENS, COMPLETION_TOKENS)) is None
+    # the same real tokens under different left padding are still one prompt
+    assert shared_prompt_groups(make_rollout([[5, 6], [5, 6], [1, 2, 3]], [[7], [8], [9]])).num_groups == 2
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prompt_layout_equals_padded_layout(tiny_model_and_tokenizer, make_rollout, attn, temperature):
+    model, _ = tiny_model_and_tokenizer
+    model.config._attn_implementation = attn
+    batch = make_rollout(SHARED_PROMPTS, SHARED_COMPLETIONS)
+    with torch.no_grad():
+        padded, shared = padded_and_shared(model, batch, temperature, with_entropy=True, with_hidden=True)
+    torch.testing.assert_close(shared.logprobs_BC, padded.logprobs_BC, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.entropy_BC, padded.entropy_BC, atol=1e-5, rtol=1e-5)
+    real_BC = batch.completion_mask_BC
+    torch.testing.assert_close(shared.hidden_BCH[real_BC], padded.hidden_BCH[real_BC], atol=1e-5, rtol=1e-5)
+    assert (shared.logprobs_BC[~real_BC] == 0).all() and (shared.entropy_BC[~real_BC] == 0).all()
+
+
+def test_shared_prompt_layout_gradient_equals_padded_layout(tiny_model_and_tokenizer, make_rollout):
+    model, _ = tiny_model_and_tokenizer
+    batch = make_rollout(SHARED_PROMPTS, SHARED_COMPLETIONS)
+    weights = [model.model.layers[0].self_attn.q_proj.weight, model.model.embed_tokens.weight, model.lm_head.weight]
+    grads = []
+    for out in padded_and_shared(model, batch, with_entropy=True):
+        model.zero_grad(set_to_none=True)
+        (out.logprobs_BC.sum() + 0.1 * out.entropy_BC.sum()).backward()
+        grads.append([w.grad.clone() for w in weights])
+    for padded_grad, shared_grad in zip(*grads):
+        assert padded_grad.abs().max() > 0
+        torch.testing.assert_close(shared_grad, padded_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_layout_one_completion_column(tiny_model_and_tokenizer, make_rollout):
+    model, _ = tiny_model_and_tokenizer
+    batch = make_rollout([[10, 11, 12]] * 3, [[40], [41], [2]])
+    with torch.no_grad():
+        padded, shared = padded_and_shared(model, batch, with_entropy=True)
+    assert shared.logprobs_BC.shape == (3, 1)
+    torch.testing.assert_close(shared.logprobs_BC, padded.logprobs_BC, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.entropy_BC, padded.entropy_BC, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompt_layout_runs_each_prompt_once(tiny_model_and_tokenizer, make_rollout):
+    """The trunk sees one row per distinct prompt, no padding inside; the LM head only the columns that predict."""
+    model, _ = tiny_model_and_tokenizer
+    batch = make_rollout(SHARED_PROMPTS, SHARED_COMPLETIONS)
+    trunk, head = [], []
+    model.model.embed_tokens.register_forward_hook(lambda _m, inputs, _o: trunk.append(tuple(inputs[0].shape)))
+    model.lm_head.register_forward_hook(lambda _m, inputs, _o: head.append(tuple(inputs[0].shape)))
+    completion_logprobs(model, batch)
+    # group of rows 0, 2, 3: prompt of 3 + completions of 4, 3, 4 tokens less their last = 11 columns
+    # group of rows 1, 4: prompt of 6 + 0 + 1 = 7 columns, padded to 11; kept: 1 + 8 and 1 + 1, padded to 9
+    assert trunk == [(2, 11)] and head == [(2, 9, 32)]
+
+
+def test_shared_prompt_layout_with_gradient_checkpointing(tiny_model_and_tokenizer, make_rollout):
+    """Checkpointed layers recompute the packed rows under the same mask: same values and gradients."""
+    model, _ = tiny_model_and_tokenizer
+    batch = make_rollout(SHARED_PROMPTS, SHARED_COMPLETIONS)
+    weight = model.model.layers[0].mlp.up_proj.weight
+    grads, values = [], []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model.zero_grad(set_to_none=True)
+        out = completion_logprobs(model, batch)
+        out.logprobs_BC.sum().backward()
+        values.append(out.logprobs_BC.detach())
+        grads.append(weight.grad.clone())
+    torch.testing.assert_close(values[1], values[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)

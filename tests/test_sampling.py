@@ -207,3 +207,29 @@ def test_real_smollm2_greedy_answer_and_logprobs():
     with torch.no_grad():
         logprobs_BC = completion_logprobs(model, batch).logprobs_BC
     torch.testing.assert_close(batch.sample_logprobs_BC, logprobs_BC, atol=1e-4, rtol=0)
+
+
+def test_one_token_prompt_beside_longer_ones(tiny_model_and_tokenizer):
+    """A prompt of one token has nothing to prefill; batched with longer ones it still decodes as alone."""
+    model, tok = tiny_model_and_tokenizer
+    prompts = [Prompt("h", "one"), Prompt("hello there", "long")]
+    batch = generate(model, tok, prompts, greedy=True, max_new_tokens=6, chat_template=False)
+    assert batch.prompt_mask_BP.sum(1).tolist() == [1, 11]
+    for i, prompt in enumerate(prompts):
+        alone = generate(model, tok, [prompt], greedy=True, max_new_tokens=6, chat_template=False)
+        C = alone.completion_ids_BC.shape[1]
+        assert torch.equal(batch.completion_ids_BC[i, :C], alone.completion_ids_BC[0])
+        torch.testing.assert_close(batch.sample_logprobs_BC[i, :C], alone.sample_logprobs_BC[0], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        logprobs_BC = completion_logprobs(model, batch).logprobs_BC
+    torch.testing.assert_close(batch.sample_logprobs_BC, logprobs_BC, atol=1e-5, rtol=0)
+
+
+def test_prompts_prefilled_once_each(tiny_model_and_tokenizer):
+    """The trunk sees the G prompts once (all but their last column), then B = G * n rows per step."""
+    model, tok = tiny_model_and_tokenizer
+    seen = []
+    model.model.embed_tokens.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape)))
+    batch = generate(model, tok, PROMPTS, n=3, max_new_tokens=4, generator=seeded(0))
+    P, C = batch.prompt_ids_BP.shape[1], batch.completion_ids_BC.shape[1]
+    assert seen == [(2, P - 1)] + [(6, 1)] * C

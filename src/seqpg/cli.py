@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="instead: train both libraries --learning-steps steps and compare reward per step and "
                         "held-out reward against wall-clock time (bench/learning.md; ~15 min on 2 cores)")
     b.add_argument("--learning-steps", type=int, default=20, help="steps per library with --learning")
+    b.add_argument("-c", "--config", default="examples/demo.yaml",
+                   help="task, rewards, sampling settings and learning rate of both libraries (default: the demo's)")
+    b.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
 
     g = sub.add_parser("config", help="print the resolved configuration (checks it)", formatter_class=fmt,
                        epilog=_config_help())
@@ -172,7 +175,8 @@ def _cmd_demo(args) -> int:
 def _cmd_bench(args) -> int:
     from .bench import run_bench
     return run_bench(steps=args.steps, out_dir=args.out, dtypes=args.dtypes, threads=args.threads,
-                     learning=args.learning, learning_steps=args.learning_steps)
+                     config=args.config, overrides=args.overrides, learning=args.learning,
+                     learning_steps=args.learning_steps)
 
 
 _COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "explain": _cmd_explain, "demo": _cmd_demo,

@@ -1,9 +1,14 @@
 """Batched sampling with a KV cache: our own decode loop, producing a ``RolloutBatch``.
 
-Each prompt is tokenised once (chat template with the assistant generation prompt), the rows
-are left-padded to P and repeated ``n`` times, the prompts are prefilled in one forward pass,
-and then one token per row is decoded per step against the KV cache.  Position ids count real
-tokens only, so a left-padded row decodes exactly as it would alone.
+Each prompt is tokenised once (chat template with the assistant generation prompt) and the
+rows are left-padded to P.  The prompts' first P - 1 columns are prefilled once per prompt
+(the decoder trunk only: no logits are needed there), the cache is then repeated for the ``n``
+samples of each prompt, and decoding starts by feeding every row its prompt's last column.
+Each step runs one token per row against the KV cache (preallocated for P + max_new_tokens
+positions and written in place) and calls the LM head on (B, 1) hidden states only.  Position
+ids count real tokens only, so a left-padded row decodes exactly as it would alone.  Called
+under ``torch.autocast(..., dtype=torch.bfloat16)`` it samples in bf16, each weight cast once
+per call (autocast's cast cache works under ``no_grad``, not under ``inference_mode``).
 
 Sampling: ``y ~ softmax(filter(z) / T)`` where ``filter`` keeps the ``top_k`` largest logits and
 the smallest nucleus of probability ``>= top_p`` (Holtzman et al. 2020, arXiv:1904.09751).
@@ -70,29 +75,28 @@ def generate(
     _check_args(args, n=n, max_new_tokens=max_new_tokens, num_prompts=len(prompts))
     token_lists = [encode_prompt(tokenizer, p.text, chat_template=chat_template, system_prompt=system_prompt)
                    for p in prompts]
-    prompt_ids_BP, prompt_mask_BP = left_pad(token_lists, tokenizer.pad_token_id)
-    prompt_ids_BP = prompt_ids_BP.repeat_interleave(n, dim=0)  # (B, P), B = len(prompts) * n
-    prompt_mask_BP = prompt_mask_BP.repeat_interleave(n, dim=0)  # (B, P)
+    prompt_ids_GP, prompt_mask_GP = left_pad(token_lists, tokenizer.pad_token_id)  # G = len(prompts)
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: under it autocast re-casts every weight at every step
             ids_BC, mask_BC, logprobs_BC, finished_B, texts = _decode(
-                model, tokenizer, prompt_ids_BP, prompt_mask_BP, args, max_new_tokens,
+                model, tokenizer, prompt_ids_GP, prompt_mask_GP, n, args, max_new_tokens,
                 tuple(stop_strings), generator)
     finally:
         model.train(was_training)
-    # Clone out of inference mode: inference tensors cannot be saved for a later backward pass.
+    prompt_ids_BP = prompt_ids_GP.repeat_interleave(n, dim=0)  # (B, P), B = len(prompts) * n
+    prompt_mask_BP = prompt_mask_GP.repeat_interleave(n, dim=0)  # (B, P)
     return RolloutBatch(
         prompts=[p for p in prompts for _ in range(n)],
         completions=texts,
         prompt_ids_BP=prompt_ids_BP,
         prompt_mask_BP=prompt_mask_BP,
-        completion_ids_BC=ids_BC.clone(),
-        completion_mask_BC=mask_BC.clone(),
-        sample_logprobs_BC=logprobs_BC.clone(),
+        completion_ids_BC=ids_BC,
+        completion_mask_BC=mask_BC,
+        sample_logprobs_BC=logprobs_BC,
         group_ids_B=torch.arange(len(prompts)).repeat_interleave(n),
-        finished_B=finished_B.clone(),
+        finished_B=finished_B,
     )
 
 
@@ -136,8 +140,9 @@ _CACHE_KWARG = "cache" if "cache" in transformers.modeling_outputs.CausalLMOutpu
 def _decode(
     model: nn.Module,
     tokenizer,
-    prompt_ids_BP: torch.Tensor,
-    prompt_mask_BP: torch.Tensor,
+    prompt_ids_GP: torch.Tensor,
+    prompt_mask_GP: torch.Tensor,
+    n: int,
     args: SamplingArgs,
     max_new_tokens: int,
     stop_strings: tuple[str, ...],
@@ -147,27 +152,84 @@ def _decode(
 
     Returns (ids_BC, mask_BC, logprobs_BC, finished_B, completion texts), C <= max_new_tokens.
     """
-    B = prompt_ids_BP.shape[0]
+    G, P = prompt_ids_GP.shape
+    B = G * n
+    if isinstance(model, nn.parallel.DistributedDataParallel):  # sampling needs no gradient sync
+        model = model.module
     eos_ids_E = torch.tensor(_eos_ids(model, tokenizer), dtype=torch.long)  # (E,)
-    attn_BL = prompt_mask_BP.long()  # (B, P), grows by one column per step
-    cache = {_CACHE_KWARG: transformers.DynamicCache(config=model.config)}  # filled in place by each call
-    out = model(input_ids=prompt_ids_BP, attention_mask=attn_BL, position_ids=position_ids_from_mask(prompt_mask_BP),
-                use_cache=True, logits_to_keep=1, **cache)
-    next_pos_B = prompt_mask_BP.sum(dim=1)  # (B,) position of the next token
+    positions_GP = position_ids_from_mask(prompt_mask_GP)
+    cache = {_CACHE_KWARG: preallocated_cache(model.config, P + max_new_tokens)}  # filled in place by each call
+    if P > 1:  # columns 0 .. P-2 once per prompt, trunk only; then n copies of each row's cache
+        model.get_decoder()(input_ids=prompt_ids_GP[:, :-1], attention_mask=prompt_mask_GP[:, :-1].long(),
+                            position_ids=positions_GP[:, :-1], use_cache=True, **cache)
+        cache[_CACHE_KWARG].batch_repeat_interleave(n)
+    attn_BW = torch.zeros((B, P + max_new_tokens), dtype=torch.long)  # column P+t set when token t goes in
+    attn_BW[:, :P] = prompt_mask_GP.repeat_interleave(n, dim=0)
+    input_B1 = prompt_ids_GP[:, -1:].repeat_interleave(n, dim=0)  # (B, 1) the prompts' last column
+    pos_B1 = positions_GP[:, -1:].repeat_interleave(n, dim=0)  # (B, 1)
     rows = _Rows(B, tokenizer, stop_strings)
     for t in range(max_new_tokens):
+        out = model(input_ids=input_B1, attention_mask=attn_BW[:, :P + t], position_ids=pos_B1, use_cache=True,
+                    logits_to_keep=1, **cache)
         token_B, logprob_B = choose_tokens(out.logits[:, -1], args, generator)  # (B,), (B,)
         active_B = ~rows.finished_B  # (B,) rows that produce token t
         rows.append(torch.where(active_B, token_B, tokenizer.pad_token_id),
                     torch.where(active_B, logprob_B, 0.0), active_B, eos_ids_E)
-        if bool(rows.finished_B.all()) or t == max_new_tokens - 1:
+        if bool(rows.finished_B.all()):
             break
-        attn_BL = torch.cat([attn_BL, active_B.long().unsqueeze(1)], dim=1)  # (B, P+t+1)
-        out = model(input_ids=rows.ids[-1].unsqueeze(1), attention_mask=attn_BL,
-                    position_ids=next_pos_B.unsqueeze(1), use_cache=True, **cache)
-        next_pos_B = next_pos_B + 1
+        attn_BW[:, P + t] = active_B.long()
+        input_B1, pos_B1 = rows.ids[-1].unsqueeze(1), pos_B1 + 1
     return (torch.stack(rows.ids, dim=1), torch.stack(rows.masks, dim=1), torch.stack(rows.logprobs, dim=1),
             rows.finished_B, rows.texts())
+
+
+class _PreallocatedLayer(transformers.cache_utils.DynamicLayer):
+    """A KV-cache layer whose keys and values live in buffers with room for ``capacity`` positions.
+
+    ``update`` writes the new positions in place and returns views of the filled part, where the
+    dynamic layer concatenates (copying the whole cache of every layer at every step).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        self.device, self.length = key_states.device, 0
+        self._keys = key_states.new_empty((B, H, self.capacity, D))
+        self._values = value_states.new_empty((B, value_states.shape[1], self.capacity, value_states.shape[3]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache full: {end} positions, capacity {self.capacity}")
+        self._keys[:, :, self.length:end] = key_states
+        self._values[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._keys = self._keys.repeat_interleave(repeats, dim=0)
+            self._values = self._values.repeat_interleave(repeats, dim=0)
+            self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+
+
+def preallocated_cache(config, capacity: int) -> transformers.Cache:
+    """A KV cache for a model of ``config`` holding up to ``capacity`` positions, written in place."""
+    n_layers = config.get_text_config(decoder=True).num_hidden_layers
+    return transformers.Cache(layers=[_PreallocatedLayer(capacity) for _ in range(n_layers)])
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
@@ -221,7 +283,9 @@ def choose_tokens(logits_BV: torch.Tensor, args: SamplingArgs,
     """(token_B, logprob_B): the chosen token and its log-prob under the full softmax(z / T)."""
     if logits_BV.dim() != 2:
         raise ValueError(f"choose_tokens: logits must be (B, V), got {tuple(logits_BV.shape)}")
-    scaled_BV = logits_BV.float() / args.temperature
+    scaled_BV = logits_BV.float()
+    if args.temperature != 1.0:
+        scaled_BV = scaled_BV / args.temperature
     logprobs_BV = torch.log_softmax(scaled_BV, dim=-1)
     if args.greedy:
         token_B = scaled_BV.argmax(dim=-1)

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from seqpg import entropy_from_logits, token_logprobs
+from seqpg.core.logprobs import token_logprobs_and_entropy
 
 
 def naive_logprobs(logits_BTV, tokens_BT, tau):
@@ -161,3 +162,54 @@ def test_autocast_does_not_change_the_maths():
     assert v2.dtype == torch.float32 and e2.dtype == torch.float32
     torch.testing.assert_close(v2, v)
     torch.testing.assert_close(g2, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+@pytest.mark.parametrize("which", ["both", "logprobs", "entropy"])
+def test_fused_logprobs_and_entropy_equal_the_two_functions(dtype, tau, chunk, which):
+    """Values equal the separate functions; the gradient of any mix of the two outputs equals theirs."""
+    logits, tokens, up = _case(dtype, seed=5)
+    up_h = torch.randn(3, 5, generator=torch.Generator().manual_seed(6))
+    w_lp, w_h = {"both": (1.0, 1.0), "logprobs": (1.0, 0.0), "entropy": (0.0, 1.0)}[which]
+
+    def loss(lp, h):
+        out = 0.0
+        if w_lp:
+            out = out + (lp * up.to(lp.dtype)).sum()
+        if w_h:
+            out = out + (h * up_h.to(h.dtype)).sum()
+        return out
+
+    x_ref = logits.detach().clone().requires_grad_()
+    lp_ref, h_ref = token_logprobs(x_ref, tokens, tau), entropy_from_logits(x_ref, tau)
+    loss(lp_ref, h_ref).backward()
+    x = logits.detach().clone().requires_grad_()
+    lp, h = token_logprobs_and_entropy(x, tokens, tau, chunk_size=chunk)
+    loss(lp, h).backward()
+    assert lp.dtype == lp_ref.dtype and h.dtype == h_ref.dtype and x.grad.dtype == dtype
+    torch.testing.assert_close(lp, lp_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, **TOL[dtype])
+
+
+def test_fused_gradcheck_and_minus_inf():
+    logits, tokens, _ = _case(torch.float64, B=2, T=3, V=4)
+    x = logits.requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: token_logprobs_and_entropy(z, tokens, 0.8, chunk_size=2), (x,))
+    masked = torch.tensor([[[0.0, 1.0, -torch.inf]]]).requires_grad_()
+    lp, h = token_logprobs_and_entropy(masked, torch.tensor([[1]]))
+    (lp.sum() + h.sum()).backward()
+    p = torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    torch.testing.assert_close(lp, p[1].log().view(1, 1))
+    torch.testing.assert_close(h, -(p * p.log()).sum().view(1, 1))
+    assert torch.isfinite(masked.grad).all() and masked.grad[0, 0, 2] == 0
+
+
+def test_fused_never_builds_full_float32_tensor():
+    B, T, V, chunk = 4, 16, 512, 8
+    logits = torch.randn(B, T, V).to(torch.bfloat16)
+    tokens = torch.randint(0, V, (B, T))
+    assert _peak_float32(lambda x: sum(o.sum() for o in token_logprobs_and_entropy(x, tokens, 0.9, chunk_size=chunk)),
+                         logits) <= chunk * V

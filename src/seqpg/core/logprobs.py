@@ -16,7 +16,15 @@ extra memory is thus about one float32 chunk (``chunk_size * V`` numbers) beyond
 their gradient. Logits that cannot be viewed as (B*T, V) without a copy (a slice such as
 ``logits[:, :-1]``) are visited row by row, never copied whole.
 
-Neither Function supports double backward (the gradient is not itself differentiable).
+``token_logprobs_and_entropy`` gives both from one pass over the logits (a training step that
+logs the entropy needs both): with d = x - max(x), e = exp(d) and s = sum(e),
+
+    log pi(y) = d_y - log s,    H = log s - sum_k e_k d_k / s,
+
+and its backward combines the two gradients in one pass, skipping the entropy's when the
+entropy is not differentiated (logged only).
+
+No Function supports double backward (the gradient is not itself differentiable).
 """
 
 from __future__ import annotations
@@ -148,6 +156,59 @@ class _Entropy(torch.autograd.Function):
         return grad_BTV, None, None
 
 
+class _TokenLogprobsAndEntropy(torch.autograd.Function):
+    """(log softmax(z / tau)[y], H) per position in one chunked pass; backward in one chunked pass."""
+
+    @staticmethod
+    @_no_autocast
+    def forward(ctx, logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, temperature: float,
+                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, _ = logits_BTV.shape
+        dt = _compute_dtype(logits_BTV)
+        tok_N = tokens_BT.reshape(-1)
+        logp_N, ent_N, lse_N = (torch.empty(B * T, dtype=dt, device=logits_BTV.device) for _ in range(3))
+        for s, e, z_cV in _blocks(logits_BTV, chunk_size):
+            x_cV = _scaled(z_cV, dt, temperature)
+            max_c1 = x_cV.amax(dim=-1, keepdim=True)
+            d_cV = x_cV - max_c1  # d = x - max x <= 0
+            exp_cV = d_cV.exp()
+            sum_c = exp_cV.sum(dim=-1)
+            log_sum_c = sum_c.log()
+            logp_N[s:e] = d_cV.gather(1, tok_N[s:e, None]).squeeze(1) - log_sum_c
+            # sum_k e_k d_k: e = 0 where d = -inf (a masked logit); nansum drops its 0 * -inf = nan
+            ent_N[s:e] = log_sum_c - exp_cV.mul_(d_cV).nansum(dim=-1) / sum_c
+            lse_N[s:e] = max_c1.squeeze(1) + log_sum_c
+        ctx.save_for_backward(logits_BTV, tokens_BT, lse_N, ent_N)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return logp_N.view(B, T), ent_N.view(B, T)
+
+    @staticmethod
+    @once_differentiable
+    @_no_autocast
+    def backward(ctx, grad_logp_BT: torch.Tensor | None, grad_ent_BT: torch.Tensor | None):
+        logits_BTV, tokens_BT, lse_N, ent_N = ctx.saved_tensors
+        tau = ctx.temperature
+        B, T, V = logits_BTV.shape
+        dt = lse_N.dtype
+        zeros_N = torch.zeros(B * T, dtype=dt, device=lse_N.device)
+        gl_N = zeros_N if grad_logp_BT is None else grad_logp_BT.reshape(-1).to(dt) / tau
+        gh_N = None if grad_ent_BT is None else grad_ent_BT.reshape(-1).to(dt) / tau
+        tok_N = tokens_BT.reshape(-1)
+        grad_BTV = torch.empty((B, T, V), dtype=logits_BTV.dtype, device=logits_BTV.device)
+        grad_NV = grad_BTV.view(B * T, V)
+        for s, e, z_cV in _blocks(logits_BTV, ctx.chunk_size):
+            logp_cV = _scaled(z_cV, dt, tau) - lse_N[s:e, None]
+            gl_c1 = gl_N[s:e, None]
+            if gh_N is None:  # (onehot - p) * g_logp
+                out_cV = logp_cV.exp_().mul_(-gl_c1)
+            else:  # (onehot - p) * g_logp - p (log p + H) * g_H
+                p_cV = logp_cV.exp()
+                out_cV = logp_cV.add_(ent_N[s:e, None]).mul_(-gh_N[s:e, None]).sub_(gl_c1).mul_(p_cV)
+                out_cV = out_cV.nan_to_num_(nan=0.0)  # p = 0 where log p = -inf
+            grad_NV[s:e] = out_cV.scatter_add_(1, tok_N[s:e, None], gl_c1)
+        return grad_BTV, None, None, None
+
+
 def _check_logits(logits_BTV: torch.Tensor, temperature: float, chunk_size: int) -> None:
     check_rank("logits_BTV", logits_BTV, 3, "(B, T, V)")
     if not logits_BTV.is_floating_point():
@@ -168,6 +229,11 @@ def token_logprobs(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, temperatur
     ``chunk_size`` positions are expanded to float32 at a time, forward and backward.
     Every token id must lie in [0, V), padding included (use any real id on padding and mask it).
     """
+    _check_tokens(logits_BTV, tokens_BT, temperature, chunk_size)
+    return _TokenLogprobs.apply(logits_BTV, tokens_BT.long(), float(temperature), chunk_size)
+
+
+def _check_tokens(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, temperature: float, chunk_size: int) -> None:
     _check_logits(logits_BTV, temperature, chunk_size)
     check_rank("tokens_BT", tokens_BT, 2, "(B, T)")
     if tokens_BT.shape != logits_BTV.shape[:2]:
@@ -179,7 +245,6 @@ def token_logprobs(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, temperatur
     if tokens_BT.numel() and (int(tokens_BT.min()) < 0 or int(tokens_BT.max()) >= V):
         raise ValueError(f"tokens_BT ids must lie in [0, V={V}), got range "
                          f"[{int(tokens_BT.min())}, {int(tokens_BT.max())}]")
-    return _TokenLogprobs.apply(logits_BTV, tokens_BT.long(), float(temperature), chunk_size)
 
 
 def entropy_from_logits(logits_BTV: torch.Tensor, temperature: float = 1.0, *,
@@ -191,3 +256,14 @@ def entropy_from_logits(logits_BTV: torch.Tensor, temperature: float = 1.0, *,
     """
     _check_logits(logits_BTV, temperature, chunk_size)
     return _Entropy.apply(logits_BTV, float(temperature), chunk_size)
+
+
+def token_logprobs_and_entropy(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, temperature: float = 1.0, *,
+                               chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``token_logprobs(...)``, ``entropy_from_logits(...)``) from one chunked pass over the logits.
+
+    The same values, dtypes, checks and memory bound as the two functions; about half their
+    passes over the (B, T, V) logits forward, and one pass backward for both gradients.
+    """
+    _check_tokens(logits_BTV, tokens_BT, temperature, chunk_size)
+    return _TokenLogprobsAndEntropy.apply(logits_BTV, tokens_BT.long(), float(temperature), chunk_size)

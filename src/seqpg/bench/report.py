@@ -1,0 +1,62 @@
+"""The benchmark's markdown: the README section's tables, one per (dtype, threads) run."""
+
+from __future__ import annotations
+
+from .common import PHASE_LABELS, PHASES
+
+
+def _s(v: float) -> str:
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}"
+
+
+def _load(m: dict, key: str) -> str:
+    return " ".join(f"{x:.1f}" for x in m.get(key, ()))
+
+
+def markdown(report: dict) -> str:
+    m, setup = report["machine"], report["setup"]
+    sp = report.get("sampling", {})
+    lines = [f"Machine: {m['cpu_model']}, {m['logical_cpus']} logical CPUs (bf16 units: "
+             f"{', '.join(m.get('bf16_flags', [])) or 'none'}); torch {m['torch']}, transformers {m['transformers']}, "
+             f"TRL {m['trl']}. Load average (1, 5, 15 min) at start: {_load(m, 'load_average_at_start')}; at end: "
+             f"{_load(m, 'load_average_at_end')}.", "",
+             f"Task and rewards of `{setup['config']}`{' ' + ' '.join(setup['overrides']) if setup['overrides'] else ''}; "
+             f"SmolLM2-135M-Instruct, {sp.get('prompts_per_step')} prompts x {sp.get('samples_per_prompt')} samples, "
+             f"<= {sp.get('max_new_tokens')} new tokens, temperature {sp.get('temperature')}, lr {report.get('lr')}, "
+             f"GRPO, no KL, one update per batch; {setup['warmup']} warm-up + {setup['steps']} measured steps per "
+             "library, alternating TRL / seqpg; medians over the measured steps. Wall: wall-clock seconds. CPU: the "
+             "process's CPU seconds over all its threads (less inflated by other load on the machine).", ""]
+    for d in ("fp32", "bf16"):
+        if f"speedup_{d}" in report:
+            lines.append(f"- **{d}: seqpg's step is {report[f'speedup_{d}']:.2f}x faster than TRL's** "
+                         f"(CPU time {report[f'speedup_cpu_{d}']:.2f}x; {report[f'threads_{d}']} thread(s), where TRL "
+                         f"was fastest); seqpg's training phase reaches {100 * report[f'mfu_{d}']:.1f}% of the measured "
+                         f"{d} matmul peak ({100 * report[f'mfu_cpu_{d}']:.1f}% per CPU second); peak memory "
+                         f"{100 * report[f'memory_ratio_{d}']:.0f}% of TRL's.")
+    for run in report["runs"]:
+        s = run["summary"]
+        trl, mine, pk = s["libraries"]["trl"], s["libraries"]["seqpg"], s["matmul_peak"]
+        lines += ["", f"#### {run['dtype']}, {run['threads']} thread(s); {run['dtype']} matmul peak "
+                      f"{pk['flops_per_s'] / 1e9:.0f} GFLOP/s (n = {pk['size']})", "",
+                  "| phase | TRL wall s | seqpg wall s | seqpg / TRL | TRL CPU s | seqpg CPU s | seqpg / TRL (CPU) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for p in PHASES:
+            tw, sw = trl["median_s"][p], mine["median_s"][p]
+            tc, sc = trl["median_cpu_s"][p], mine["median_cpu_s"][p]
+            lines.append(f"| {PHASE_LABELS[p]} | {_s(tw)} | {_s(sw)} | {sw / tw:.2f} | {_s(tc)} | {_s(sc)} | "
+                         f"{sc / tc:.2f} |")
+        tok_t, tok_s = trl["completion_tokens_per_s"], mine["completion_tokens_per_s"]
+        fl_t, fl_s = trl["train_flops_per_step"], mine["train_flops_per_step"]
+        lines += ["", "| | TRL | seqpg | seqpg / TRL |", "|---|---:|---:|---:|",
+                  f"| completion tokens / s | {tok_t:.1f} | {tok_s:.1f} | {tok_s / tok_t:.2f} |",
+                  f"| peak resident memory (MiB) | {trl['peak_rss_mib']:.0f} | {mine['peak_rss_mib']:.0f} | "
+                  f"{s['memory_ratio_seqpg_over_trl']:.2f} |",
+                  f"| model FLOPs of the training phase (GFLOP) | {fl_t / 1e9:.0f} | {fl_s / 1e9:.0f} | "
+                  f"{fl_s / fl_t:.2f} |",
+                  f"| MFU, training phase (wall) | {100 * trl['mfu_training']:.1f}% | "
+                  f"{100 * mine['mfu_training']:.1f}% | |",
+                  f"| MFU, training phase (CPU) | {100 * trl['mfu_training_cpu']:.1f}% | "
+                  f"{100 * mine['mfu_training_cpu']:.1f}% | |",
+                  f"| MFU, forward + backward only (wall) | {100 * trl['mfu_forward_backward']:.1f}% | "
+                  f"{100 * mine['mfu_forward_backward']:.1f}% | |"]
+    return "\n".join(lines) + "\n"
