@@ -17,7 +17,7 @@ import torch
 
 from . import core
 from .algorithms import Family, get_family
-from .config import ConfigError, ModelConfig, OptimConfig, ScorerConfig, TaskConfig, TrainConfig, \
+from .config import ConfigError, SamplingConfig, ModelConfig, OptimConfig, ScorerConfig, TaskConfig, TrainConfig, \
     validate_for_processes
 from .critic import Critic, build_critic
 from .distributed import DistContext, Parallel
@@ -118,15 +118,13 @@ def build_components(cfg: TrainConfig, dist: DistContext) -> Components:
     kl_ctl = core.AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target is not None \
         else core.FixedKLController(a.kl_coef)
     s = cfg.sampling
-    sample_kwargs = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                         stop_strings=tuple(s.stop_strings), chat_template=s.chat_template,
-                         system_prompt=s.system_prompt)
+    sample_kwargs = sampling_kwargs(s)
     settings = UpdateSettings(loss=family.loss, agg=a.agg or family.agg, loss_params=dict(a.loss_params),
                               epochs=a.epochs or family.epochs, minibatches=a.minibatches,
                               micro_batch_size=o.micro_batch_size, max_grad_norm=o.max_grad_norm,
                               temperature=s.temperature, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
                               vf_coef=a.vf_coef, vf_clip=a.vf_clip, bf16=cfg.bf16)
-    family_params = _family_params(family, cfg)
+    family_params = estimator_params(family, cfg)
     stream = PromptStream(train_prompts, seed=cfg.seed)
     return Components(family, parallel.policy, tok, optimizer, scheduler, scorers, stream, eval_prompts, kl_ctl,
                       settings, sample_kwargs, family_params, parallel, reference, critic, extra)
@@ -146,7 +144,13 @@ def build_optimizer(o: OptimConfig, policy: torch.nn.Module, critic: Critic | No
     return optimizer, scheduler
 
 
-def _family_params(family: Family, cfg: TrainConfig) -> dict:
+def sampling_kwargs(s: SamplingConfig) -> dict:
+    """The keyword arguments of `sampling.generate` that the sampling section sets (all but n)."""
+    return dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                stop_strings=tuple(s.stop_strings), chat_template=s.chat_template, system_prompt=s.system_prompt)
+
+
+def estimator_params(family: Family, cfg: TrainConfig) -> dict:
     """The config values an estimator takes (gamma, lam), passed only where it accepts them."""
     accepted = core.advantage_params(family.advantage)
     out = {}

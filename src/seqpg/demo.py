@@ -13,18 +13,12 @@ from pathlib import Path
 
 from .build import build_prompts, build_scorers
 from .config import load_config
-from .evaluate import EvalResult, evaluate
+from .evaluate import EvalResult
 from .plots import plot_before_after, plot_run
-from .session import load_policy_for
+from .session import evaluate_as_configured, load_policy_for
 from .trainer import train
 
 DEFAULT_CONFIG = "examples/demo.yaml"
-
-
-def _eval(cfg, model, tok, prompts, scorers) -> EvalResult:
-    s = cfg.sampling
-    return evaluate(model, tok, prompts, scorers, max_new_tokens=s.max_new_tokens, chat_template=s.chat_template,
-                    system_prompt=s.system_prompt, stop_strings=tuple(s.stop_strings), seed=cfg.seed)
 
 
 def _row(name: str, before: float | None, se_b: float | None, after: float | None, se_a: float | None,
@@ -66,7 +60,7 @@ def run_demo(config: str | None = None, overrides: list[str] | None = None) -> i
     model, tok, _ = load_policy_for(cfg.model.name, cfg)
     seconds = {"load": time.monotonic() - t0}
     t = time.monotonic()
-    before = _eval(cfg, model, tok, held_out, scorers)
+    before = evaluate_as_configured(cfg, model, tok, held_out, scorers)
     seconds["eval before"] = time.monotonic() - t
     print(f"before: mean reward {before.mean_reward:+.3f} ± {before.se_reward:.3f}"
           + (f", accuracy {100 * before.accuracy:.1f}%" if before.accuracy is not None else ""), flush=True)
@@ -76,7 +70,7 @@ def run_demo(config: str | None = None, overrides: list[str] | None = None) -> i
     seconds["train"] = time.monotonic() - t
     t = time.monotonic()
     model, tok, step = load_policy_for(str(result.run_dir), load_config(Path(result.run_dir) / "config.yaml"))
-    after = _eval(cfg, model, tok, held_out, scorers)
+    after = evaluate_as_configured(cfg, model, tok, held_out, scorers)
     seconds["eval after"] = time.monotonic() - t
     seconds["total"] = time.monotonic() - t0
     table = summary_table(before, after, step, seconds)

@@ -20,7 +20,7 @@ import torch
 from . import core
 from .algorithms import get_family
 from .batch import Prompt, RolloutBatch, total_rewards
-from .build import build_prompts, build_scorers
+from .build import build_prompts, build_scorers, estimator_params, sampling_kwargs
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .critic import build_critic
 from .policy import completion_logprobs
@@ -75,8 +75,7 @@ def explain(target: str, prompt_text: str, completion: str | None = None, *, rew
     prompt = known.get(normalise_prompt_text(prompt_text), Prompt(text=prompt_text, id="explain"))
     model, tok, step = load_policy_for(target, cfg)
     s = cfg.sampling
-    kw = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-              stop_strings=tuple(s.stop_strings), chat_template=s.chat_template, system_prompt=s.system_prompt)
+    kw = sampling_kwargs(s)
     n = max(2, s.samples_per_prompt)
     rollout = generate(model, tok, [prompt], n=n, generator=torch.Generator().manual_seed(seed), **kw)
     if completion is not None:
@@ -97,9 +96,7 @@ def explain(target: str, prompt_text: str, completion: str | None = None, *, rew
             load_checkpoint(latest_checkpoint(target), model=model, extra_modules={"critic": critic.module},
                             restore_rng=False)
         values = critic.values_of(rollout)
-    params = dict(cfg.algo.advantage_params)
-    accepted = core.advantage_params(family.advantage)
-    params.update({k: getattr(cfg.algo, k) for k in ("gamma", "lam") if k in accepted and k not in params})
+    params = dict(cfg.algo.advantage_params, **estimator_params(family, cfg))
     if family.greedy_baseline:
         greedy = generate(model, tok, [prompt], n=1, **dict(kw, greedy=True))
         params["baseline"] = score_batch(greedy, scorers, on_error="zero", tokenizer=tok).rewards_B.expand(n)

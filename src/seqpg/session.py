@@ -67,8 +67,13 @@ def eval_target(target: str, *, config: str | None = None, overrides: list[str] 
     _, held_out = build_prompts(cfg.task)
     prompts = held_out[:n_prompts] if n_prompts else held_out
     model, tok, step = load_policy_for(target, cfg)
+    return EvalReport(target, step, evaluate_as_configured(cfg, model, tok, prompts, scorers, ks=ks, samples=samples))
+
+
+def evaluate_as_configured(cfg: TrainConfig, model, tok, prompts, scorers, *, ks: tuple[int, ...] = (),
+                           samples: int = 0) -> EvalResult:
+    """`evaluate` with the run's sampling settings (budget, chat template, system prompt, stop strings)."""
     s = cfg.sampling
-    res = evaluate(model, tok, prompts, scorers, max_new_tokens=s.max_new_tokens, ks=ks, samples=samples,
-                   temperature=s.temperature, chat_template=s.chat_template, system_prompt=s.system_prompt,
-                   stop_strings=tuple(s.stop_strings), seed=cfg.seed)
-    return EvalReport(target, step, res)
+    return evaluate(model, tok, prompts, scorers, max_new_tokens=s.max_new_tokens, ks=ks, samples=samples,
+                    temperature=s.temperature, chat_template=s.chat_template, system_prompt=s.system_prompt,
+                    stop_strings=tuple(s.stop_strings), seed=cfg.seed)
