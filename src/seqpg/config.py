@@ -108,6 +108,9 @@ class SamplingConfig:
     """Sample each prompt with its own random generator, seeded by (seed, step, the prompt's place in
     the step's batch): the samples, and so the whole run, are then the same with any number of
     processes, at the cost of one `generate` call per prompt (no batching across prompts)."""
+    fast_decode: bool = True
+    """Decode Llama-family models (Llama, SmolLM2, Mistral, Qwen2/3) with seqpg's lean one-token step
+    (same maths as the model's forward, tested equal); false: always the model's own forward."""
 
 
 @dataclass

@@ -78,7 +78,8 @@ def completion_logprobs(
     if temperature <= 0:
         raise ValueError(f"completion_logprobs: temperature must be > 0, got {temperature}")
     groups = shared_prompt_groups(batch)
-    if groups is not None and _attention_implementation(model) in PACKABLE_ATTENTION and _takes_per_row_logits_to_keep():
+    packable = _attention_implementation(model) in PACKABLE_ATTENTION and _takes_per_row_logits_to_keep()
+    if groups is not None and packable:
         return _shared_prompt_logprobs(model, batch, groups, temperature, with_entropy, with_hidden)
     return _padded_logprobs(model, batch, temperature, with_entropy, with_hidden)
 
@@ -158,13 +159,13 @@ def _takes_per_row_logits_to_keep() -> bool:
 class _Packed:
     """The shared-prompt layout of a batch: G rows of length L, N kept logit columns per row."""
 
-    ids_GL: torch.Tensor  # (G, L) long: prompt tokens, then each member's completion but its last token, then padding
+    ids_GL: torch.Tensor  # (G, L) long: the prompt, each member's completion less its last token, padding
     real_GL: torch.Tensor  # (G, L) bool
     pos_GL: torch.Tensor  # (G, L) long position ids (segments continue their prompt's count)
     segment_GL: torch.Tensor  # (G, L) long: -1 prompt, k >= 0 member k's completion, -2 padding
     keep_GN: torch.Tensor  # (G, N) columns whose logits are needed: the prompt's last, then every segment column
-    targets_GN: torch.Tensor  # (G, N) the token each kept column predicts (0 where none: the shared first column, padding)
-    flat_BS: torch.Tensor  # (B, C-1) where in the flattened (G*N) kept columns completion token t+1 of row i is predicted
+    targets_GN: torch.Tensor  # (G, N) the token each kept column predicts (0: the shared first column, padding)
+    flat_BS: torch.Tensor  # (B, C-1) index into the flattened (G*N) kept columns predicting row i's token t+1
 
 
 def _pack(batch: RolloutBatch, g: PromptGroups) -> _Packed:

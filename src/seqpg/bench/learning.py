@@ -67,10 +67,11 @@ def run_learning(config: str = "examples/demo.yaml", overrides: list[str] | None
     cfg = s.train_config()
     print(f"seqpg bench --learning: {config}, {steps} steps per library, held-out evaluation every {eval_every} "
           f"steps ({cfg.task.eval_size} prompts), {threads} thread(s)", flush=True)
+    machine = machine_info()
     raw = run_pair(s, log=lambda line: print(line, flush=True))
     tracks = {name: held_out_track(raw, name) for name in ("trl", "seqpg")}
     report = {
-        "machine": {**machine_info(), "load_average_at_end": os.getloadavg()},
+        "machine": {**machine, "load_average_at_end": os.getloadavg()},
         "setup": asdict(s), "lr": cfg.optim.lr, "eval_prompts": cfg.task.eval_size,
         "reward_per_step": {name: [r["reward"] for r in raw["steps"][name]] for name in tracks},
         "step_seconds": {name: [r["step"] for r in raw["steps"][name]] for name in tracks},

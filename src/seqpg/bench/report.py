@@ -20,7 +20,7 @@ def markdown(report: dict) -> str:
              f"{', '.join(m.get('bf16_flags', [])) or 'none'}); torch {m['torch']}, transformers {m['transformers']}, "
              f"TRL {m['trl']}. Load average (1, 5, 15 min) at start: {_load(m, 'load_average_at_start')}; at end: "
              f"{_load(m, 'load_average_at_end')}.", "",
-             f"Task and rewards of `{setup['config']}`{' ' + ' '.join(setup['overrides']) if setup['overrides'] else ''}; "
+             f"Task and rewards of `{' '.join([setup['config'], *setup['overrides']])}`; "
              f"SmolLM2-135M-Instruct, {sp.get('prompts_per_step')} prompts x {sp.get('samples_per_prompt')} samples, "
              f"<= {sp.get('max_new_tokens')} new tokens, temperature {sp.get('temperature')}, lr {report.get('lr')}, "
              f"GRPO, no KL, one update per batch; {setup['warmup']} warm-up + {setup['steps']} measured steps per "
@@ -29,10 +29,10 @@ def markdown(report: dict) -> str:
     for d in ("fp32", "bf16"):
         if f"speedup_{d}" in report:
             lines.append(f"- **{d}: seqpg's step is {report[f'speedup_{d}']:.2f}x faster than TRL's** "
-                         f"(CPU time {report[f'speedup_cpu_{d}']:.2f}x; {report[f'threads_{d}']} thread(s), where TRL "
-                         f"was fastest); seqpg's training phase reaches {100 * report[f'mfu_{d}']:.1f}% of the measured "
-                         f"{d} matmul peak ({100 * report[f'mfu_cpu_{d}']:.1f}% per CPU second); peak memory "
-                         f"{100 * report[f'memory_ratio_{d}']:.0f}% of TRL's.")
+                         f"(CPU time {report[f'speedup_cpu_{d}']:.2f}x; {report[f'threads_{d}']} thread(s), "
+                         f"where TRL was fastest); seqpg's training phase reaches {100 * report[f'mfu_{d}']:.1f}% "
+                         f"of the measured {d} matmul peak ({100 * report[f'mfu_cpu_{d}']:.1f}% per CPU second); "
+                         f"peak memory {100 * report[f'memory_ratio_{d}']:.0f}% of TRL's.")
     for run in report["runs"]:
         s = run["summary"]
         trl, mine, pk = s["libraries"]["trl"], s["libraries"]["seqpg"], s["matmul_peak"]

@@ -66,9 +66,10 @@ class SeqpgRunner:
         prompts = self.train_prompts[k * sp.prompts_per_step:(k + 1) * sp.prompts_per_step]
         marks = {"begin": now()}
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.s.dtype == "bf16"):
-            rollout = generate(self.policy, self.tok, prompts, n=sp.samples_per_prompt, max_new_tokens=sp.max_new_tokens,
-                               temperature=sp.temperature, chat_template=sp.chat_template,
-                               system_prompt=sp.system_prompt, generator=self.generator)
+            rollout = generate(self.policy, self.tok, prompts, n=sp.samples_per_prompt,
+                               max_new_tokens=sp.max_new_tokens, temperature=sp.temperature,
+                               chat_template=sp.chat_template, system_prompt=sp.system_prompt,
+                               generator=self.generator)
         marks["sampled"] = now()
         scored = score_batch(rollout, self.scorers, tokenizer=self.tok)
         adv_BC, ret_BC = core.compute_advantages("grpo", scored.rewards_B, rollout.completion_mask_BC,
@@ -110,7 +111,8 @@ class TrlRunner:
         rows = [{"prompt": self._trl_prompt(p.text), "idx": i}
                 for i, p in enumerate(self.train_prompts[:s.total_steps * sp.prompts_per_step])]
         self.rewards: list[float] = []
-        self.initial_eval = held_out_reward(policy, tok, self.cfg, self.held_out, self.scorers) if s.eval_every else None
+        self.initial_eval = (held_out_reward(policy, tok, self.cfg, self.held_out, self.scorers)
+                             if s.eval_every else None)
 
         def seqpg_scorers(prompts, completions, idx, **_kwargs):  # TRL's reward-function signature
             texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]

@@ -1,0 +1,110 @@
+"""A lean one-token decode step for Llama-family decoders (Llama, SmolLM2, Mistral, Qwen2, Qwen3).
+
+Profiling ``seqpg.sampling`` on 2 CPU cores (SmolLM2-135M, 16 rows, 32 tokens) showed that
+a decode step through the Hugging Face forward spends more time around its matmuls than in
+them: building a 4-D attention mask each step, ``repeat_kv`` copies for grouped-query
+attention, the SDPA kernel's set-up for a single query, and ~130 small ops per layer.  This
+module runs the same maths with the model's own modules (norms, projections, MLP, rotary
+embedding), so biases, activations, rope scaling and q/k norms come from the model, and does
+only the attention itself by hand::
+
+    q, k, v = rope(W_q x), rope(W_k x), W_v x            # (B, H, D), (B, Hkv, D), (B, Hkv, D)
+    K[:, :, w], V[:, :, w] = k, v                         # written into the KV cache in place
+    a = softmax(q K^T * scale + bias) V                   # grouped: H = Hkv * rep, no copies of K, V
+    h = h + W_o a;  h = h + mlp(norm(h))
+
+``bias`` is 0 on the columns a row may attend to and -inf elsewhere (left padding, and the
+columns after a row stopped).  The prompt is prefilled by the model's own forward into the
+same preallocated cache (:func:`seqpg.sampling.preallocated_cache`); only the one-token steps
+take this path.  ``supports(model)`` says when it applies; otherwise the sampler keeps the
+Hugging Face forward.  ``tests/test_fastdecode.py`` checks it against that forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def supports(model: nn.Module) -> bool:
+    """True for a plain (no adapter wrappers, no sharded tensors) Llama-family causal LM."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in SUPPORTED_TYPES:
+        return False
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return False  # windowed attention: leave it to the model's own forward
+    trunk = getattr(model, "model", None)
+    layers = getattr(trunk, "layers", None)
+    if layers is None or not hasattr(model, "lm_head") or not hasattr(trunk, "rotary_emb"):
+        return False
+    for layer in layers:
+        attn = layer.self_attn
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+            if type(proj) is not nn.Linear or type(proj.weight) is not nn.Parameter:
+                return False  # LoRA-wrapped or sharded (DTensor) projections
+    return True
+
+
+class FastDecoder:
+    """One-token steps of ``model`` against a preallocated KV cache (``sampling._PreallocatedLayer``s)."""
+
+    def __init__(self, model: nn.Module, cache) -> None:
+        self.model, self.trunk = model, model.model
+        self.layers = list(self.trunk.layers)[: model.config.num_hidden_layers]
+        self.cache_layers = cache.layers
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.n_heads = model.config.num_attention_heads
+        self.n_kv = model.config.num_key_value_heads
+        self.scale = attn.scaling
+
+    @torch.no_grad()
+    def step(self, input_B1: torch.Tensor, pos_B1: torch.Tensor, attend_BW: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) of the next token after ``input_B1`` (B, 1) at positions ``pos_B1`` (B, 1).
+
+        ``attend_BW`` (B, W) bool: the cache columns each row attends to, including the new one
+        (column W - 1, which this step writes).
+        """
+        B, W = attend_BW.shape
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        rep = H // Hkv
+        h_BE = self.trunk.embed_tokens(input_B1)  # (B, 1, E)
+        cos, sin = self.trunk.rotary_emb(h_BE, pos_B1)  # (B, 1, D) each
+        cos_B1D, sin_B1D = cos, sin  # broadcast over heads
+        bias_B11W = torch.zeros((B, 1, 1, W), dtype=torch.float32).masked_fill_(~attend_BW[:, None, None, :],
+                                                                              float("-inf"))
+        for layer, cl in zip(self.layers, self.cache_layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h_BE)
+            q_BHD = attn.q_proj(x).view(B, H, D)
+            k_BKD = attn.k_proj(x).view(B, Hkv, D)
+            v_BKD = attn.v_proj(x).view(B, Hkv, D)
+            if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head's dimension
+                q_BHD, k_BKD = attn.q_norm(q_BHD), attn.k_norm(k_BKD)
+            q_BHD, k_BKD = _rope(q_BHD, cos_B1D, sin_B1D), _rope(k_BKD, cos_B1D, sin_B1D)
+            if not cl.is_initialized:  # no prefill (one-token prompts): the cache starts here
+                cl.lazy_initialization(k_BKD.unsqueeze(2), v_BKD.unsqueeze(2))
+            if cl.length != W - 1:
+                raise RuntimeError(f"FastDecoder: cache holds {cl.length} columns, expected {W - 1}")
+            cl._keys[:, :, W - 1] = k_BKD
+            cl._values[:, :, W - 1] = v_BKD
+            cl.length = W
+            keys_BKWD, values_BKWD = cl._keys[:, :, :W], cl._values[:, :, :W]
+            q_BKRD = q_BHD.view(B, Hkv, rep, D)
+            scores_BKRW = torch.matmul(q_BKRD, keys_BKWD.transpose(-1, -2)).float() * self.scale + bias_B11W
+            probs_BKRW = torch.softmax(scores_BKRW, dim=-1).to(values_BKWD.dtype)
+            a_BKRD = torch.matmul(probs_BKRW, values_BKWD)
+            h_BE = h_BE + attn.o_proj(a_BKRD.reshape(B, 1, H * D).to(x.dtype))
+            h_BE = h_BE + layer.mlp(layer.post_attention_layernorm(h_BE))
+        for cl in self.cache_layers:
+            cl.keys, cl.values = cl._keys[:, :, :W], cl._values[:, :, :W]
+        return self.model.lm_head(self.trunk.norm(h_BE))[:, -1]
+
+
+def _rope(x_BND: torch.Tensor, cos_B1D: torch.Tensor, sin_B1D: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of (B, heads, D) at each row's position: x cos + rotate_half(x) sin."""
+    half = x_BND.shape[-1] // 2
+    rotated = torch.cat((-x_BND[..., half:], x_BND[..., :half]), dim=-1)
+    return x_BND * cos_B1D + rotated * sin_B1D

@@ -1,0 +1,105 @@
+"""The lean decode step (seqpg.fastdecode) against the model's own forward, and the categorical sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from seqpg.batch import Prompt
+from seqpg.fastdecode import supports
+from seqpg.policy import completion_logprobs
+from seqpg.sampling import generate, sample_categorical
+
+PROMPTS = [Prompt("a", "x"), Prompt("b", "What is 12 + 7? Answer briefly."), Prompt("c", "hello there")]
+
+
+def tiny(arch: str, vocab: int, **extra) -> transformers.PreTrainedModel:
+    """A seeded 2-layer decoder of family ``arch`` with grouped-query attention (4 heads, 2 KV heads)."""
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=None, **extra)
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[arch]
+    torch.manual_seed(0)
+    model = cls[1](cls[0](**common)).float().eval()
+    with torch.no_grad():  # non-trivial norm weights and biases, so that skipping one would show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+ARCHS = [("llama", {}), ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+         ("qwen2", {}), ("qwen3", {"head_dim": 8}), ("mistral", {"sliding_window": None})]
+
+
+@pytest.mark.parametrize("arch,extra", ARCHS, ids=[f"{a}{'-' + next(iter(e)) if e else ''}" for a, e in ARCHS])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fast_decode_equals_the_models_forward(tiny_tokenizer, arch, extra, temperature):
+    """Same draws, same tokens, same log-probs (to float rounding) as decoding through the model's forward."""
+    model = tiny(arch, len(tiny_tokenizer), **extra)
+    assert supports(model)
+    kw = dict(n=3, max_new_tokens=12, temperature=temperature)
+    fast = generate(model, tiny_tokenizer, PROMPTS, generator=torch.Generator().manual_seed(1), **kw)
+    slow = generate(model, tiny_tokenizer, PROMPTS, generator=torch.Generator().manual_seed(1), fast_decode=False,
+                    **kw)
+    assert torch.equal(fast.completion_ids_BC, slow.completion_ids_BC)
+    assert torch.equal(fast.completion_mask_BC, slow.completion_mask_BC)
+    torch.testing.assert_close(fast.sample_logprobs_BC, slow.sample_logprobs_BC, atol=1e-5, rtol=0)
+    # and they are the training-time log-probs of the same tokens (full recomputation, no cache)
+    train = completion_logprobs(model, fast, temperature=temperature).logprobs_BC
+    torch.testing.assert_close(fast.sample_logprobs_BC, train * fast.completion_mask_BC, atol=1e-5, rtol=0)
+
+
+def test_fast_decode_under_bf16_autocast_stays_close(tiny_tokenizer):
+    model = tiny("llama", len(tiny_tokenizer))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = generate(model, tiny_tokenizer, PROMPTS, n=2, max_new_tokens=8, greedy=True)
+        slow = generate(model, tiny_tokenizer, PROMPTS, n=2, max_new_tokens=8, greedy=True, fast_decode=False)
+    same = fast.completion_ids_BC == slow.completion_ids_BC
+    assert same[:, 0].all()  # the first step sees identical inputs; later ones may part on bf16 ties
+    torch.testing.assert_close(fast.sample_logprobs_BC[:, 0], slow.sample_logprobs_BC[:, 0], atol=3e-2, rtol=0)
+
+
+def test_supports_only_plain_llama_family(tiny_tokenizer):
+    V = len(tiny_tokenizer)
+    assert supports(tiny("llama", V))
+    assert not supports(tiny("mistral", V, sliding_window=4))  # windowed attention: the model's own forward
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2))
+    assert not supports(gpt2)
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(tiny("llama", V), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert not supports(lora)
+    assert not supports(lora.base_model.model)  # its projections are LoRA wrappers, not nn.Linear
+
+
+def test_fallback_models_still_sample(tiny_tokenizer):
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=1,
+                                                                n_head=2, eos_token_id=2, pad_token_id=0)).eval()
+    out = generate(gpt2, tiny_tokenizer, PROMPTS, n=2, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+    train = completion_logprobs(gpt2, out).logprobs_BC
+    torch.testing.assert_close(out.sample_logprobs_BC, train * out.completion_mask_BC, atol=1e-5, rtol=0)
+
+
+def test_sample_categorical_draws_the_given_distribution():
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.3, 0.0])
+    n = 40_000
+    draws = sample_categorical(probs.expand(n, -1), torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).double() / n
+    se = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert (freq[probs == 0] == 0).all()  # a zero-probability entry is never drawn
+    assert ((freq - probs.double()).abs() <= 5 * se + 1e-12).all(), freq
+    one_hot = torch.zeros(3, 7)
+    one_hot[torch.arange(3), torch.tensor([0, 6, 3])] = 1.0
+    assert sample_categorical(one_hot).tolist() == [0, 6, 3]  # the first and the last entry are reachable
+
+
+def test_sample_categorical_is_seeded():
+    probs = torch.softmax(torch.randn(8, 1000), dim=-1)
+    a = sample_categorical(probs, torch.Generator().manual_seed(3))
+    b = sample_categorical(probs, torch.Generator().manual_seed(3))
+    c = sample_categorical(probs, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
