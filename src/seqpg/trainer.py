@@ -92,7 +92,8 @@ def train_step(cfg: TrainConfig, c: Components, dist: DistContext, step: int, lo
     """One step: sample -> score -> advantages -> update -> log. Returns the step's metrics."""
     s, a, timer = cfg.sampling, cfg.algo, Timer()
     prompts, first = _my_share(c.stream.take(s.prompts_per_step), dist)
-    with c.parallel.full_params() as model, dist.fail_together("sampling and scoring"):
+    bf16 = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # every forward pass
+    with c.parallel.full_params() as model, dist.fail_together("sampling and scoring"), bf16:
         with timer("sample"):
             rollout = _sample(model, c, cfg, prompts, first, step, dist)
         with timer("score"):
@@ -102,7 +103,7 @@ def train_step(cfg: TrainConfig, c: Components, dist: DistContext, step: int, lo
                 adv_params["baseline"] = _greedy_baseline(model, c, prompts, rollout)
     mask_BC = rollout.completion_mask_BC
     old_logprobs_BC = rollout.sample_logprobs_BC
-    with timer("reference"):
+    with timer("reference"), bf16:
         ref_BC = c.reference.logprobs(rollout, temperature=s.temperature) if c.reference is not None else None
         old_values_BC = c.critic.values_of(rollout) if c.critic is not None else None
     rewards = total_rewards(scored)

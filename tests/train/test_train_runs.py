@@ -107,10 +107,20 @@ def test_run_directory_holds_config_metrics_samples_plots_and_events(tiny_overri
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
 
 
-def test_bf16_autocast_and_micro_batches_run(tiny_overrides):
+def test_bf16_autocast_and_micro_batches_run(tiny_overrides, monkeypatch):
+    import seqpg.trainer
+    autocast_at_sampling = []
+    real_generate = seqpg.trainer.generate
+
+    def spy(*args, **kwargs):
+        autocast_at_sampling.append(torch.is_autocast_enabled("cpu"))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(seqpg.trainer, "generate", spy)
     cfg = load_config(None, tiny_overrides("steps=2", "bf16=true", "optim.micro_batch_size=5"))
     rows = read_jsonl(train(cfg, progress=False).run_dir / "metrics.jsonl")
     assert all(math.isfinite(r["loss"]) for r in rows)
+    assert autocast_at_sampling == [True, True]  # sampling runs in bf16 too, not only the update
 
 
 def test_fresh_run_refuses_to_overwrite_a_used_run_directory(tiny_overrides):
