@@ -9,8 +9,8 @@ import sys
 import seqpg
 
 SIGNATURES = {
-    "token_logprobs": "(logits_BTV, tokens_BT, temperature=1.0, *, chunk_size=256)",
-    "entropy_from_logits": "(logits_BTV, temperature=1.0, *, chunk_size=256)",
+    "token_logprobs": "(logits_BTV, tokens_BT, temperature=1.0, *, chunk_size=32)",
+    "entropy_from_logits": "(logits_BTV, temperature=1.0, *, chunk_size=32)",
     "utility": "(logprobs_BT, advantages_BT, mask_BT)",
     "token_contributions": "(logprobs_BT, advantages_BT, mask_BT)",
     "compute_advantages": "(name, rewards, mask, *, group_ids=None, values=None, all_reduce=None, **params)",

@@ -36,8 +36,10 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import check_positive, check_rank
 
-DEFAULT_CHUNK_SIZE = 256
-"""Positions per chunk: 256 x 150k vocab x 4 bytes = 154 MB of float32 scratch at most."""
+DEFAULT_CHUNK_SIZE = 32
+"""Positions per chunk: 32 x 49k vocab x 4 bytes = 6.3 MB of float32 scratch (19 MB at 150k), so the
+several passes over a chunk hit the CPU's cache, not memory. Measured on 2 CPU cores (AMD EPYC, 32 MB
+L3), forward + backward of (1, 512, 49152) float32 logits: 0.315 s at 256 positions, 0.076 s at 32."""
 
 
 def _blocks(logits_BTV: torch.Tensor, chunk_size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
