@@ -103,3 +103,15 @@ def test_sample_categorical_is_seeded():
     b = sample_categorical(probs, torch.Generator().manual_seed(3))
     c = sample_categorical(probs, torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_fast_decode_of_one_token_prompts_starts_an_empty_cache(tiny_tokenizer):
+    """No prefill (the prompt is one token): the first decode step initialises the cache."""
+    model = tiny("llama", len(tiny_tokenizer))
+    kw = dict(n=2, max_new_tokens=5, chat_template=False)
+    fast = generate(model, tiny_tokenizer, [Prompt("a", "x")], generator=torch.Generator().manual_seed(0), **kw)
+    slow = generate(model, tiny_tokenizer, [Prompt("a", "x")], generator=torch.Generator().manual_seed(0),
+                    fast_decode=False, **kw)
+    assert fast.prompt_ids_BP.shape == (2, 1)
+    assert torch.equal(fast.completion_ids_BC, slow.completion_ids_BC)
+    torch.testing.assert_close(fast.sample_logprobs_BC, slow.sample_logprobs_BC, atol=1e-5, rtol=0)

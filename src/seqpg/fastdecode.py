@@ -71,8 +71,7 @@ class FastDecoder:
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         rep = H // Hkv
         h_BE = self.trunk.embed_tokens(input_B1)  # (B, 1, E)
-        cos, sin = self.trunk.rotary_emb(h_BE, pos_B1)  # (B, 1, D) each
-        cos_B1D, sin_B1D = cos, sin  # broadcast over heads
+        cos_B1D, sin_B1D = self.trunk.rotary_emb(h_BE, pos_B1)  # (B, 1, D) each, broadcast over heads
         bias_B11W = torch.zeros((B, 1, 1, W), dtype=torch.float32).masked_fill_(~attend_BW[:, None, None, :],
                                                                               float("-inf"))
         for layer, cl in zip(self.layers, self.cache_layers):
@@ -84,22 +83,15 @@ class FastDecoder:
             if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head's dimension
                 q_BHD, k_BKD = attn.q_norm(q_BHD), attn.k_norm(k_BKD)
             q_BHD, k_BKD = _rope(q_BHD, cos_B1D, sin_B1D), _rope(k_BKD, cos_B1D, sin_B1D)
-            if not cl.is_initialized:  # no prefill (one-token prompts): the cache starts here
-                cl.lazy_initialization(k_BKD.unsqueeze(2), v_BKD.unsqueeze(2))
-            if cl.length != W - 1:
-                raise RuntimeError(f"FastDecoder: cache holds {cl.length} columns, expected {W - 1}")
-            cl._keys[:, :, W - 1] = k_BKD
-            cl._values[:, :, W - 1] = v_BKD
-            cl.length = W
-            keys_BKWD, values_BKWD = cl._keys[:, :, :W], cl._values[:, :, :W]
+            if cl.get_seq_length() != W - 1:
+                raise RuntimeError(f"FastDecoder: cache holds {cl.get_seq_length()} columns, expected {W - 1}")
+            keys_BKWD, values_BKWD = cl.update(k_BKD.unsqueeze(2), v_BKD.unsqueeze(2))  # written in place
             q_BKRD = q_BHD.view(B, Hkv, rep, D)
             scores_BKRW = torch.matmul(q_BKRD, keys_BKWD.transpose(-1, -2)).float() * self.scale + bias_B11W
             probs_BKRW = torch.softmax(scores_BKRW, dim=-1).to(values_BKWD.dtype)
             a_BKRD = torch.matmul(probs_BKRW, values_BKWD)
             h_BE = h_BE + attn.o_proj(a_BKRD.reshape(B, 1, H * D).to(x.dtype))
             h_BE = h_BE + layer.mlp(layer.post_attention_layernorm(h_BE))
-        for cl in self.cache_layers:
-            cl.keys, cl.values = cl._keys[:, :, :W], cl._values[:, :, :W]
         return self.model.lm_head(self.trunk.norm(h_BE))[:, -1]
 
 
