@@ -76,6 +76,22 @@ def test_supports_only_plain_llama_family(tiny_tokenizer):
     assert not supports(lora.base_model.model)  # its projections are LoRA wrappers, not nn.Linear
 
 
+def test_a_forward_hook_sends_decoding_through_the_models_forward(tiny_tokenizer):
+    """The lean step bypasses module calls, so a hook (here a logits bias on the LM head) must
+    turn it off, and the hook must then shape every draw."""
+    model = tiny("llama", len(tiny_tokenizer))
+    eos = tiny_tokenizer.eos_token_id
+    handle = model.lm_head.register_forward_hook(lambda _m, _i, out: out.index_fill(-1, torch.tensor([eos]), 50.0))
+    assert not supports(model)
+    batch = generate(model, tiny_tokenizer, PROMPTS, n=2, max_new_tokens=6)
+    assert (batch.completion_ids_BC[:, 0] == eos).all() and batch.finished_B.all()
+    handle.remove()
+    assert supports(model)
+    pre = model.model.layers[0].mlp.register_forward_pre_hook(lambda _m, _a: None)
+    assert not supports(model)
+    pre.remove()
+
+
 def test_fallback_models_still_sample(tiny_tokenizer):
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=1,
                                                                 n_head=2, eos_token_id=2, pad_token_id=0)).eval()
