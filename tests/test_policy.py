@@ -182,3 +182,87 @@ def test_shared_prompt_layout_with_gradient_checkpointing(tiny_model_and_tokeniz
         grads.append(weight.grad.clone())
     torch.testing.assert_close(values[1], values[0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+# Segment attention: the shared-prompt layout's attention by blocks (seqpg.segment_attention).
+
+def tiny_family(arch: str, vocab: int = 100) -> torch.nn.Module:
+    """A seeded 2-layer decoder of ``arch`` with grouped-query attention (4 heads, 2 KV heads), on SDPA."""
+    import transformers
+
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[arch]
+    torch.manual_seed(0)
+    config = cls[0](vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, attn_implementation="sdpa")
+    return cls[1](config).float().eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_segment_attention_serves_every_layer_and_equals_the_padded_layout(make_rollout, arch):
+    """Each layer's attention goes through the blocks (so the test can fail), and the values and
+    gradients are those of the padded layout."""
+    from seqpg import segment_attention
+
+    model = tiny_family(arch)
+    assert segment_attention.applies(model)
+    batch = make_rollout(SHARED_PROMPTS, SHARED_COMPLETIONS)
+    served = []
+    original = segment_attention.attention
+
+    def spy(*args, seqpg_segments=None, **kwargs):
+        served.append(seqpg_segments is not None)
+        return original(*args, seqpg_segments=seqpg_segments, **kwargs)
+
+    segment_attention.attention = spy
+    try:
+        outs = []
+        for out in padded_and_shared(model, batch, with_entropy=True):
+            model.zero_grad(set_to_none=True)
+            (out.logprobs_BC.sum() + 0.1 * out.entropy_BC.sum()).backward()
+            outs.append((out.logprobs_BC.detach(), [p.grad.clone() for p in model.parameters()]))
+    finally:
+        segment_attention.attention = original
+    assert served == [True] * model.config.num_hidden_layers
+    assert model.config._attn_implementation == "sdpa"  # switched back after the forward
+    (padded_lp, padded_grads), (shared_lp, shared_grads) = outs
+    torch.testing.assert_close(shared_lp, padded_lp, atol=1e-5, rtol=1e-5)
+    for g_shared, g_padded in zip(shared_grads, padded_grads):
+        torch.testing.assert_close(g_shared, g_padded, atol=1e-5, rtol=1e-4)
+
+
+def test_segment_attention_under_bf16_autocast_stays_close(make_rollout):
+    model = tiny_family("llama")
+    batch = make_rollout(SHARED_PROMPTS, SHARED_COMPLETIONS)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        padded, shared = padded_and_shared(model, batch)
+    torch.testing.assert_close(shared.logprobs_BC, padded.logprobs_BC, atol=5e-2, rtol=0)
+
+
+def test_segment_attention_is_off_for_other_attention_and_checkpointing():
+    from seqpg import segment_attention
+
+    model = tiny_family("llama")
+    model.config._attn_implementation = "eager"
+    assert not segment_attention.applies(model)
+    model.config._attn_implementation = "sdpa"
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not segment_attention.applies(model)
+
+
+def test_segment_layout_blocks():
+    """Prompt 0 (3 tokens) with segments of 2 and 0 inputs; prompt 1 (2 tokens) with a segment of 1."""
+    from seqpg.segment_attention import SegmentLayout
+
+    L = 5
+    lay = SegmentLayout.build(L, torch.tensor([3, 2]), torch.tensor([0, 0, 1]),
+                              col_BS=torch.tensor([[3, 4], [0, 0], [2, 0]]),
+                              in_seg_BS=torch.tensor([[True, True], [False, False], [True, False]]))
+    assert lay.prompt_dest.tolist() == [0, 1, 2, 5, 6]
+    assert lay.seg_dest.tolist() == [3, 4, 7]
+    assert lay.seg_k_BK[2].tolist() == [5, 6, 7, 7, 5]  # prompt 1's columns (the third masked), then its segment
+    assert lay.seg_allowed_B1SK[0, 0].tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+    assert lay.seg_allowed_B1SK[2, 0, 0].tolist() == [True, True, False, True, False]
+    assert lay.prompt_allowed_G1PP[1, 0].tolist() == [[True, False, False], [True, True, False], [True, True, False]]

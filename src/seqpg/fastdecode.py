@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+"""Norm classes whose maths ``_rms_norm`` repeats (float32 RMS, input dtype, times the weight)."""
 
 
 def supports(model: nn.Module) -> bool:
@@ -52,10 +54,14 @@ def supports(model: nn.Module) -> bool:
     layers = getattr(trunk, "layers", None)
     if layers is None or not hasattr(model, "lm_head") or not hasattr(trunk, "rotary_emb"):
         return False
-    if _has_hooks(model):
+    if _has_hooks(model) or type(trunk.norm).__name__ not in RMS_NORMS:
         return False
     for layer in layers:
         attn = layer.self_attn
+        norms = [layer.input_layernorm, layer.post_attention_layernorm] + [
+            getattr(attn, a) for a in ("q_norm", "k_norm") if hasattr(attn, a)]
+        if any(type(n).__name__ not in RMS_NORMS for n in norms):
+            return False
         mlp = layer.mlp
         if not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             return False
@@ -97,20 +103,20 @@ class FastDecoder:
             self._cast[m] = (m.weight.to(self.dtype), None if m.bias is None else m.bias.to(self.dtype))
         return self._cast[m]
 
-    def linear(self, m: nn.Linear, x_BK: torch.Tensor) -> torch.Tensor:
-        """``m(x)`` (B, N) for few rows x (B, K), as (W @ x^T)^T (see the module docstring)."""
+    def linear(self, m: nn.Linear, x_KB: torch.Tensor) -> torch.Tensor:
+        """``m`` applied to the columns of x (K, B): W @ x + b, (N, B) (see the module docstring)."""
         w_NK, b_N = self._weights(m)
-        y_BN = torch.mm(w_NK, x_BK.to(w_NK.dtype).t()).t()
-        return y_BN if b_N is None else y_BN + b_N
+        y_NB = torch.mm(w_NK, x_KB.to(w_NK.dtype))
+        return y_NB if b_N is None else y_NB + b_N[:, None]
 
-    def head(self, x_BK: torch.Tensor, rows: int = 4096) -> torch.Tensor:
-        """LM-head logits (B, V), in slices of ``rows`` vocabulary rows."""
+    def head(self, x_KB: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+        """LM-head logits (B, V) of the columns of x (K, B), in slices of ``rows`` vocabulary rows."""
         w_VK, b_V = self._weights(self.model.lm_head)
-        xt_KB = x_BK.to(w_VK.dtype).t()
-        out_VB = torch.empty((w_VK.shape[0], x_BK.shape[0]), dtype=w_VK.dtype, device=w_VK.device)
+        x_KB = x_KB.to(w_VK.dtype)
+        out_VB = torch.empty((w_VK.shape[0], x_KB.shape[1]), dtype=w_VK.dtype, device=w_VK.device)
         for lo in range(0, w_VK.shape[0], rows):
-            torch.mm(w_VK[lo:lo + rows], xt_KB, out=out_VB[lo:lo + rows])
-        logits_BV = out_VB.t()
+            torch.mm(w_VK[lo:lo + rows], x_KB, out=out_VB[lo:lo + rows])
+        logits_BV = out_VB.t().contiguous()
         return logits_BV if b_V is None else logits_BV + b_V
 
     @torch.no_grad()
@@ -118,41 +124,54 @@ class FastDecoder:
         """Logits (B, V) of the next token after ``input_B1`` (B, 1) at positions ``pos_B1`` (B, 1).
 
         ``attend_BW`` (B, W) bool: the cache columns each row attends to, including the new one
-        (column W - 1, which this step writes).
+        (column W - 1, which this step writes).  Inside, activations are feature-major, (E, B).
         """
         B, W = attend_BW.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         rep = H // Hkv
         h_B1E = self.trunk.embed_tokens(input_B1)  # (B, 1, E)
-        cos_B1D, sin_B1D = self.trunk.rotary_emb(h_B1E, pos_B1)  # (B, 1, D) each, broadcast over heads
-        h_BE = h_B1E[:, 0]  # (B, E)
+        cos_B1D, sin_B1D = self.trunk.rotary_emb(h_B1E, pos_B1)  # (B, 1, D) each
+        cos_DB, sin_DB = cos_B1D[:, 0].t(), sin_B1D[:, 0].t()
+        h_EB = h_B1E[:, 0].t().contiguous()  # (E, B)
         bias_B11W = torch.zeros((B, 1, 1, W), dtype=torch.float32).masked_fill_(~attend_BW[:, None, None, :],
                                                                               float("-inf"))
         for layer, cl in zip(self.layers, self.cache_layers):
             attn = layer.self_attn
-            x_BE = layer.input_layernorm(h_BE)
-            q_BHD = self.linear(attn.q_proj, x_BE).reshape(B, H, D)
-            k_BKD = self.linear(attn.k_proj, x_BE).reshape(B, Hkv, D)
-            v_BKD = self.linear(attn.v_proj, x_BE).reshape(B, Hkv, D)
+            x_EB = _rms_norm(layer.input_layernorm, h_EB)
+            q_HDB = self.linear(attn.q_proj, x_EB).view(H, D, B)
+            k_KDB = self.linear(attn.k_proj, x_EB).view(Hkv, D, B)
+            v_KDB = self.linear(attn.v_proj, x_EB).view(Hkv, D, B)
             if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head's dimension
-                q_BHD, k_BKD = attn.q_norm(q_BHD), attn.k_norm(k_BKD)
-            q_BHD, k_BKD = _rope(q_BHD, cos_B1D, sin_B1D), _rope(k_BKD, cos_B1D, sin_B1D)
+                q_HDB, k_KDB = _rms_norm(attn.q_norm, q_HDB), _rms_norm(attn.k_norm, k_KDB)
+            q_HDB, k_KDB = _rope(q_HDB, cos_DB, sin_DB), _rope(k_KDB, cos_DB, sin_DB)
             if cl.get_seq_length() != W - 1:
                 raise RuntimeError(f"FastDecoder: cache holds {cl.get_seq_length()} columns, expected {W - 1}")
-            keys_BKWD, values_BKWD = cl.update(k_BKD.unsqueeze(2), v_BKD.unsqueeze(2))  # written in place
-            q_BKRD = q_BHD.view(B, Hkv, rep, D)
-            scores_BKRW = torch.matmul(q_BKRD, keys_BKWD.transpose(-1, -2)).float() * self.scale + bias_B11W
-            probs_BKRW = torch.softmax(scores_BKRW, dim=-1).to(values_BKWD.dtype)
+            keys_BKWD, values_BKWD = cl.update(k_KDB.permute(2, 0, 1).unsqueeze(2),
+                                               v_KDB.permute(2, 0, 1).unsqueeze(2))  # written in place
+            q_BKRD = q_HDB.permute(2, 0, 1).reshape(B, Hkv, rep, D)
+            scores_BKRW = torch.matmul(q_BKRD.to(keys_BKWD.dtype), keys_BKWD.transpose(-1, -2)).float()
+            probs_BKRW = torch.softmax(scores_BKRW * self.scale + bias_B11W, dim=-1).to(values_BKWD.dtype)
             a_BKRD = torch.matmul(probs_BKRW, values_BKWD)
-            h_BE = h_BE + self.linear(attn.o_proj, a_BKRD.reshape(B, H * D))
-            mlp, x_BE = layer.mlp, layer.post_attention_layernorm(h_BE)
-            gated_BI = mlp.act_fn(self.linear(mlp.gate_proj, x_BE)) * self.linear(mlp.up_proj, x_BE)
-            h_BE = h_BE + self.linear(mlp.down_proj, gated_BI)
-        return self.head(self.trunk.norm(h_BE))
+            h_EB = h_EB + self.linear(attn.o_proj, a_BKRD.reshape(B, H * D).t())
+            mlp, x_EB = layer.mlp, _rms_norm(layer.post_attention_layernorm, h_EB)
+            gated_IB = mlp.act_fn(self.linear(mlp.gate_proj, x_EB)) * self.linear(mlp.up_proj, x_EB)
+            h_EB = h_EB + self.linear(mlp.down_proj, gated_IB)
+        return self.head(_rms_norm(self.trunk.norm, h_EB))
 
 
-def _rope(x_BND: torch.Tensor, cos_B1D: torch.Tensor, sin_B1D: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of (B, heads, D) at each row's position: x cos + rotate_half(x) sin."""
-    half = x_BND.shape[-1] // 2
-    rotated = torch.cat((-x_BND[..., half:], x_BND[..., :half]), dim=-1)
-    return x_BND * cos_B1D + rotated * sin_B1D
+def _rms_norm(norm: nn.Module, x_FB: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm over the feature dimension of a feature-major x: (..., F, B) -> same shape.
+
+    As ``LlamaRMSNorm`` (and Qwen2's, Qwen3's, Mistral's): in float32, then the input's dtype, then
+    times the weight.
+    """
+    x32 = x_FB.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(dim=-2, keepdim=True) + norm.variance_epsilon)
+    return norm.weight[:, None] * y.to(x_FB.dtype)
+
+
+def _rope(x_NDB: torch.Tensor, cos_DB: torch.Tensor, sin_DB: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of feature-major (heads, D, B) at each row's position: x cos + rotate_half(x) sin."""
+    half = x_NDB.shape[1] // 2
+    rotated = torch.cat((-x_NDB[:, half:], x_NDB[:, :half]), dim=1)
+    return x_NDB * cos_DB + rotated * sin_DB

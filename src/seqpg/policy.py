@@ -36,9 +36,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from seqpg import segment_attention
 from seqpg.batch import RolloutBatch
 from seqpg.core import token_logprobs
 from seqpg.core.logprobs import token_logprobs_and_entropy
+from seqpg.segment_attention import SegmentLayout
 
 PACKABLE_ATTENTION = ("sdpa", "eager")
 """Attention implementations that take the shared-prompt layout's 4D mask as it is."""
@@ -166,6 +168,7 @@ class _Packed:
     keep_GN: torch.Tensor  # (G, N) columns whose logits are needed: the prompt's last, then every segment column
     targets_GN: torch.Tensor  # (G, N) the token each kept column predicts (0: the shared first column, padding)
     flat_BS: torch.Tensor  # (B, C-1) index into the flattened (G*N) kept columns predicting row i's token t+1
+    segments: SegmentLayout  # the same layout as blocks, for ``seqpg.segment_attention``
 
 
 def _pack(batch: RolloutBatch, g: PromptGroups) -> _Packed:
@@ -205,7 +208,8 @@ def _pack(batch: RolloutBatch, g: PromptGroups) -> _Packed:
     targets_GN = torch.zeros((g.num_groups, N), dtype=torch.long)
     targets_GN[row_BS[in_seg_BS], n_BS[in_seg_BS]] = batch.completion_ids_BC[:, 1:][in_seg_BS]
     flat_BS = (g.group_B[:, None] * N + n_BS).masked_fill(~in_seg_BS, 0)
-    return _Packed(ids_GL, real_GL, pos_GL, segment_GL, keep_GN, targets_GN, flat_BS)
+    segments = SegmentLayout.build(L, prompt_len_G, g.group_B, col_BS, in_seg_BS)
+    return _Packed(ids_GL, real_GL, pos_GL, segment_GL, keep_GN, targets_GN, flat_BS, segments)
 
 
 def _exclusive_cumsum_per_group(x_R: torch.Tensor, group_R: torch.Tensor) -> torch.Tensor:
@@ -237,8 +241,13 @@ def _shared_prompt_logprobs(model: nn.Module, batch: RolloutBatch, g: PromptGrou
     pk = _pack(batch, g)
     dtype = next(model.parameters()).dtype
     mask = _shared_prompt_mask(pk.real_GL, pk.segment_GL, _attention_implementation(model), dtype)
-    out = model(input_ids=pk.ids_GL, attention_mask=mask, position_ids=pk.pos_GL, logits_to_keep=pk.keep_GN,
-                output_hidden_states=with_hidden, use_cache=False)
+    kwargs = dict(input_ids=pk.ids_GL, attention_mask=mask, position_ids=pk.pos_GL, logits_to_keep=pk.keep_GN,
+                  output_hidden_states=with_hidden, use_cache=False)
+    if segment_attention.applies(model):  # the same attention, by blocks (the dense mask stays as a fallback)
+        with segment_attention.use(model):
+            out = model(**kwargs, seqpg_segments=pk.segments)
+    else:
+        out = model(**kwargs)
     logits_GNV = out.logits  # (G, N, V)
     first_B1V = logits_GNV[g.group_B, :1]  # (B, 1, V) the prompt's last column, once per row
     mask_BS = batch.completion_mask_BC[:, 1:]
