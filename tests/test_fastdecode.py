@@ -74,6 +74,9 @@ def test_supports_only_plain_llama_family(tiny_tokenizer):
     lora = peft.get_peft_model(tiny("llama", V), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert not supports(lora)
     assert not supports(lora.base_model.model)  # its projections are LoRA wrappers, not nn.Linear
+    other_norm = tiny("llama", V)
+    other_norm.model.layers[1].post_attention_layernorm = torch.nn.LayerNorm(32)  # not the RMSNorm it repeats
+    assert not supports(other_norm)
 
 
 def test_a_forward_hook_sends_decoding_through_the_models_forward(tiny_tokenizer):
