@@ -145,9 +145,9 @@ def attention(module: nn.Module, query_GHLD: torch.Tensor, key_GKLD: torch.Tenso
     def block(q_idx: torch.Tensor, k_idx: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """Attention of the gathered queries (R, Q) over the gathered keys (R, K): (R*Q, H, D)."""
         R, Q = q_idx.shape
-        q = q_NHD[q_idx.reshape(-1)].view(R, Q, H, D).transpose(1, 2)
-        k = k_NKD[k_idx.reshape(-1)].view(R, -1, Hkv, D).transpose(1, 2)
-        v = v_NKD[k_idx.reshape(-1)].view(R, -1, Hkv, D).transpose(1, 2)
+        q = q_NHD.index_select(0, q_idx.reshape(-1)).view(R, Q, H, D).transpose(1, 2)
+        k = k_NKD.index_select(0, k_idx.reshape(-1)).view(R, -1, Hkv, D).transpose(1, 2)
+        v = v_NKD.index_select(0, k_idx.reshape(-1)).view(R, -1, Hkv, D).transpose(1, 2)
         with torch.autocast(query_GHLD.device.type, enabled=False):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, scale=scaling,
                                                enable_gqa=H != Hkv)
@@ -156,7 +156,7 @@ def attention(module: nn.Module, query_GHLD: torch.Tensor, key_GKLD: torch.Tenso
     prompt_o = block(lay.prompt_q_GP, lay.prompt_q_GP, lay.prompt_allowed_G1PP)
     seg_o = block(lay.seg_q_BS, lay.seg_k_BK, lay.seg_allowed_B1SK)
     out_NHD = q_NHD.new_zeros((G * L, H, D))
-    out_NHD = out_NHD.index_copy(0, lay.prompt_dest, prompt_o[lay.prompt_real_flat])
-    out_NHD = out_NHD.index_copy(0, lay.seg_dest, seg_o[lay.seg_real_flat])
+    out_NHD = out_NHD.index_copy(0, lay.prompt_dest, prompt_o.index_select(0, lay.prompt_real_flat))
+    out_NHD = out_NHD.index_copy(0, lay.seg_dest, seg_o.index_select(0, lay.seg_real_flat))
     lay.calls += 1
     return out_NHD.view(G, L, H, D).to(dtype), None

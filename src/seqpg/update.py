@@ -9,10 +9,13 @@ across processes (``grad_sync``; see :mod:`seqpg.distributed`): the optimizer st
 same whatever the number of processes.  Every process holds the same number of rows, so all
 take the same number of optimizer steps.  Reported statistics are global too: each process
 weights its tokens by the global token count and the sums are reduced once at the end.
+A mini-batch whose global gradient norm is not finite takes no optimizer step (the weights and
+the optimizer's moments stay as they were); ``skipped_steps`` reports the fraction skipped.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -122,27 +125,40 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
             if grad_sync is not None:
                 grad_sync.sync_loose_grads()
             grad_norm = _clip_grad_norm(params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf"))
-            optimizer.step()
+            finite = math.isfinite(grad_norm)
+            if finite:  # an inf/nan gradient would corrupt every weight and the optimizer's moments
+                optimizer.step()
             for k, v in mb_stats.items():
                 totals[k] = totals.get(k, 0.0) + v
             totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm
+            totals["skipped_steps"] = totals.get("skipped_steps", 0.0) + (0.0 if finite else 1.0)
             n_steps += 1
     return _global_means(totals, n_steps, all_reduce)
 
 
 def _clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """``clip_grad_norm_``, also for FSDP2's sharded (DTensor) gradients; returns the global norm."""
+    """``clip_grad_norm_``, also for FSDP2's sharded (DTensor) gradients; returns the global norm.
+
+    Gradients are scaled only when the norm exceeds ``max_norm`` (torch scales by exactly 1.0
+    otherwise, a pass over every gradient for nothing)."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not any(hasattr(g, "full_tensor") for g in grads):  # plain tensors: one process, or DDP
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    total = torch.nn.utils.get_total_norm(grads).full_tensor()  # the norm over all shards
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    total = torch.nn.utils.get_total_norm(grads)
+    if any(hasattr(g, "full_tensor") for g in grads):
+        total = total.full_tensor()  # the norm over all shards
+    if float(total) > max_norm:  # below it the scale is exactly 1: skip a pass over every gradient
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return float(total)
 
 
+GLOBAL_STATS = ("grad_norm", "skipped_steps")
+"""Statistics every process computes from global quantities already (not summed over processes)."""
+
+
 def _global_means(totals: dict[str, float], n_steps: int, all_reduce: Callable | None) -> dict[str, float]:
-    """Per-step means of the statistics, summed over processes (``grad_norm`` is global already)."""
-    keys = sorted(k for k in totals if k != "grad_norm")
+    """Per-step means of the statistics, summed over processes (``GLOBAL_STATS`` are global already).
+
+    ``skipped_steps`` becomes the fraction of optimizer steps skipped for a non-finite gradient norm."""
+    keys = sorted(k for k in totals if k not in GLOBAL_STATS)
     if all_reduce is not None and keys:
         summed = all_reduce(torch.tensor([totals[k] for k in keys], dtype=torch.float64))
         totals = dict(totals, **dict(zip(keys, summed.tolist())))

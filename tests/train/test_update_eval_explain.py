@@ -46,6 +46,42 @@ def test_gradient_accumulation_does_not_change_the_update(agg, loss):
     torch.testing.assert_close(params[2], params[0], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])
+def test_clipping_equals_torch_clip_grad_norm(max_norm):
+    """Below the threshold seqpg skips the scaling pass torch makes with a factor of exactly 1."""
+    from seqpg.update import _clip_grad_norm
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(len(tok), seed=3).train()
+    batch = _batch(model, tok)
+    grads = []
+    for clip in (_clip_grad_norm, torch.nn.utils.clip_grad_norm_):
+        model.zero_grad(set_to_none=True)
+        from seqpg.policy import completion_logprobs
+        completion_logprobs(model, batch.rollout).logprobs_BC.sum().backward()
+        norm = float(clip(list(model.parameters()), max_norm))
+        grads.append((norm, torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=0)
+    assert (grads[0][0] > max_norm) == (max_norm == 1e-3)
+
+
+def test_a_non_finite_gradient_skips_the_optimizer_step():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(len(tok), seed=3).train()
+    batch = _batch(model, tok)
+    model.lm_head.weight.register_hook(lambda g: g * float("nan"))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = update(model, opt, batch, UpdateSettings(loss="ppo", agg="token-mean"))
+    assert stats["skipped_steps"] == 1.0 and stats["grad_norm"] != stats["grad_norm"]  # nan
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.state  # the moments were not touched either
+    handle_free = build_tiny_model(len(tok), seed=3).train()
+    assert update(handle_free, torch.optim.SGD(handle_free.parameters(), lr=0.1), batch,
+                  UpdateSettings(loss="ppo", agg="token-mean"))["skipped_steps"] == 0.0
+
+
 def test_pass_at_k_matches_its_definition():
     assert pass_at_k(4, 0, 1) == 0.0 and pass_at_k(4, 4, 2) == 1.0
     assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
