@@ -93,8 +93,8 @@ class FastDecoder:
         self.n_heads = model.config.num_attention_heads
         self.n_kv = model.config.num_key_value_heads
         self.scale = attn.scaling
-        device = model.lm_head.weight.device.type
-        self.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        self.device = model.lm_head.weight.device.type
+        self.dtype = torch.get_autocast_dtype(self.device) if torch.is_autocast_enabled(self.device) else None
         self._cast: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def _weights(self, m: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -104,6 +104,10 @@ class FastDecoder:
         if m not in self._cast:
             self._cast[m] = (m.weight.to(self.dtype), None if m.bias is None else m.bias.to(self.dtype))
         return self._cast[m]
+
+    def cast(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the products' dtype (autocast's, when it was on at construction)."""
+        return x if self.dtype is None else x.to(self.dtype)
 
     def linear(self, m: nn.Linear, x_KB: torch.Tensor) -> torch.Tensor:
         """``m`` applied to the columns of x (K, B): W @ x + b, (N, B) (see the module docstring)."""
@@ -127,7 +131,14 @@ class FastDecoder:
 
         ``attend_BW`` (B, W) bool: the cache columns each row attends to, including the new one
         (column W - 1, which this step writes).  Inside, activations are feature-major, (E, B).
+        Autocast is off inside: the products cast their input once (``linear``), and the
+        attention runs in the cache's dtype (float32 under autocast) instead of autocast
+        re-casting the whole cache to bf16 for every layer at every step.
         """
+        with torch.autocast(self.device, enabled=False):
+            return self._step(input_B1, pos_B1, attend_BW)
+
+    def _step(self, input_B1: torch.Tensor, pos_B1: torch.Tensor, attend_BW: torch.Tensor) -> torch.Tensor:
         B, W = attend_BW.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         rep = H // Hkv
@@ -139,7 +150,7 @@ class FastDecoder:
                                                                               float("-inf"))
         for layer, cl in zip(self.layers, self.cache_layers):
             attn = layer.self_attn
-            x_EB = _rms_norm(layer.input_layernorm, h_EB)
+            x_EB = self.cast(_rms_norm(layer.input_layernorm, h_EB))  # cast once for q, k, v
             q_HDB = self.linear(attn.q_proj, x_EB).view(H, D, B)
             k_KDB = self.linear(attn.k_proj, x_EB).view(Hkv, D, B)
             v_KDB = self.linear(attn.v_proj, x_EB).view(Hkv, D, B)
@@ -155,7 +166,7 @@ class FastDecoder:
             probs_BKRW = torch.softmax(scores_BKRW * self.scale + bias_B11W, dim=-1).to(values_BKWD.dtype)
             a_BKRD = torch.matmul(probs_BKRW, values_BKWD)
             h_EB = h_EB + self.linear(attn.o_proj, a_BKRD.reshape(B, H * D).t())
-            mlp, x_EB = layer.mlp, _rms_norm(layer.post_attention_layernorm, h_EB)
+            mlp, x_EB = layer.mlp, self.cast(_rms_norm(layer.post_attention_layernorm, h_EB))
             gated_IB = mlp.act_fn(self.linear(mlp.gate_proj, x_EB)) * self.linear(mlp.up_proj, x_EB)
             h_EB = h_EB + self.linear(mlp.down_proj, gated_IB)
         return self.head(_rms_norm(self.trunk.norm, h_EB))
