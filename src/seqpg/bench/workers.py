@@ -39,10 +39,13 @@ class SeqpgRunner:
     """seqpg's GRPO, step by step, on the configuration's task."""
 
     def __init__(self, s: BenchSetup) -> None:
+        from ..memory import keep_freed_memory
         from ..models import load_model_and_tokenizer, resolve_model
         from ..update import UpdateSettings
 
         self.s, self.cfg = s, s.train_config()
+        if self.cfg.keep_freed_memory:  # as `seqpg train` does (seqpg.memory)
+            keep_freed_memory()
         self.train_prompts, self.held_out, self.scorers = task(self.cfg)
         self.policy, self.tok = load_model_and_tokenizer(resolve_model(self.cfg.model.name), dtype=torch.float32)
         self.policy.train()
