@@ -266,3 +266,14 @@ def test_segment_layout_blocks():
     assert lay.seg_allowed_B1SK[0, 0].tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
     assert lay.seg_allowed_B1SK[2, 0, 0].tolist() == [True, True, False, True, False]
     assert lay.prompt_allowed_G1PP[1, 0].tolist() == [[True, False, False], [True, True, False], [True, True, False]]
+
+
+def test_segment_layout_moves_to_the_queries_device():
+    from seqpg.segment_attention import SegmentLayout
+
+    lay = SegmentLayout.build(5, torch.tensor([3, 2]), torch.tensor([0, 0, 1]),
+                              col_BS=torch.tensor([[3, 4], [0, 0], [2, 0]]),
+                              in_seg_BS=torch.tensor([[True, True], [False, False], [True, False]]))
+    assert lay.on(torch.device("cpu")) is lay
+    meta = lay.on(torch.device("meta"))
+    assert meta.seg_k_BK.device.type == "meta" and meta.L == lay.L and lay.seg_k_BK.device.type == "cpu"

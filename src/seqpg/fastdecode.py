@@ -24,9 +24,9 @@ no activation needs transposing.  The LM head goes in slices of 4096 vocabulary 
 of 18-20 ms per token in fp32).  Whole sampling call, 2 prompts x 8 samples x 32 tokens, fp32:
 3.87 s with ``x @ W^T``, 2.85 s now (medians of 7, interleaved in one process); bf16 unchanged
 (2.1 s).  Under autocast the weights are cast once per ``FastDecoder`` (one sampling call), as
-autocast's own cast cache would, and each product runs in that dtype.  The prompt is prefilled by the model's own forward into the
-same preallocated cache (:func:`seqpg.sampling.preallocated_cache`); only the one-token steps
-take this path.  ``supports(model)`` says when it applies; otherwise the sampler keeps the
+autocast's own cast cache would, and each product runs in that dtype.  The prompt is prefilled by
+the model's own forward into the same preallocated cache (:func:`seqpg.sampling.preallocated_cache`);
+only the one-token steps take this path.  ``supports(model)`` says when it applies; otherwise the sampler keeps the
 Hugging Face forward.  ``tests/test_fastdecode.py`` checks it against that forward.
 """
 

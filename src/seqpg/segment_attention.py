@@ -51,7 +51,13 @@ class SegmentLayout:
     seg_allowed_B1SK: torch.Tensor  # (B, 1, S, P + S) bool
     seg_real_flat: torch.Tensor  # (Ns,) long: index into (B*S) of real segment queries
     seg_dest: torch.Tensor  # (Ns,) long: their flat column
-    calls: int = 0  # attention calls served (one per layer per forward); the tests read it
+
+    def on(self, device: torch.device) -> "SegmentLayout":
+        """The layout with its index tensors on ``device`` (itself when they are there already)."""
+        if self.prompt_q_GP.device == device:
+            return self
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return SegmentLayout(**moved)
 
     @classmethod
     def build(cls, L: int, prompt_len_G: torch.Tensor, group_B: torch.Tensor, col_BS: torch.Tensor,
@@ -131,7 +137,7 @@ def attention(module: nn.Module, query_GHLD: torch.Tensor, key_GKLD: torch.Tenso
 
         return sdpa_attention_forward(module, query_GHLD, key_GKLD, value_GKLD, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    lay = seqpg_segments
+    lay = seqpg_segments.on(query_GHLD.device)
     if query_GHLD.dim() != 4 or query_GHLD.shape[2] != lay.L:
         raise ValueError(f"segment attention: queries must be (G, H, {lay.L}, D), got {tuple(query_GHLD.shape)}")
     G, H, L, D = query_GHLD.shape
@@ -158,5 +164,4 @@ def attention(module: nn.Module, query_GHLD: torch.Tensor, key_GKLD: torch.Tenso
     out_NHD = q_NHD.new_zeros((G * L, H, D))
     out_NHD = out_NHD.index_copy(0, lay.prompt_dest, prompt_o.index_select(0, lay.prompt_real_flat))
     out_NHD = out_NHD.index_copy(0, lay.seg_dest, seg_o.index_select(0, lay.seg_real_flat))
-    lay.calls += 1
     return out_NHD.view(G, L, H, D).to(dtype), None
