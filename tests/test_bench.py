@@ -92,3 +92,11 @@ def test_weighted_scores_sum_the_scorers_like_score_batch():
     scorers = [(make_scorer("length", unit="chars"), 0.5), (make_scorer("contains", name="has_a"), 2.0)]
     prompts = [Prompt("p", "0", meta={"answer": "a"}), Prompt("q", "1", meta={"answer": "a"})]
     assert weighted_scores(scorers, prompts, ["abc", "xy"]) == [0.5 * 3 + 2.0, 0.5 * 2]
+
+
+@pytest.mark.parametrize("argv", [["--warmup", "-1"], ["--steps", "0"]])
+def test_bench_rejects_bad_step_counts_before_needing_trl(argv):
+    from seqpg.cli import main
+
+    with pytest.raises(SystemExit, match="--warmup >= 0 and --steps >= 1"):
+        main(["bench", "--dtypes", "bf16", *argv])

@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="side-by-side benchmark against TRL's GRPOTrainer", formatter_class=fmt,
                        description="See `make bench`. Needs the bench extra: pip install -e '.[bench]'.")
     b.add_argument("--steps", type=int, default=6, help="measured steps per library (after warm-up)")
+    b.add_argument("--warmup", type=int, default=1,
+                   help="unmeasured steps per library first (seqpg's heap grows for ~3 steps; see docs/bench.md)")
     b.add_argument("--out", default="bench", help="output directory (latest.json, latest.md)")
     b.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"], help="which precisions to run")
     b.add_argument("--threads", type=int, nargs="*", default=[1, 2],
@@ -175,7 +177,7 @@ def _cmd_demo(args) -> int:
 def _cmd_bench(args) -> int:
     from .bench import run_bench
     return run_bench(steps=args.steps, out_dir=args.out, dtypes=args.dtypes, threads=args.threads,
-                     config=args.config, overrides=args.overrides, learning=args.learning,
+                     warmup=args.warmup, config=args.config, overrides=args.overrides, learning=args.learning,
                      learning_steps=args.learning_steps)
 
 

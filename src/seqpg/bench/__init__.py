@@ -64,6 +64,8 @@ def run_bench(steps: int = 6, out_dir: str = "bench", dtypes=("fp32", "bf16"), t
               learning_steps: int = 20) -> int:
     """Run the side-by-side benchmark and write ``latest.json`` and ``latest.md`` to ``out_dir``
     (with ``learning``: the learning comparison, ``learning.json`` and ``learning.md``)."""
+    if warmup < 0 or steps < 1:
+        raise SystemExit(f"seqpg bench: need --warmup >= 0 and --steps >= 1, got {warmup} and {steps}")
     _check_trl()
     quiet()
     if learning:
