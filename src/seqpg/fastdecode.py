@@ -26,8 +26,8 @@ of 18-20 ms per token in fp32).  Whole sampling call, 2 prompts x 8 samples x 32
 (2.1 s).  Under autocast the weights are cast once per ``FastDecoder`` (one sampling call), as
 autocast's own cast cache would, and each product runs in that dtype.  The prompt is prefilled by
 the model's own forward into the same preallocated cache (:func:`seqpg.sampling.preallocated_cache`);
-only the one-token steps take this path.  ``supports(model)`` says when it applies; otherwise the sampler keeps the
-Hugging Face forward.  ``tests/test_fastdecode.py`` checks it against that forward.
+only the one-token steps take this path.  ``supports(model)`` says when it applies; otherwise the
+sampler keeps the Hugging Face forward.  ``tests/test_fastdecode.py`` checks it against that forward.
 """
 
 from __future__ import annotations

@@ -168,11 +168,13 @@ class _Packed:
     keep_GN: torch.Tensor  # (G, N) columns whose logits are needed: the prompt's last, then every segment column
     targets_GN: torch.Tensor  # (G, N) the token each kept column predicts (0: the shared first column, padding)
     flat_BS: torch.Tensor  # (B, C-1) index into the flattened (G*N) kept columns predicting row i's token t+1
-    segments: SegmentLayout  # the same layout as blocks, for ``seqpg.segment_attention``
+    segments: SegmentLayout | None  # the same layout as blocks, for ``seqpg.segment_attention`` (when asked)
 
 
-def _pack(batch: RolloutBatch, g: PromptGroups) -> _Packed:
-    """Row g: [prompt_g | y^1_{0..L1-2} | y^2_{0..L2-2} | ... | padding]; no padding inside."""
+def _pack(batch: RolloutBatch, g: PromptGroups, with_segments: bool = False) -> _Packed:
+    """Row g: [prompt_g | y^1_{0..L1-2} | y^2_{0..L2-2} | ... | padding]; no padding inside.
+
+    ``with_segments``: also the block layout that ``seqpg.segment_attention`` computes with."""
     B, C = batch.completion_ids_BC.shape
     prompt_len_G = batch.prompt_mask_BP[g.first_row_G].sum(dim=1)
     seg_len_B = (batch.completion_mask_BC.sum(dim=1) - 1).clamp(min=0)  # a completion's last token is no input
@@ -208,7 +210,7 @@ def _pack(batch: RolloutBatch, g: PromptGroups) -> _Packed:
     targets_GN = torch.zeros((g.num_groups, N), dtype=torch.long)
     targets_GN[row_BS[in_seg_BS], n_BS[in_seg_BS]] = batch.completion_ids_BC[:, 1:][in_seg_BS]
     flat_BS = (g.group_B[:, None] * N + n_BS).masked_fill(~in_seg_BS, 0)
-    segments = SegmentLayout.build(L, prompt_len_G, g.group_B, col_BS, in_seg_BS)
+    segments = SegmentLayout.build(L, prompt_len_G, g.group_B, col_BS, in_seg_BS) if with_segments else None
     return _Packed(ids_GL, real_GL, pos_GL, segment_GL, keep_GN, targets_GN, flat_BS, segments)
 
 
@@ -238,12 +240,13 @@ def _shared_prompt_mask(real_GL: torch.Tensor, segment_GL: torch.Tensor, impleme
 def _shared_prompt_logprobs(model: nn.Module, batch: RolloutBatch, g: PromptGroups, temperature: float,
                             with_entropy: bool, with_hidden: bool) -> CompletionLogprobs:
     B, C = batch.completion_ids_BC.shape
-    pk = _pack(batch, g)
+    blocks = segment_attention.applies(model)  # the same attention, by blocks (the dense mask stays as a fallback)
+    pk = _pack(batch, g, with_segments=blocks)
     dtype = next(model.parameters()).dtype
     mask = _shared_prompt_mask(pk.real_GL, pk.segment_GL, _attention_implementation(model), dtype)
     kwargs = dict(input_ids=pk.ids_GL, attention_mask=mask, position_ids=pk.pos_GL, logits_to_keep=pk.keep_GN,
                   output_hidden_states=with_hidden, use_cache=False)
-    if segment_attention.applies(model):  # the same attention, by blocks (the dense mask stays as a fallback)
+    if blocks:
         with segment_attention.use(model):
             out = model(**kwargs, seqpg_segments=pk.segments)
     else:

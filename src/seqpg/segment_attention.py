@@ -98,10 +98,15 @@ def _pad_cols(x_BT: torch.Tensor, S: int) -> torch.Tensor:
 def applies(model: nn.Module) -> bool:
     """True when the model is a family whose layers hand keywords to the attention function, on SDPA,
     without gradient checkpointing (its recomputation runs after ``use`` has switched back)."""
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    inner = _unwrap(model)
     config = getattr(inner, "config", None)
     return (getattr(config, "model_type", None) in FAMILIES and getattr(config, "_attn_implementation", None) == "sdpa"
             and not _checkpointing(inner))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module a DistributedDataParallel wrapper holds (its config and attention), else the model."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -118,8 +123,7 @@ def use(model: nn.Module) -> Iterator[None]:
     import transformers
 
     transformers.AttentionInterface.register(NAME, attention)
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    config = inner.config
+    config = _unwrap(model).config
     before = config._attn_implementation
     config._attn_implementation = NAME
     try:
