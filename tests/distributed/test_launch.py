@@ -14,7 +14,8 @@ from seqpg.trainer import train
 
 
 def test_two_processes_learn_then_one_resumes_into_the_same_logs(overrides, dist_tmp):
-    launch = torchrun(2, "-m", "seqpg", "train", "--no-progress", *overrides("steps=30", "save_every=10", run="learn"))
+    launch = torchrun(2, "-m", "seqpg", "train", "--no-progress", *overrides("steps=30", "save_every=10", run="learn"),
+                      log_dir=dist_tmp / "logs-learn")
     assert launch.returncode == 0, launch.output[-4000:]
     run = dist_tmp / "learn"
     rows = read_jsonl(run / "metrics.jsonl")
@@ -39,9 +40,10 @@ def test_two_processes_learn_then_one_resumes_into_the_same_logs(overrides, dist
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000036"
 
 
-def test_a_scorer_that_raises_on_rank_1_stops_every_rank_promptly(overrides):
+def test_a_scorer_that_raises_on_rank_1_stops_every_rank_promptly(overrides, dist_tmp):
     fragile = "rewards=[{kind: callable, name: fragile, params: {fn: 'dist_test_rewards:raises_on_rank_1'}}]"
-    launch = torchrun(2, "-m", "seqpg", "train", "--no-progress", *overrides("steps=20", fragile, run="fragile"))
+    launch = torchrun(2, "-m", "seqpg", "train", "--no-progress", *overrides("steps=20", fragile, run="fragile"),
+                      log_dir=dist_tmp / "logs-fragile")
     assert launch.returncode != 0
     assert launch.seconds < 60, launch.seconds  # start-up is ~10 s; a hang would reach dist_timeout_s=60
     for rank in (0, 1):

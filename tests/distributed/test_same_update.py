@@ -67,7 +67,7 @@ def runs(overrides, dist_tmp):
         shutil.copytree(dist_tmp / "one" / name, dist_tmp / "two" / f"{name}_resumed")
         jobs.append({"overrides": overrides(*two_steps, run=f"two/{name}_resumed"), "resume": True})
     (dist_tmp / "jobs.json").write_text(json.dumps(jobs))
-    launch = torchrun(2, str(HERE / "run_configs.py"), str(dist_tmp / "jobs.json"))
+    launch = torchrun(2, str(HERE / "run_configs.py"), str(dist_tmp / "jobs.json"), log_dir=dist_tmp / "logs-same")
     assert launch.returncode == 0, launch.output[-4000:]
     errors = sorted(p.read_text() for p in (dist_tmp / "two").glob("*/error-rank*.json"))
     assert not errors, errors
