@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 
+from seqpg import fastdecode
 from seqpg.batch import Prompt
 from seqpg.fastdecode import supports
 from seqpg.policy import completion_logprobs
@@ -52,6 +53,26 @@ def test_fast_decode_equals_the_models_forward(tiny_tokenizer, arch, extra, temp
     # and they are the training-time log-probs of the same tokens (full recomputation, no cache)
     train = completion_logprobs(model, fast, temperature=temperature).logprobs_BC
     torch.testing.assert_close(fast.sample_logprobs_BC, train * fast.completion_mask_BC, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not fastdecode.ONEDNN_LINEAR, reason="this torch has no oneDNN prepacked linear")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biased q, k, v projections
+def test_onednn_packed_products_equal_plain_products(tiny_tokenizer, monkeypatch, arch):
+    """The CPU default (weights prepacked for oneDNN) against plain ``F.linear``: same draws and tokens."""
+    model = tiny(arch, len(tiny_tokenizer))
+    kw = dict(n=3, max_new_tokens=12, temperature=1.0)
+    packed = generate(model, tiny_tokenizer, PROMPTS, generator=torch.Generator().manual_seed(3), **kw)
+    monkeypatch.setattr(fastdecode, "ONEDNN_LINEAR", False)
+    plain = generate(model, tiny_tokenizer, PROMPTS, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(packed.completion_ids_BC, plain.completion_ids_BC)
+    torch.testing.assert_close(packed.sample_logprobs_BC, plain.sample_logprobs_BC, atol=1e-5, rtol=0)
+
+
+def test_packing_is_refused_where_it_cannot_run(tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(fastdecode, "ONEDNN_LINEAR", False)
+    model = tiny("llama", len(tiny_tokenizer))
+    with pytest.raises(ValueError, match="oneDNN"):
+        fastdecode.FastDecoder(model, transformers.DynamicCache(), rows=2, pack=True)
 
 
 def test_fast_decode_under_bf16_autocast_stays_close(tiny_tokenizer):

@@ -173,7 +173,7 @@ def _decode(
     attn_BW[:, :P] = prompt_mask_GP.repeat_interleave(n, dim=0)
     input_B1 = prompt_ids_GP[:, -1:].repeat_interleave(n, dim=0)  # (B, 1) the prompts' last column
     pos_B1 = positions_GP[:, -1:].repeat_interleave(n, dim=0)  # (B, 1)
-    fast = FastDecoder(model, cache[_CACHE_KWARG]) if fast_decode and fastdecode_supports(model) else None
+    fast = FastDecoder(model, cache[_CACHE_KWARG], rows=B) if fast_decode and fastdecode_supports(model) else None
     rows = _Rows(B, tokenizer, stop_strings)
     for t in range(max_new_tokens):
         if fast is not None:
