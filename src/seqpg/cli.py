@@ -83,8 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="side-by-side benchmark against TRL's GRPOTrainer", formatter_class=fmt,
                        description="See `make bench`. Needs the bench extra: pip install -e '.[bench]'.")
     b.add_argument("--steps", type=int, default=6, help="measured steps per library (after warm-up)")
-    b.add_argument("--warmup", type=int, default=1,
-                   help="unmeasured steps per library first (seqpg's heap grows for ~3 steps; see docs/bench.md)")
+    b.add_argument("--warmup", type=int, default=3,
+                   help="unmeasured steps per library first (steady state: seqpg's heap grows for ~3 steps; "
+                        "see docs/bench.md)")
     b.add_argument("--out", default="bench", help="output directory (latest.json, latest.md)")
     b.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"], help="which precisions to run")
     b.add_argument("--threads", type=int, nargs="*", default=[1, 2],

@@ -59,7 +59,7 @@ def _check_trl() -> None:
         raise SystemExit("seqpg bench needs TRL: pip install -e '.[bench]'  (or: make bench)") from e
 
 
-def run_bench(steps: int = 6, out_dir: str = "bench", dtypes=("fp32", "bf16"), threads=(1, 2), warmup: int = 1,
+def run_bench(steps: int = 6, out_dir: str = "bench", dtypes=("fp32", "bf16"), threads=(1, 2), warmup: int = 3,
               config: str = "examples/demo.yaml", overrides: list[str] | None = None, learning: bool = False,
               learning_steps: int = 20) -> int:
     """Run the side-by-side benchmark and write ``latest.json`` and ``latest.md`` to ``out_dir``

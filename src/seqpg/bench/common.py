@@ -32,7 +32,7 @@ class BenchSetup:
     """torch intra-op threads, the same for both libraries."""
     steps: int = 6
     """Measured steps per library."""
-    warmup: int = 1
+    warmup: int = 3
     """Unmeasured steps per library before them."""
     eval_every: int = 0
     """Evaluate held-out reward (greedy) before training and every N steps (0: never)."""
