@@ -117,10 +117,11 @@ class FastDecoder:
         self.device = model.lm_head.weight.device.type
         self.dtype = torch.get_autocast_dtype(self.device) if torch.is_autocast_enabled(self.device) else None
         self.rows = rows
-        self.pack = (ONEDNN_LINEAR and self.device == "cpu") if pack is None else pack
-        if self.pack and not (ONEDNN_LINEAR and self.device == "cpu"):
+        can_pack = ONEDNN_LINEAR and self.device == "cpu"
+        if pack and not can_pack:
             raise ValueError("FastDecoder(pack=True) needs a CPU model and a torch built with oneDNN (mkldnn)")
-        self._prepared: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.pack = can_pack if pack is None else pack
+        self._prepared: dict[tuple[nn.Linear, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def _weights(self, mods: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) of the linears ``mods`` stacked as one (their outputs concatenated), as the
