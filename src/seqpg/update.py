@@ -145,9 +145,10 @@ def _clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     total = torch.nn.utils.get_total_norm(grads)
     if any(hasattr(g, "full_tensor") for g in grads):
         total = total.full_tensor()  # the norm over all shards
-    if float(total) > max_norm:  # below it the scale is exactly 1: skip a pass over every gradient
+    norm = float(total)  # one read of the (possibly device) scalar
+    if norm > max_norm:  # below it the scale is exactly 1: skip a pass over every gradient
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return float(total)
+    return norm
 
 
 GLOBAL_STATS = ("grad_norm", "skipped_steps")
