@@ -145,8 +145,7 @@ def shared_prompt_groups(batch: RolloutBatch) -> PromptGroups | None:
 
 
 def _attention_implementation(model: nn.Module) -> str | None:
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    config = getattr(inner, "config", None)
+    config = getattr(segment_attention._unwrap(model), "config", None)
     return getattr(config, "_attn_implementation", None)
 
 
