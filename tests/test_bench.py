@@ -71,6 +71,24 @@ def test_headline_takes_the_thread_count_where_trl_is_fastest():
     assert "fp32: seqpg's step is 1.71x faster than TRL's" in text and text.count("| whole step |") == 2
 
 
+def test_a_gpu_run_reports_gpu_memory_and_names_the_card():
+    peak = {"flops_per_s": 1e14, "flops_per_cpu_s": 1e14, "size": 8192}
+    raw = dict(_raw(), peak_gpu_mib={"trl": 800.0, "seqpg": 200.0})
+    s = summarise(raw, peak)
+    assert s["gpu_memory_ratio_seqpg_over_trl"] == 0.25 and "gpu_memory_ratio_seqpg_over_trl" not in summarise(
+        _raw(), peak)
+    runs = [{"dtype": "bf16", "threads": 8, "summary": s}]
+    h = headline(runs)
+    assert h["gpu_memory_ratio_bf16"] == 0.25
+    report = {"machine": {"cpu_model": "x", "logical_cpus": 16, "torch": "t", "transformers": "t", "trl": "t",
+                          "device": "cuda", "gpu": "NVIDIA H200", "cuda": "13.0"},
+              "setup": {"config": "examples/demo.yaml", "overrides": [], "warmup": 1, "steps": 3}, "lr": 2e-5,
+              "sampling": {}, "runs": runs, **h}
+    text = markdown(report)
+    assert text.startswith("Machine: NVIDIA H200 (CUDA 13.0), both libraries training on it")
+    assert "| peak GPU memory, torch tensors (MiB) | 800 | 200 | 0.25 |" in text
+
+
 def test_curve_difference_and_time_to_target():
     c = curve_difference([0.5, 0.7, 0.6], [0.4, 0.6, 0.5])
     assert c["difference"] == pytest.approx(0.1) and c["se"] == pytest.approx((0.01 / 3 + 0.01 / 3) ** 0.5)

@@ -10,6 +10,12 @@ holds completion token ``t`` of every row.  The maths core only ever sees the co
 part, shape ``(B, C)``; prompt and padding tokens therefore never reach a loss.
 
 B counts *samples* (prompts x samples per prompt), not prompts.
+
+Devices: the batches that flow between stages hold CPU tensors (the sampler returns them there,
+scorers and advantage estimators work on them there; they are a few KB).  The functions that
+run a model (``sampling.generate``, ``policy.completion_logprobs``, ``update.update``, the
+reference policy and the critic) move what they need to the model's device themselves, so a
+model on a GPU needs nothing else from the caller.
 """
 
 from __future__ import annotations
@@ -86,6 +92,16 @@ class RolloutBatch:
     def completion_lengths_B(self) -> torch.Tensor:
         return self.completion_mask_BC.sum(dim=1)
 
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        """The batch with its tensors on ``device`` (itself when they are all there already)."""
+        device = torch.device(device)
+        names = ("prompt_ids_BP", "prompt_mask_BP", "completion_ids_BC", "completion_mask_BC", "sample_logprobs_BC",
+                 "group_ids_B", "finished_B")
+        if all(_on(getattr(self, n), device) for n in names):
+            return self
+        return RolloutBatch(prompts=self.prompts, completions=self.completions,
+                            **{n: getattr(self, n).to(device) for n in names})
+
     def select(self, rows: torch.Tensor | list[int]) -> "RolloutBatch":
         """The sub-batch of the given rows (for micro-batches and per-process shares)."""
         idx = torch.as_tensor(rows, dtype=torch.long)
@@ -101,6 +117,13 @@ class RolloutBatch:
             group_ids_B=self.group_ids_B[idx],
             finished_B=self.finished_B[idx],
         )
+
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``t`` lives on ``device`` (``cuda`` without an index: the current CUDA device)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return t.device == device
 
 
 @dataclass

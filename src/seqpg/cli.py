@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="unmeasured steps per library first (steady state: seqpg's heap grows for ~3 steps; "
                         "see docs/bench.md)")
     b.add_argument("--out", default="bench", help="output directory (latest.json, latest.md)")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where both libraries train (cuda: on the GPU; the MFU is then against the GPU's matmul peak)")
     b.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"], help="which precisions to run")
     b.add_argument("--threads", type=int, nargs="*", default=[1, 2],
                    help="torch thread counts to run at (the same for both libraries; the headline takes the one "
@@ -179,7 +181,7 @@ def _cmd_bench(args) -> int:
     from .bench import run_bench
     return run_bench(steps=args.steps, out_dir=args.out, dtypes=args.dtypes, threads=args.threads,
                      warmup=args.warmup, config=args.config, overrides=args.overrides, learning=args.learning,
-                     learning_steps=args.learning_steps)
+                     learning_steps=args.learning_steps, device=args.device)
 
 
 _COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "explain": _cmd_explain, "demo": _cmd_demo,

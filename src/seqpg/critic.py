@@ -34,9 +34,10 @@ class Critic:
 
     @torch.no_grad()
     def values_of(self, rollout: RolloutBatch) -> torch.Tensor:
-        """(B, C) values at sampling time, without gradients (for GAE and value clipping)."""
+        """(B, C) values at sampling time, without gradients (for GAE and value clipping); on the
+        rollout's device."""
         out = completion_logprobs(self.policy, rollout, with_hidden=True) if self.shared else None
-        return critic_values(self.module, rollout, policy_out=out)
+        return critic_values(self.module, rollout, policy_out=out).to(rollout.completion_mask_BC.device)
 
 
 def _trunk(policy: nn.Module) -> nn.Module:

@@ -50,6 +50,21 @@ class ProcessFailed(RuntimeError):
     """Another process of a multi-process run failed; raised on each process that did not."""
 
 
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """The configured device (``cpu``, ``cuda`` or ``auto``: CUDA when visible) as this process's
+    ``torch.device`` (under torchrun, GPU ``LOCAL_RANK``)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be one of auto, cpu, cuda; got {device!r}")
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    if want_cuda and local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"process LOCAL_RANK={local_rank} needs GPU {local_rank}, but {torch.cuda.device_count()} "
+                           "CUDA device(s) are visible: launch at most one process per GPU (torchrun "
+                           "--nproc_per_node), or set device=cpu")
+    return torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
+
+
 @dataclass
 class DistContext:
     rank: int = 0
@@ -76,11 +91,9 @@ class DistContext:
         collective waits for the other processes before it fails (instead of hanging).
         """
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        if want_cuda and not torch.cuda.is_available():
-            raise RuntimeError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        dev = torch.device("cuda", local) if want_cuda else torch.device("cpu")
+        dev = resolve_device(device, local)
+        want_cuda = dev.type == "cuda"
         if want_cuda:
             torch.cuda.set_device(dev)
         if world <= 1:

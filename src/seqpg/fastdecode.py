@@ -167,7 +167,7 @@ class FastDecoder:
         h_B1E = self.trunk.embed_tokens(input_B1)  # (B, 1, E)
         cos_B1D, sin_B1D = self.trunk.rotary_emb(h_B1E, pos_B1)  # (B, 1, D) each
         h_BE = h_B1E[:, 0]  # (B, E)
-        bias_B11W = torch.zeros((B, 1, 1, W), dtype=torch.float32).masked_fill_(~attend_BW[:, None, None, :],
+        bias_B11W = torch.zeros((B, 1, 1, W), dtype=torch.float32, device=attend_BW.device).masked_fill_(~attend_BW[:, None, None, :],
                                                                               float("-inf"))
         for layer, cl in zip(self.layers, self.cache_layers):
             attn = layer.self_attn

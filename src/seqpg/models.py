@@ -329,15 +329,17 @@ class ReferencePolicy:
             self._frozen.requires_grad_(False)
 
     def logprobs(self, batch: RolloutBatch, *, temperature: float = 1.0) -> torch.Tensor:
-        """(B, C) log pi_ref of the batch's completion tokens, without gradients, 0 on padding."""
+        """(B, C) log pi_ref of the batch's completion tokens, without gradients, 0 on padding; on the
+        batch's device."""
+        device = batch.completion_mask_BC.device
         with torch.no_grad():
             if self._frozen is not None:
-                return completion_logprobs(self._frozen, batch, temperature=temperature).logprobs_BC
+                return completion_logprobs(self._frozen, batch, temperature=temperature).logprobs_BC.to(device)
             was_training = self._lora_model.training
             self._lora_model.eval()
             try:
                 with reference_logprobs_context(self._lora_model) as ref:
-                    return completion_logprobs(ref, batch, temperature=temperature).logprobs_BC
+                    return completion_logprobs(ref, batch, temperature=temperature).logprobs_BC.to(device)
             finally:
                 self._lora_model.train(was_training)
 
@@ -390,8 +392,10 @@ def critic_values(critic: ValueCritic | ValueHead, batch: RolloutBatch, *,
 
     ``critic`` is a ``ValueCritic`` (own trunk, runs on ``batch``) or a ``ValueHead`` shared with
     the policy's trunk, which reads ``policy_out.hidden_BCH`` from ``completion_logprobs(...,
-    with_hidden=True)``, so the trunk runs once for both logits and values.
+    with_hidden=True)``, so the trunk runs once for both logits and values.  The values are on
+    the critic's device (``batch`` is moved there).
     """
+    batch = batch.to(next(critic.parameters()).device)
     if isinstance(critic, ValueHead):
         if policy_out is None or policy_out.hidden_BCH is None:
             raise ValueError("critic_values: a shared ValueHead needs policy_out from "

@@ -76,14 +76,26 @@ def completion_logprobs(
     Gradients flow when called outside ``torch.no_grad``.  ``hidden_BCH`` (for a value head on
     the policy's own trunk) comes from the same forward pass, asked for with ``with_hidden``.
     Rows that share a prompt go through the shared-prompt layout (see the module docstring).
+    ``batch`` may be on any device: the layout is computed on the CPU and the model's inputs are
+    moved to the model's device, where the returned tensors are.
     """
     if temperature <= 0:
         raise ValueError(f"completion_logprobs: temperature must be > 0, got {temperature}")
-    groups = shared_prompt_groups(batch)
+    device = model_device(model)
+    host = batch.to("cpu")
+    groups = shared_prompt_groups(host)
     packable = _attention_implementation(model) in PACKABLE_ATTENTION and _takes_per_row_logits_to_keep()
     if groups is not None and packable:
-        return _shared_prompt_logprobs(model, batch, groups, temperature, with_entropy, with_hidden)
-    return _padded_logprobs(model, batch, temperature, with_entropy, with_hidden)
+        return _shared_prompt_logprobs(model, host, groups, temperature, with_entropy, with_hidden, device)
+    return _padded_logprobs(model, batch.to(device), temperature, with_entropy, with_hidden)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (the local shard's under FSDP2; CPU for a model without any)."""
+    p = next(model.parameters(), None)
+    if p is None:
+        return torch.device("cpu")
+    return p.to_local().device if hasattr(p, "to_local") else p.device
 
 
 def _padded_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float, with_entropy: bool,
@@ -169,6 +181,13 @@ class _Packed:
     flat_BS: torch.Tensor  # (B, C-1) index into the flattened (G*N) kept columns predicting row i's token t+1
     segments: SegmentLayout | None  # the same layout as blocks, for ``seqpg.segment_attention`` (when asked)
 
+    def to(self, device: torch.device) -> "_Packed":
+        """The layout with its tensors on ``device``."""
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        if self.segments is not None:
+            moved["segments"] = self.segments.on(device)
+        return _Packed(**moved)
+
 
 def _pack(batch: RolloutBatch, g: PromptGroups, with_segments: bool = False) -> _Packed:
     """Row g: [prompt_g | y^1_{0..L1-2} | y^2_{0..L2-2} | ... | padding]; no padding inside.
@@ -228,19 +247,23 @@ def _shared_prompt_mask(real_GL: torch.Tensor, segment_GL: torch.Tensor, impleme
     in q's own segment.  Every query also sees itself, so padding queries stay finite."""
     L = real_GL.shape[1]
     seg_q, seg_k = segment_GL[:, :, None], segment_GL[:, None, :]
-    causal_LL = torch.ones((L, L), dtype=torch.bool).tril()
+    causal_LL = torch.ones((L, L), dtype=torch.bool, device=real_GL.device).tril()
     allowed_GLL = causal_LL & real_GL[:, None, :] & ((seg_k == -1) | (seg_k == seg_q))
-    allowed_GLL |= torch.eye(L, dtype=torch.bool)
+    allowed_GLL |= torch.eye(L, dtype=torch.bool, device=real_GL.device)
     if implementation == "eager":  # eager attention adds the mask to the scores
         return torch.zeros(allowed_GLL.shape, dtype=dtype).masked_fill_(~allowed_GLL, torch.finfo(dtype).min)[:, None]
     return allowed_GLL[:, None]
 
 
-def _shared_prompt_logprobs(model: nn.Module, batch: RolloutBatch, g: PromptGroups, temperature: float,
-                            with_entropy: bool, with_hidden: bool) -> CompletionLogprobs:
-    B, C = batch.completion_ids_BC.shape
+def _shared_prompt_logprobs(model: nn.Module, host: RolloutBatch, g: PromptGroups, temperature: float,
+                            with_entropy: bool, with_hidden: bool,
+                            device: torch.device | None = None) -> CompletionLogprobs:
+    """``host`` and ``g`` on the CPU, where the layout is built; the forward pass runs on ``device``
+    (by default the model's)."""
+    device = device or model_device(model)
     blocks = segment_attention.applies(model)  # the same attention, by blocks (the dense mask stays as a fallback)
-    pk = _pack(batch, g, with_segments=blocks)
+    pk = _pack(host, g, with_segments=blocks).to(device)
+    batch, group_B = host.to(device), g.group_B.to(device)
     dtype = next(model.parameters()).dtype
     mask = _shared_prompt_mask(pk.real_GL, pk.segment_GL, _attention_implementation(model), dtype)
     kwargs = dict(input_ids=pk.ids_GL, attention_mask=mask, position_ids=pk.pos_GL, logits_to_keep=pk.keep_GN,
@@ -251,7 +274,7 @@ def _shared_prompt_logprobs(model: nn.Module, batch: RolloutBatch, g: PromptGrou
     else:
         out = model(**kwargs)
     logits_GNV = out.logits  # (G, N, V)
-    first_B1V = logits_GNV[g.group_B, :1]  # (B, 1, V) the prompt's last column, once per row
+    first_B1V = logits_GNV[group_B, :1]  # (B, 1, V) the prompt's last column, once per row
     mask_BS = batch.completion_mask_BC[:, 1:]
 
     def per_row(first_B1: torch.Tensor, kept_GN: torch.Tensor) -> torch.Tensor:
@@ -267,5 +290,5 @@ def _shared_prompt_logprobs(model: nn.Module, batch: RolloutBatch, g: PromptGrou
         hidden_GNH = torch.take_along_dim(out.hidden_states[-1], pk.keep_GN[..., None], dim=1)  # (G, N, H)
         H = hidden_GNH.shape[-1]
         rest_BSH = hidden_GNH.reshape(-1, H)[pk.flat_BS] * mask_BS[..., None]
-        hidden_BCH = torch.cat([hidden_GNH[g.group_B, :1], rest_BSH], dim=1)
+        hidden_BCH = torch.cat([hidden_GNH[group_B, :1], rest_BSH], dim=1)
     return CompletionLogprobs(logprobs_BC=logprobs_BC, entropy_BC=entropy_BC, hidden_BCH=hidden_BCH)

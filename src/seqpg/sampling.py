@@ -36,7 +36,7 @@ from torch import nn
 from seqpg.batch import Prompt, RolloutBatch
 from seqpg.fastdecode import FastDecoder
 from seqpg.fastdecode import supports as fastdecode_supports
-from seqpg.policy import position_ids_from_mask
+from seqpg.policy import model_device, position_ids_from_mask
 
 
 @dataclass
@@ -74,19 +74,22 @@ def generate(
 
     The model is put in eval mode for the call (its mode is restored afterwards).  With
     ``fast_decode`` (default) Llama-family models decode through :mod:`seqpg.fastdecode`;
-    other models, and ``fast_decode=False``, through the model's own forward.
+    other models, and ``fast_decode=False``, through the model's own forward.  Decoding runs on
+    the model's device; the returned batch holds CPU tensors.  ``generator`` may live on either
+    device (the uniform draws are made on its device).
     """
     args = SamplingArgs(temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
     _check_args(args, n=n, max_new_tokens=max_new_tokens, num_prompts=len(prompts))
     token_lists = [encode_prompt(tokenizer, p.text, chat_template=chat_template, system_prompt=system_prompt)
                    for p in prompts]
     prompt_ids_GP, prompt_mask_GP = left_pad(token_lists, tokenizer.pad_token_id)  # G = len(prompts)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():  # not inference_mode: under it autocast re-casts every weight at every step
             ids_BC, mask_BC, logprobs_BC, finished_B, texts = _decode(
-                model, tokenizer, prompt_ids_GP, prompt_mask_GP, n, args, max_new_tokens,
+                model, tokenizer, prompt_ids_GP.to(device), prompt_mask_GP.to(device), n, args, max_new_tokens,
                 tuple(stop_strings), generator, fast_decode)
     finally:
         model.train(was_training)
@@ -97,11 +100,11 @@ def generate(
         completions=texts,
         prompt_ids_BP=prompt_ids_BP,
         prompt_mask_BP=prompt_mask_BP,
-        completion_ids_BC=ids_BC,
-        completion_mask_BC=mask_BC,
-        sample_logprobs_BC=logprobs_BC,
+        completion_ids_BC=ids_BC.cpu(),
+        completion_mask_BC=mask_BC.cpu(),
+        sample_logprobs_BC=logprobs_BC.cpu(),
         group_ids_B=torch.arange(len(prompts)).repeat_interleave(n),
-        finished_B=finished_B,
+        finished_B=finished_B.cpu(),
     )
 
 
@@ -162,19 +165,20 @@ def _decode(
     B = G * n
     if isinstance(model, nn.parallel.DistributedDataParallel):  # sampling needs no gradient sync
         model = model.module
-    eos_ids_E = torch.tensor(_eos_ids(model, tokenizer), dtype=torch.long)  # (E,)
+    device = prompt_ids_GP.device  # the model's
+    eos_ids_E = torch.tensor(_eos_ids(model, tokenizer), dtype=torch.long, device=device)  # (E,)
     positions_GP = position_ids_from_mask(prompt_mask_GP)
     cache = {_CACHE_KWARG: preallocated_cache(model.config, P + max_new_tokens)}  # filled in place by each call
     if P > 1:  # columns 0 .. P-2 once per prompt, trunk only; then n copies of each row's cache
         model.get_decoder()(input_ids=prompt_ids_GP[:, :-1], attention_mask=prompt_mask_GP[:, :-1].long(),
                             position_ids=positions_GP[:, :-1], use_cache=True, **cache)
         cache[_CACHE_KWARG].batch_repeat_interleave(n)
-    attn_BW = torch.zeros((B, P + max_new_tokens), dtype=torch.bool)  # column P+t set when token t goes in
+    attn_BW = torch.zeros((B, P + max_new_tokens), dtype=torch.bool, device=device)  # column P+t set when token t goes in
     attn_BW[:, :P] = prompt_mask_GP.repeat_interleave(n, dim=0)
     input_B1 = prompt_ids_GP[:, -1:].repeat_interleave(n, dim=0)  # (B, 1) the prompts' last column
     pos_B1 = positions_GP[:, -1:].repeat_interleave(n, dim=0)  # (B, 1)
     fast = FastDecoder(model, cache[_CACHE_KWARG], rows=B) if fast_decode and fastdecode_supports(model) else None
-    rows = _Rows(B, tokenizer, stop_strings)
+    rows = _Rows(B, tokenizer, stop_strings, device)
     for t in range(max_new_tokens):
         if fast is not None:
             logits_BV = fast.step(input_B1, pos_B1, attn_BW[:, :P + t])
@@ -255,12 +259,12 @@ def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
 class _Rows:
     """Per-step columns of the completion, and which rows have stopped (and where their text ends)."""
 
-    def __init__(self, B: int, tokenizer, stop_strings: tuple[str, ...]) -> None:
+    def __init__(self, B: int, tokenizer, stop_strings: tuple[str, ...], device: torch.device) -> None:
         self.tokenizer, self.stop_strings = tokenizer, stop_strings
         self.ids: list[torch.Tensor] = []  # C x (B,) long
         self.masks: list[torch.Tensor] = []  # C x (B,) bool
         self.logprobs: list[torch.Tensor] = []  # C x (B,) float32
-        self.finished_B = torch.zeros(B, dtype=torch.bool)
+        self.finished_B = torch.zeros(B, dtype=torch.bool, device=device)
         self.tokens: list[list[int]] = [[] for _ in range(B)]
         self.text_end: list[int | None] = [None] * B  # where the text is cut (a stop string), per row
 
@@ -269,12 +273,14 @@ class _Rows:
         self.ids.append(token_B)
         self.masks.append(active_B)
         self.logprobs.append(logprob_B.float())
-        active = active_B.nonzero().flatten().tolist()
-        for i, tok in zip(active, token_B[active].tolist()):
-            self.tokens[i].append(tok)
+        tokens, flags = token_B.tolist(), active_B.tolist()  # one read each (a device sync on a GPU)
+        active = [i for i, on in enumerate(flags) if on]
+        for i in active:
+            self.tokens[i].append(tokens[i])
         self.finished_B = self.finished_B | (active_B & torch.isin(token_B, eos_ids_E))
         if self.stop_strings:
-            self._check_stop_strings([i for i in active if not self.finished_B[i]])
+            finished = self.finished_B.tolist()
+            self._check_stop_strings([i for i in active if not finished[i]])
 
     def _check_stop_strings(self, rows: list[int]) -> None:
         for i, text in zip(rows, self.tokenizer.batch_decode([self.tokens[i] for i in rows], skip_special_tokens=True)):
@@ -315,8 +321,9 @@ def sample_categorical(probs_BV: torch.Tensor, generator: torch.Generator | None
     variate per entry; this draws one uniform per row.
     """
     cdf_BV = probs_BV.double().cumsum(dim=-1)
+    device = generator.device if generator is not None else probs_BV.device
     u_B1 = torch.rand((probs_BV.shape[0], 1), dtype=torch.float64, generator=generator,
-                      device=probs_BV.device) * cdf_BV[:, -1:]
+                      device=device).to(probs_BV.device) * cdf_BV[:, -1:]
     token_B = torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(1)
     return token_B.clamp_(max=probs_BV.shape[-1] - 1)
 

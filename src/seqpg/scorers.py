@@ -258,6 +258,7 @@ class HFClassifierScorer(Scorer):
     sigmoid for single-output heads) of ``label`` (an index or a label name), batched, without gradients.
 
     ``inputs``: ``completion`` scores the completion alone, ``prompt_completion`` scores the pair.
+    ``device``: ``auto`` (this process's GPU when one is visible, else the CPU), ``cuda`` or ``cpu``.
     """
 
     OUTPUTS = ("logit", "prob")
@@ -265,9 +266,13 @@ class HFClassifierScorer(Scorer):
 
     def __init__(self, name: str, *, path: str, label: int | str | None = None, output: str = "logit",
                  inputs: str = "completion", batch_size: int = 16, max_length: int = 512,
-                 device: str = "cpu") -> None:
+                 device: str = "auto") -> None:
         super().__init__(name)
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from .distributed import resolve_device
+
+        device = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))  # auto: this process's GPU if any
 
         if output not in self.OUTPUTS or inputs not in self.INPUTS:
             raise ValueError(f"scorer {name!r}: output must be one of {self.OUTPUTS} and inputs one of {self.INPUTS}, "

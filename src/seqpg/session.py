@@ -10,6 +10,7 @@ import torch
 from .build import build_policy, build_prompts, build_scorers
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import TrainConfig, load_config
+from .distributed import resolve_device
 from .evaluate import EvalResult, evaluate
 
 
@@ -26,8 +27,9 @@ def resolve_target_config(target: str, config: str | None = None, overrides: lis
 
 
 def load_policy_for(target: str, cfg: TrainConfig, device: torch.device | None = None):
-    """(model, tokenizer, step): a run's latest checkpoint, or the model as it is (step 0)."""
-    device = device or torch.device("cpu")
+    """(model, tokenizer, step): a run's latest checkpoint, or the model as it is (step 0); on
+    ``device``, by default the configuration's (``device: auto`` is CUDA when visible)."""
+    device = device or resolve_device(cfg.device)
     model, tok = build_policy(cfg.model, cfg.seed, device)
     step = 0
     if is_run_dir(target):

@@ -25,7 +25,7 @@ import torch
 
 from . import core
 from .batch import RolloutBatch
-from .policy import completion_logprobs
+from .policy import completion_logprobs, model_device
 
 
 @dataclass
@@ -47,6 +47,12 @@ class TrainBatch:
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return TrainBatch(self.rollout.select(rows), self.advantages_BC[rows], self.returns_BC[rows],
                           self.old_logprobs_BC[rows], pick(self.ref_logprobs_BC), pick(self.old_values_BC))
+
+    def to(self, device: torch.device) -> "TrainBatch":
+        """The batch with its tensors on ``device``."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TrainBatch(self.rollout.to(device), self.advantages_BC.to(device), self.returns_BC.to(device),
+                          self.old_logprobs_BC.to(device), move(self.ref_logprobs_BC), move(self.old_values_BC))
 
 
 @dataclass
@@ -94,15 +100,16 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
     ``critic`` (optional) has ``values(policy_out, rollout) -> (B, C)`` and parameters in the
     same optimizer.  ``all_reduce`` sums tensors across data-parallel processes (the counts that
     normalise the loss, and the statistics returned); ``grad_sync`` sums the gradients (once per
-    mini-batch, in its last micro-batch).  Both default to one process.
+    mini-batch, in its last micro-batch).  Both default to one process.  ``batch`` may be on any
+    device: each micro-batch is moved to the policy's device.
     """
     B, C = batch.mask_BC.shape
     max_len = max_len or C
     params = [p for g in optimizer.param_groups for p in g["params"]]
     totals: dict[str, float] = {}
     n_steps = 0
-    autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) \
-        if s.bf16 else nullcontext()
+    device = model_device(policy)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if s.bf16 else nullcontext()
     for _epoch in range(s.epochs):
         order = torch.randperm(B, generator=generator) if s.minibatches > 1 else torch.arange(B)
         for rows in order.chunk(s.minibatches):
@@ -113,7 +120,7 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
             starts = range(0, len(rows), step)
             mb_stats: dict[str, float] = {}
             for lo in starts:
-                micro = mb.select(torch.arange(lo, min(lo + step, len(rows))))
+                micro = mb.select(torch.arange(lo, min(lo + step, len(rows)))).to(device)
                 last = lo == starts[-1]
                 with nullcontext() if last or grad_sync is None else grad_sync.no_sync():
                     with autocast:

@@ -61,11 +61,18 @@ def _check_trl() -> None:
 
 def run_bench(steps: int = 6, out_dir: str = "bench", dtypes=("fp32", "bf16"), threads=(1, 2), warmup: int = 3,
               config: str = "examples/demo.yaml", overrides: list[str] | None = None, learning: bool = False,
-              learning_steps: int = 20) -> int:
+              learning_steps: int = 20, device: str = "cpu") -> int:
     """Run the side-by-side benchmark and write ``latest.json`` and ``latest.md`` to ``out_dir``
-    (with ``learning``: the learning comparison, ``learning.json`` and ``learning.md``)."""
+    (with ``learning``: the learning comparison, ``learning.json`` and ``learning.md``).
+    ``device`` cuda: both libraries train on the GPU, and the matmul peak is the GPU's."""
     if warmup < 0 or steps < 1:
         raise SystemExit(f"seqpg bench: need --warmup >= 0 and --steps >= 1, got {warmup} and {steps}")
+    if device not in ("cpu", "cuda"):
+        raise SystemExit(f"seqpg bench: --device must be cpu or cuda, got {device!r}")
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit("seqpg bench: --device cuda, but no CUDA device is visible")
     _check_trl()
     quiet()
     if learning:
@@ -75,20 +82,21 @@ def run_bench(steps: int = 6, out_dir: str = "bench", dtypes=("fp32", "bf16"), t
     unknown = sorted(set(dtypes) - set(DTYPES))
     if unknown:
         raise SystemExit(f"seqpg bench: unknown dtypes {unknown}; valid: {', '.join(DTYPES)}")
-    base = BenchSetup(config=config, overrides=list(overrides or []), steps=steps, warmup=warmup)
+    base = BenchSetup(config=config, overrides=list(overrides or []), steps=steps, warmup=warmup, device=device)
     cfg = base.train_config()
-    report = {"machine": machine_info(), "setup": asdict(base), "lr": cfg.optim.lr,
+    report = {"machine": machine_info(device), "setup": asdict(base), "lr": cfg.optim.lr,
               "sampling": asdict(cfg.sampling), "runs": []}
     m = report["machine"]
-    print(f"seqpg bench: {m['cpu_model']}, {m['logical_cpus']} CPUs, TRL {m['trl']}; {config}; {warmup} warm-up + "
+    where = f"{m['gpu']} + " if device == "cuda" else ""
+    print(f"seqpg bench: {where}{m['cpu_model']}, {m['logical_cpus']} CPUs, TRL {m['trl']}; {config}; {warmup} warm-up + "
           f"{steps} measured steps per library, dtypes {list(dtypes)}, threads {list(threads)}", flush=True)
     for dtype in dtypes:
         for n_threads in threads:
             s = BenchSetup(config=config, overrides=base.overrides, dtype=dtype, threads=n_threads, steps=steps,
-                           warmup=warmup)
-            before = measure_peak(dtype, n_threads)
+                           warmup=warmup, device=device)
+            before = measure_peak(dtype, n_threads, device)
             raw = run_pair(s, log=lambda line: print(line, flush=True))
-            after = measure_peak(dtype, n_threads)
+            after = measure_peak(dtype, n_threads, device)
             peak = {**max(before, after, key=lambda p: p["flops_per_s"]),  # the higher peaks: the lower MFU
                     "flops_per_cpu_s": max(before["flops_per_cpu_s"], after["flops_per_cpu_s"])}
             summary = summarise(raw, peak)

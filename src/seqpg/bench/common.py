@@ -36,6 +36,8 @@ class BenchSetup:
     """Unmeasured steps per library before them."""
     eval_every: int = 0
     """Evaluate held-out reward (greedy) before training and every N steps (0: never)."""
+    device: str = "cpu"
+    """cpu, or cuda: both libraries train on the GPU (TRL through accelerate, seqpg's model moved there)."""
 
     @property
     def total_steps(self) -> int:
@@ -97,7 +99,12 @@ def held_out_reward(model, tokenizer, cfg, prompts, scorers) -> dict:
 
 
 def now() -> tuple[float, float]:
-    """(wall-clock seconds, this process's CPU seconds): every phase is timed on both clocks."""
+    """(wall-clock seconds, this process's CPU seconds): every phase is timed on both clocks.
+
+    Where this process uses a GPU, the GPU's queued work is waited for first, so that a phase
+    ends when its kernels do, not when they were launched."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     return time.perf_counter(), time.process_time()
 
 
@@ -130,5 +137,12 @@ def peak_rss_mib() -> float:
 
 
 def reset_peak_rss() -> None:
-    """Restart the VmHWM count from the current resident size (Linux >= 4.0)."""
+    """Restart the VmHWM count from the current resident size (Linux >= 4.0), and the GPU's peak."""
     Path("/proc/self/clear_refs").write_text("5")
+    if torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gpu_mib() -> float | None:
+    """The peak GPU memory torch's allocator held for tensors since ``reset_peak_rss`` (None without a GPU)."""
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None

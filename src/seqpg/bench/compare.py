@@ -66,11 +66,12 @@ def run_pair(s: BenchSetup, log=print) -> dict:
                 log(f"  {s.dtype} threads={s.threads} step {k + 1}/{s.total_steps} {name:5s} {rec['step']:6.2f} s "
                     f"(sampling {rec['sampling']:.2f}, training {sum(rec[p] for p in TRAINING_PHASES):.2f})"
                     + ("  [warm-up]" if rec["warmup"] else ""))
-        peaks = {name: w.ask("finish")["peak_rss_mib"] for name, w in workers.items()}
+        finals = {name: w.ask("finish") for name, w in workers.items()}
     finally:
         for w in workers.values():
             w.close()
-    return {"steps": steps, "peak_rss_mib": peaks, "initial_eval": initial_eval}
+    return {"steps": steps, "peak_rss_mib": {name: f["peak_rss_mib"] for name, f in finals.items()},
+            "peak_gpu_mib": {name: f.get("peak_gpu_mib") for name, f in finals.items()}, "initial_eval": initial_eval}
 
 
 def summarise(raw: dict, peak: dict) -> dict:
@@ -89,6 +90,7 @@ def summarise(raw: dict, peak: dict) -> dict:
             "median_cpu_s": {p: statistics.median(r["cpu"][p] for r in measured) for p in PHASES},
             "completion_tokens_per_s": statistics.median(r["completion_tokens"] / r["step"] for r in measured),
             "peak_rss_mib": raw["peak_rss_mib"][name],
+            "peak_gpu_mib": raw.get("peak_gpu_mib", {}).get(name),
             "train_flops_per_step": statistics.median(flops),
             "mfu_training": mfu([sum(r[p] for p in TRAINING_PHASES) for r in measured], peak["flops_per_s"]),
             "mfu_forward_backward": mfu([r["logprob_forward"] + r["backward"] for r in measured], peak["flops_per_s"]),
@@ -103,6 +105,8 @@ def summarise(raw: dict, peak: dict) -> dict:
     out["speedup"] = lib["trl"]["median_s"]["step"] / lib["seqpg"]["median_s"]["step"]
     out["speedup_cpu"] = lib["trl"]["median_cpu_s"]["step"] / lib["seqpg"]["median_cpu_s"]["step"]
     out["memory_ratio_seqpg_over_trl"] = lib["seqpg"]["peak_rss_mib"] / lib["trl"]["peak_rss_mib"]
+    if lib["seqpg"]["peak_gpu_mib"] and lib["trl"]["peak_gpu_mib"]:
+        out["gpu_memory_ratio_seqpg_over_trl"] = lib["seqpg"]["peak_gpu_mib"] / lib["trl"]["peak_gpu_mib"]
     out["matmul_peak"] = peak
     return out
 
@@ -120,21 +124,24 @@ def headline(runs: list[dict]) -> dict:
                     f"threads_{dtype}": best["threads"], f"mfu_{dtype}": s["libraries"]["seqpg"]["mfu_training"],
                     f"mfu_cpu_{dtype}": s["libraries"]["seqpg"]["mfu_training_cpu"],
                     f"memory_ratio_{dtype}": s["memory_ratio_seqpg_over_trl"]})
+        if "gpu_memory_ratio_seqpg_over_trl" in s:
+            out[f"gpu_memory_ratio_{dtype}"] = s["gpu_memory_ratio_seqpg_over_trl"]
     return out
 
 
-def measure_peak(dtype: str, threads: int) -> dict:
-    """The ``dtype`` matmul peak with ``threads`` torch threads (see ``flops.matmul_peak``)."""
+def measure_peak(dtype: str, threads: int, device: str = "cpu") -> dict:
+    """The ``dtype`` matmul peak on ``device`` with ``threads`` torch threads (see ``flops.matmul_peak``)."""
     from ..flops import matmul_peak
 
     torch.set_num_threads(threads)
-    r = matmul_peak({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
-    return {"dtype": dtype, "threads": threads, "flops_per_s": r["flops_per_s"], "size": r["size"],
+    r = matmul_peak({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype], device=device)
+    return {"dtype": dtype, "threads": threads, "device": device, "flops_per_s": r["flops_per_s"], "size": r["size"],
             "flops_per_cpu_s": r["flops_per_cpu_s"], "per_size": {str(k): v for k, v in r["per_size"].items()}}
 
 
-def machine_info() -> dict:
-    """CPU model (``lscpu``), core count, the CPU's bf16 units, library versions, load average."""
+def machine_info(device: str = "cpu") -> dict:
+    """CPU model (``lscpu``), core count, the CPU's bf16 units, the GPU's name (``device`` cuda),
+    library versions, load average."""
     import transformers
 
     info = {"cpu_model": platform.processor() or "unknown", "logical_cpus": os.cpu_count(), "torch": torch.__version__,
@@ -148,6 +155,10 @@ def machine_info() -> dict:
         info["bf16_flags"] = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     except (OSError, subprocess.CalledProcessError):
         info["bf16_flags"] = []
+    info["device"] = device
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
     try:
         import trl
         info["trl"] = trl.__version__

@@ -16,7 +16,9 @@ def _load(m: dict, key: str) -> str:
 def markdown(report: dict) -> str:
     m, setup = report["machine"], report["setup"]
     sp = report.get("sampling", {})
-    lines = [f"Machine: {m['cpu_model']}, {m['logical_cpus']} logical CPUs (bf16 units: "
+    gpu = m.get("device") == "cuda"
+    lines = [f"Machine: {m['gpu'] + ' (CUDA ' + str(m.get('cuda')) + '), both libraries training on it; host ' if gpu else ''}"
+             f"{m['cpu_model']}, {m['logical_cpus']} logical CPUs (bf16 units: "
              f"{', '.join(m.get('bf16_flags', [])) or 'none'}); torch {m['torch']}, transformers {m['transformers']}, "
              f"TRL {m['trl']}. Load average (1, 5, 15 min) at start: {_load(m, 'load_average_at_start')}; at end: "
              f"{_load(m, 'load_average_at_end')}.", "",
@@ -51,6 +53,9 @@ def markdown(report: dict) -> str:
                   f"| completion tokens / s | {tok_t:.1f} | {tok_s:.1f} | {tok_s / tok_t:.2f} |",
                   f"| peak resident memory (MiB) | {trl['peak_rss_mib']:.0f} | {mine['peak_rss_mib']:.0f} | "
                   f"{s['memory_ratio_seqpg_over_trl']:.2f} |",
+                  *([f"| peak GPU memory, torch tensors (MiB) | {trl['peak_gpu_mib']:.0f} | "
+                     f"{mine['peak_gpu_mib']:.0f} | {s['gpu_memory_ratio_seqpg_over_trl']:.2f} |"]
+                    if "gpu_memory_ratio_seqpg_over_trl" in s else []),
                   f"| model FLOPs of the training phase (GFLOP) | {fl_t / 1e9:.0f} | {fl_s / 1e9:.0f} | "
                   f"{fl_s / fl_t:.2f} |",
                   f"| MFU, training phase (wall) | {100 * trl['mfu_training']:.1f}% | "

@@ -17,8 +17,8 @@ import tempfile
 
 import torch
 
-from .common import (BackwardClock, BenchSetup, held_out_reward, now, peak_rss_mib, phase_times, quiet,
-                     reset_peak_rss, task, weighted_scores)
+from .common import (BackwardClock, BenchSetup, held_out_reward, now, peak_gpu_mib, peak_rss_mib, phase_times,
+                     quiet, reset_peak_rss, task, weighted_scores)
 
 SEQPG_PHASES = {"sampling": ("begin", "sampled"), "scoring": ("sampled", "scored"),
                 "logprob_forward": ("scored", "backward_begin"), "backward": ("backward_begin", "backward_end"),
@@ -48,7 +48,7 @@ class SeqpgRunner:
             keep_freed_memory()
         self.train_prompts, self.held_out, self.scorers = task(self.cfg)
         self.policy, self.tok = load_model_and_tokenizer(resolve_model(self.cfg.model.name), dtype=torch.float32)
-        self.policy.train()
+        self.policy.to(s.device).train()
         self.optimizer = adamw([p for p in self.policy.parameters() if p.requires_grad], self.cfg.optim.lr)
         self.settings = UpdateSettings(loss="ppo", agg="seq-mean-token-mean", max_grad_norm=1.0,
                                        temperature=self.cfg.sampling.temperature, bf16=s.dtype == "bf16")
@@ -68,7 +68,7 @@ class SeqpgRunner:
         sp = self.cfg.sampling
         prompts = self.train_prompts[k * sp.prompts_per_step:(k + 1) * sp.prompts_per_step]
         marks = {"begin": now()}
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.s.dtype == "bf16"):
+        with torch.autocast(torch.device(self.s.device).type, dtype=torch.bfloat16, enabled=self.s.dtype == "bf16"):
             rollout = generate(self.policy, self.tok, prompts, n=sp.samples_per_prompt,
                                max_new_tokens=sp.max_new_tokens, temperature=sp.temperature,
                                chat_template=sp.chat_template, system_prompt=sp.system_prompt,
@@ -124,7 +124,7 @@ class TrlRunner:
             return scores
 
         args = GRPOConfig(
-            output_dir=tempfile.mkdtemp(prefix="seqpg-bench-trl-"), use_cpu=True, bf16=s.dtype == "bf16",
+            output_dir=tempfile.mkdtemp(prefix="seqpg-bench-trl-"), use_cpu=s.device == "cpu", bf16=s.dtype == "bf16",
             seed=self.cfg.seed, per_device_train_batch_size=sp.prompts_per_step * sp.samples_per_prompt,
             num_generations=sp.samples_per_prompt, max_completion_length=sp.max_new_tokens,
             temperature=sp.temperature, top_p=1.0, top_k=0, beta=0.0, num_iterations=1, epsilon=0.2,
@@ -219,4 +219,4 @@ def worker(name: str, conn, s: BenchSetup) -> None:
                 reset_peak_rss()
     else:
         raise ValueError(f"unknown benchmark side {name!r}; valid: seqpg, trl")
-    conn.send({"peak_rss_mib": peak_rss_mib()})
+    conn.send({"peak_rss_mib": peak_rss_mib(), "peak_gpu_mib": peak_gpu_mib()})
