@@ -68,6 +68,25 @@ def test_onednn_packed_products_equal_plain_products(tiny_tokenizer, monkeypatch
     torch.testing.assert_close(packed.sample_logprobs_BC, plain.sample_logprobs_BC, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch,extra", ARCHS[:1] + ARCHS[2:4], ids=["llama", "qwen2", "qwen3"])
+def test_the_fixed_buffer_step_of_the_cuda_graph_equals_the_plain_step(tiny_tokenizer, monkeypatch, arch, extra):
+    """The step a CUDA graph records (inputs in fixed buffers, the new column written at a position held
+    in a tensor, attention over the whole capacity with unwritten columns masked), run eagerly here:
+    the same draws, tokens and log-probs as the plain step, also for rows that stop early."""
+    from functools import partial
+
+    from seqpg import sampling
+
+    model = tiny(arch, len(tiny_tokenizer), **extra)
+    kw = dict(n=3, max_new_tokens=14, temperature=1.0, stop_strings=("e", "7"))  # some rows stop, some run on
+    plain = generate(model, tiny_tokenizer, PROMPTS, generator=torch.Generator().manual_seed(5), **kw)
+    monkeypatch.setattr(sampling, "FastDecoder", partial(fastdecode.FastDecoder, graph=True))
+    fixed = generate(model, tiny_tokenizer, PROMPTS, generator=torch.Generator().manual_seed(5), **kw)
+    assert (~plain.finished_B).any() and plain.finished_B.any()  # both kinds of row are exercised
+    assert torch.equal(plain.completion_ids_BC, fixed.completion_ids_BC)
+    torch.testing.assert_close(plain.sample_logprobs_BC, fixed.sample_logprobs_BC, atol=1e-5, rtol=0)
+
+
 def test_packing_is_refused_where_it_cannot_run(tiny_tokenizer, monkeypatch):
     monkeypatch.setattr(fastdecode, "ONEDNN_LINEAR", False)
     model = tiny("llama", len(tiny_tokenizer))

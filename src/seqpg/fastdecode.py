@@ -103,9 +103,17 @@ class FastDecoder:
     On CPU the weights are repacked once per decoder (one sampling call) into oneDNN's blocked
     layout for the decode's row count (``pack=None``: where oneDNN is available); elsewhere, or
     with ``pack=False``, the products are plain ``F.linear``.
+
+    ``graph`` (default: on a CUDA device): from the second step on, the step reads its inputs from
+    fixed buffers and writes the new key and value at a position held in a tensor
+    (``index_copy_``), attending over the cache's whole capacity with the columns not yet written
+    masked out; on CUDA that step is recorded once as a CUDA graph and replayed, one launch per
+    token instead of ~20 kernel launches per layer, each with Python around it.  Elsewhere the
+    same fixed-buffer step runs eagerly (what the tests compare with the plain step).
     """
 
-    def __init__(self, model: nn.Module, cache, rows: int, pack: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, cache, rows: int, pack: bool | None = None,
+                 graph: bool | None = None) -> None:
         self.model, self.trunk = model, model.model
         self.layers = list(self.trunk.layers)[: model.config.num_hidden_layers]
         self.cache_layers = cache.layers
@@ -122,6 +130,11 @@ class FastDecoder:
             raise ValueError("FastDecoder(pack=True) needs a CPU model and a torch built with oneDNN (mkldnn)")
         self.pack = can_pack if pack is None else pack
         self._prepared: dict[tuple[nn.Linear, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.graph = self.device == "cuda" if graph is None else graph
+        self._steps = 0
+        self._fixed: dict[str, torch.Tensor] | None = None  # the fixed-buffer step's inputs
+        self._cuda_graph: torch.cuda.CUDAGraph | None = None
+        self._graph_out: torch.Tensor | None = None
 
     def _weights(self, mods: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) of the linears ``mods`` stacked as one (their outputs concatenated), as the
@@ -158,17 +171,75 @@ class FastDecoder:
         autocast) instead of autocast re-casting the whole cache to bf16 for every layer at every step.
         """
         with torch.autocast(self.device, enabled=False):
-            return self._step(input_B1, pos_B1, attend_BW)
+            first = self._steps == 0
+            self._steps += 1
+            if not self.graph or first:  # the first step also initialises the cache and prepares the weights
+                return self._step(input_B1, pos_B1, attend_BW)
+            return self._fixed_step(input_B1, pos_B1, attend_BW)
 
     def _step(self, input_B1: torch.Tensor, pos_B1: torch.Tensor, attend_BW: torch.Tensor) -> torch.Tensor:
+        W = attend_BW.shape[1]
+
+        def write(cl, k_BK1D: torch.Tensor, v_BK1D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if cl.get_seq_length() != W - 1:
+                raise RuntimeError(f"FastDecoder: cache holds {cl.get_seq_length()} columns, expected {W - 1}")
+            return cl.update(k_BK1D, v_BK1D)  # written in place; views of the W filled columns
+
+        return self._forward(input_B1, pos_B1, attend_BW, write)
+
+    def _fixed_step(self, input_B1: torch.Tensor, pos_B1: torch.Tensor, attend_BW: torch.Tensor) -> torch.Tensor:
+        """The step from fixed buffers (see the class docstring); a CUDA graph's replay on CUDA."""
+        B, W = attend_BW.shape
+        cl0 = self.cache_layers[0]
+        if cl0.get_seq_length() != W - 1:
+            raise RuntimeError(f"FastDecoder: cache holds {cl0.get_seq_length()} columns, expected {W - 1}")
+        if self._fixed is None:
+            self._fixed = {"input": input_B1.clone(), "pos": pos_B1.clone(), "t": torch.zeros(1, dtype=torch.long,
+                                                                                         device=input_B1.device),
+                           "attend": torch.zeros((B, cl0.capacity), dtype=torch.bool, device=attend_BW.device)}
+        f = self._fixed
+        f["input"].copy_(input_B1)
+        f["pos"].copy_(pos_B1)
+        f["attend"][:, :W].copy_(attend_BW)  # columns >= W stay False: they are written by later steps
+        f["t"].fill_(W - 1)
+        for cl in self.cache_layers:
+            cl.length = W
+        if self.device != "cuda":
+            return self._forward_fixed()
+        if self._cuda_graph is None:  # run once on a side stream (warm-up, and this step's result), then record
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self._forward_fixed()
+            torch.cuda.current_stream().wait_stream(side)
+            self._cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._cuda_graph):
+                self._graph_out = self._forward_fixed()
+            return out
+        self._cuda_graph.replay()
+        return self._graph_out
+
+    def _forward_fixed(self) -> torch.Tensor:
+        f = self._fixed
+
+        def write(cl, k_BK1D: torch.Tensor, v_BK1D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            cl._keys.index_copy_(2, f["t"], k_BK1D.to(cl._keys.dtype))
+            cl._values.index_copy_(2, f["t"], v_BK1D.to(cl._values.dtype))
+            return cl._keys, cl._values  # the whole capacity; unwritten columns are masked (and zero)
+
+        return self._forward(f["input"], f["pos"], f["attend"], write)
+
+    def _forward(self, input_B1: torch.Tensor, pos_B1: torch.Tensor, attend_BW: torch.Tensor, write) -> torch.Tensor:
+        """The step's maths; ``write(cache_layer, k, v)`` stores the new column and returns the keys and
+        values to attend over, (B, Hkv, W, D) each, matching ``attend_BW``'s W columns."""
         B, W = attend_BW.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         rep = H // Hkv
         h_B1E = self.trunk.embed_tokens(input_B1)  # (B, 1, E)
         cos_B1D, sin_B1D = self.trunk.rotary_emb(h_B1E, pos_B1)  # (B, 1, D) each
         h_BE = h_B1E[:, 0]  # (B, E)
-        bias_B11W = torch.zeros((B, 1, 1, W), dtype=torch.float32, device=attend_BW.device).masked_fill_(~attend_BW[:, None, None, :],
-                                                                              float("-inf"))
+        bias_B11W = torch.zeros((B, 1, 1, W), dtype=torch.float32, device=attend_BW.device).masked_fill_(
+            ~attend_BW[:, None, None, :], float("-inf"))
         for layer, cl in zip(self.layers, self.cache_layers):
             attn = layer.self_attn
             x_BE = _rms_norm(layer.input_layernorm, h_BE)
@@ -178,9 +249,7 @@ class FastDecoder:
             if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head's dimension
                 q_BHD, k_BKD = _rms_norm(attn.q_norm, q_BHD), _rms_norm(attn.k_norm, k_BKD)
             q_BHD, k_BKD = _rope(q_BHD, cos_B1D, sin_B1D), _rope(k_BKD, cos_B1D, sin_B1D)
-            if cl.get_seq_length() != W - 1:
-                raise RuntimeError(f"FastDecoder: cache holds {cl.get_seq_length()} columns, expected {W - 1}")
-            keys_BKWD, values_BKWD = cl.update(k_BKD.unsqueeze(2), v_BKD.unsqueeze(2))  # written in place
+            keys_BKWD, values_BKWD = write(cl, k_BKD.unsqueeze(2), v_BKD.unsqueeze(2))
             q_BKRD = q_BHD.view(B, Hkv, rep, D)
             scores_BKRW = torch.matmul(q_BKRD.to(keys_BKWD.dtype), keys_BKWD.transpose(-1, -2)).float()
             probs_BKRW = torch.softmax(scores_BKRW * self.scale + bias_B11W, dim=-1).to(values_BKWD.dtype)

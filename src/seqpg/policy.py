@@ -39,7 +39,7 @@ from torch import nn
 from seqpg import segment_attention
 from seqpg.batch import RolloutBatch
 from seqpg.core import token_logprobs
-from seqpg.core.logprobs import token_logprobs_and_entropy
+from seqpg.core.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs_and_entropy
 from seqpg.segment_attention import SegmentLayout
 
 PACKABLE_ATTENTION = ("sdpa", "eager")
@@ -119,12 +119,19 @@ def _padded_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float, 
     return CompletionLogprobs(logprobs_BC=logprobs_BC, entropy_BC=entropy_BC, hidden_BCH=hidden_BCH)
 
 
+GPU_CHUNK_SIZE = 1024
+"""Positions per chunk of the log-prob kernels on a GPU (1024 x 49k vocab x 4 bytes = 201 MB of
+scratch): there is no small cache to fit, and each chunk costs ~10 kernel launches.  The CPU keeps
+the core's default (``DEFAULT_CHUNK_SIZE``, sized for its cache)."""
+
+
 def _logprobs_entropy(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, temperature: float,
                       with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probs, entropies or None), both from one pass over the logits when both are asked for."""
+    chunk = GPU_CHUNK_SIZE if logits_BTV.device.type == "cuda" else DEFAULT_CHUNK_SIZE
     if with_entropy:
-        return token_logprobs_and_entropy(logits_BTV, tokens_BT, temperature)
-    return token_logprobs(logits_BTV, tokens_BT, temperature), None
+        return token_logprobs_and_entropy(logits_BTV, tokens_BT, temperature, chunk_size=chunk)
+    return token_logprobs(logits_BTV, tokens_BT, temperature, chunk_size=chunk), None
 
 
 # ---------------------------------------------------------------------------------------------

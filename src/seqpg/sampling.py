@@ -211,8 +211,10 @@ class _PreallocatedLayer(transformers.cache_utils.DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
         self.device, self.length = key_states.device, 0
-        self._keys = key_states.new_empty((B, H, self.capacity, D))
-        self._values = value_states.new_empty((B, value_states.shape[1], self.capacity, value_states.shape[3]))
+        # zeros, not garbage: a decode step that attends over the whole capacity (fastdecode's CUDA
+        # graph) masks the unwritten columns, and 0 * NaN would still be NaN
+        self._keys = key_states.new_zeros((B, H, self.capacity, D))
+        self._values = value_states.new_zeros((B, value_states.shape[1], self.capacity, value_states.shape[3]))
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

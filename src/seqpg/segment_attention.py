@@ -97,11 +97,16 @@ def _pad_cols(x_BT: torch.Tensor, S: int) -> torch.Tensor:
 
 def applies(model: nn.Module) -> bool:
     """True when the model is a family whose layers hand keywords to the attention function, on SDPA,
-    without gradient checkpointing (its recomputation runs after ``use`` has switched back)."""
+    without gradient checkpointing (its recomputation runs after ``use`` has switched back), on the CPU.
+
+    On a GPU the shared-prompt layout keeps its dense mask: SDPA with it is one kernel per layer,
+    where the blocks take a dozen small gathers and products whose launches cost more than the
+    FLOPs they save at these sizes (the CPU, by contrast, is bound by the FLOPs)."""
     inner = _unwrap(model)
     config = getattr(inner, "config", None)
+    param = next(inner.parameters(), None)
     return (getattr(config, "model_type", None) in FAMILIES and getattr(config, "_attn_implementation", None) == "sdpa"
-            and not _checkpointing(inner))
+            and not _checkpointing(inner) and (param is None or param.device.type == "cpu"))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -65,6 +65,31 @@ def test_sampling_with_a_cpu_generator_draws_the_same_tokens_on_either_device():
     assert _on_cpu(c) and c.completion_ids_BC.shape[0] == 12
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_decoding_through_the_cuda_graph_equals_decoding_without_it(bf16, monkeypatch):
+    from functools import partial
+
+    from seqpg import fastdecode, sampling
+
+    tok, _, gpu = _pair()
+    kw = dict(n=4, max_new_tokens=16, chat_template=False, stop_strings=("e",))
+
+    def run():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            return generate(gpu, tok, PROMPTS, generator=torch.Generator().manual_seed(4), **kw)
+
+    graphed = run()
+    monkeypatch.setattr(sampling, "FastDecoder", partial(fastdecode.FastDecoder, graph=False))
+    eager = run()
+    assert graphed.finished_B.any() and (~graphed.finished_B).any()
+    if not bf16:
+        assert torch.equal(graphed.completion_ids_BC, eager.completion_ids_BC)
+        torch.testing.assert_close(graphed.sample_logprobs_BC, eager.sample_logprobs_BC, atol=1e-5, rtol=0)
+    else:  # the graph attends over the whole capacity: bf16 logits may round apart and part the draws
+        C = min(graphed.completion_ids_BC.shape[1], eager.completion_ids_BC.shape[1])
+        assert (graphed.completion_ids_BC[:, :C] == eager.completion_ids_BC[:, :C]).float().mean() > 0.8
+
+
 def test_the_gpu_matmul_peak_is_measured_on_the_gpu():
     from seqpg.flops import matmul_peak
 
