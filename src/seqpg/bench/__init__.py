@@ -78,7 +78,7 @@ def run_bench(steps: int = 6, out_dir: str = "bench", dtypes=("fp32", "bf16"), t
     if learning:
         from .learning import run_learning
         return run_learning(config=config, overrides=overrides, out_dir=out_dir, steps=learning_steps,
-                            threads=threads[0])
+                            threads=threads[0], device=device)
     unknown = sorted(set(dtypes) - set(DTYPES))
     if unknown:
         raise SystemExit(f"seqpg bench: unknown dtypes {unknown}; valid: {', '.join(DTYPES)}")

@@ -60,14 +60,14 @@ def time_to_target(tracks: dict[str, list[dict]]) -> dict:
 
 
 def run_learning(config: str = "examples/demo.yaml", overrides: list[str] | None = None, out_dir: str = "bench",
-                 steps: int = 20, threads: int = 1, eval_every: int = 5) -> int:
+                 steps: int = 20, threads: int = 1, eval_every: int = 5, device: str = "cpu") -> int:
     """Train both libraries ``steps`` steps, alternating; write ``learning.json`` and ``learning.md``."""
     s = BenchSetup(config=config, overrides=list(overrides or []), dtype="fp32", threads=threads, steps=steps,
-                   warmup=0, eval_every=eval_every)
+                   warmup=0, eval_every=eval_every, device=device)
     cfg = s.train_config()
     print(f"seqpg bench --learning: {config}, {steps} steps per library, held-out evaluation every {eval_every} "
           f"steps ({cfg.task.eval_size} prompts), {threads} thread(s)", flush=True)
-    machine = machine_info()
+    machine = machine_info(device)
     raw = run_pair(s, log=lambda line: print(line, flush=True))
     tracks = {name: held_out_track(raw, name) for name in ("trl", "seqpg")}
     report = {
@@ -93,7 +93,9 @@ def markdown(report: dict) -> str:
     c, ttt, s = report["curves"], report["time_to_target"], report["setup"]
     trl, mine = report["held_out"]["trl"], report["held_out"]["seqpg"]
     per_step = report["reward_per_step"]
-    lines = [f"`{s['config']}`, {s['steps']} steps per library, lr {report['lr']}, fp32, {s['threads']} thread(s); "
+    gpu = report.get("machine", {}).get("gpu") if s.get("device") == "cuda" else None
+    lines = [f"`{s['config']}`, {s['steps']} steps per library, lr {report['lr']}, fp32, "
+             f"{'on ' + gpu + ', ' if gpu else ''}{s['threads']} thread(s); "
              f"held-out reward: {report['eval_prompts']} prompts, greedy. Median step: TRL "
              f"{statistics.median(report['step_seconds']['trl']):.2f} s, seqpg "
              f"{statistics.median(report['step_seconds']['seqpg']):.2f} s.", "",
