@@ -46,6 +46,7 @@ def test_summarise_medians_ratios_and_mfu():
     trl, mine = s["libraries"]["trl"], s["libraries"]["seqpg"]
     assert trl["median_s"]["step"] == pytest.approx(4.81) and mine["median_s"]["step"] == pytest.approx(2.81)
     assert s["speedup"] == pytest.approx(4.81 / 2.81)
+    assert s["speedup_per_round"] == pytest.approx([3.81 / 1.81, 4.81 / 2.81, 5.81 / 3.81])  # warm-up left out
     assert s["ratio_seqpg_over_trl"]["sampling"] == pytest.approx(1.0 / 2.0)
     # training phase of the median seqpg step: 0.2*2 + 0.3*2 + 0.1 = 1.1 s for 1e9 FLOPs at a 1e10 peak
     assert mine["mfu_training"] == pytest.approx(1e9 / 1.1 / 1e10)
@@ -62,13 +63,15 @@ def test_headline_takes_the_thread_count_where_trl_is_fastest():
             {"dtype": "fp32", "threads": 2, "summary": summarise(slow_trl, peak)}]
     h = headline(runs)
     assert h["threads_fp32"] == 1 and h["speedup_fp32"] == pytest.approx(4.81 / 2.81)
+    assert h["speedup_range_fp32"] == pytest.approx([5.81 / 3.81, 3.81 / 1.81])
     report = {"machine": {"cpu_model": "x", "logical_cpus": 2, "torch": "t", "transformers": "t", "trl": "t",
                           "load_average_at_start": (0.0, 0.0, 0.0)},
               "setup": {"config": "examples/demo.yaml", "overrides": [], "warmup": 1, "steps": 3}, "lr": 2e-5,
               "sampling": {"prompts_per_step": 2, "samples_per_prompt": 8, "max_new_tokens": 32, "temperature": 1.0},
               "runs": runs, **h}
     text = markdown(report)
-    assert "fp32: seqpg's step is 1.71x faster than TRL's" in text and text.count("| whole step |") == 2
+    assert "fp32: seqpg's step is 1.71x faster than TRL's** (ratio of the medians; per round of one step each, " \
+           "1.52x to 2.10x" in text and text.count("| whole step |") == 2
 
 
 def test_a_gpu_run_reports_gpu_memory_and_names_the_card():

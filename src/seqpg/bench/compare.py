@@ -103,6 +103,8 @@ def summarise(raw: dict, peak: dict) -> dict:
     lib = out["libraries"]
     out["ratio_seqpg_over_trl"] = {p: lib["seqpg"]["median_s"][p] / lib["trl"]["median_s"][p] for p in PHASES}
     out["speedup"] = lib["trl"]["median_s"]["step"] / lib["seqpg"]["median_s"]["step"]
+    # the sides alternate, so round k's two steps ran under the same load: their ratios show the spread
+    out["speedup_per_round"] = [t / s for t, s in zip(lib["trl"]["step_s"], lib["seqpg"]["step_s"])]
     out["speedup_cpu"] = lib["trl"]["median_cpu_s"]["step"] / lib["seqpg"]["median_cpu_s"]["step"]
     out["memory_ratio_seqpg_over_trl"] = lib["seqpg"]["peak_rss_mib"] / lib["trl"]["peak_rss_mib"]
     if lib["seqpg"]["peak_gpu_mib"] and lib["trl"]["peak_gpu_mib"]:
@@ -121,6 +123,7 @@ def headline(runs: list[dict]) -> dict:
         best = min(mine, key=lambda r: r["summary"]["libraries"]["trl"]["median_s"]["step"])
         s = best["summary"]
         out.update({f"speedup_{dtype}": s["speedup"], f"speedup_cpu_{dtype}": s["speedup_cpu"],
+                    f"speedup_range_{dtype}": [min(s["speedup_per_round"]), max(s["speedup_per_round"])],
                     f"threads_{dtype}": best["threads"], f"mfu_{dtype}": s["libraries"]["seqpg"]["mfu_training"],
                     f"mfu_cpu_{dtype}": s["libraries"]["seqpg"]["mfu_training_cpu"],
                     f"memory_ratio_{dtype}": s["memory_ratio_seqpg_over_trl"]})

@@ -30,8 +30,10 @@ def markdown(report: dict) -> str:
              "process's CPU seconds over all its threads (less inflated by other load on the machine).", ""]
     for d in ("fp32", "bf16"):
         if f"speedup_{d}" in report:
+            lo, hi = report.get(f"speedup_range_{d}", (float("nan"), float("nan")))
             lines.append(f"- **{d}: seqpg's step is {report[f'speedup_{d}']:.2f}x faster than TRL's** "
-                         f"(CPU time {report[f'speedup_cpu_{d}']:.2f}x; {report[f'threads_{d}']} thread(s), "
+                         f"(ratio of the medians; per round of one step each, {lo:.2f}x to {hi:.2f}x; "
+                         f"CPU time {report[f'speedup_cpu_{d}']:.2f}x; {report[f'threads_{d}']} thread(s), "
                          f"where TRL was fastest); seqpg's training phase reaches {100 * report[f'mfu_{d}']:.1f}% "
                          f"of the measured {d} matmul peak ({100 * report[f'mfu_cpu_{d}']:.1f}% per CPU second); "
                          f"peak memory {100 * report[f'memory_ratio_{d}']:.0f}% of TRL's.")
