@@ -121,3 +121,11 @@ def test_bench_rejects_bad_step_counts_before_needing_trl(argv):
 
     with pytest.raises(SystemExit, match="--warmup >= 0 and --steps >= 1"):
         main(["bench", "--dtypes", "bf16", *argv])
+
+
+def test_bench_on_cuda_is_refused_where_no_gpu_is_visible(monkeypatch):
+    from seqpg.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda, but no CUDA device is visible"):
+        main(["bench", "--device", "cuda"])
