@@ -158,7 +158,7 @@ def test_reference_and_critic_on_the_gpu_answer_on_the_batch_device(shared):
     ("ppo", ["algo.critic=shared", "bf16=true"]),
     ("rloo", ["sampling.seed_per_prompt=true"]),
 ])
-def test_train_runs_on_the_gpu_and_resumes_exactly(family, extra, tiny_overrides):
+def test_train_runs_on_the_gpu_and_resumes_where_it_stopped(family, extra, tiny_overrides):
     base = [f"algo.name={family}", "device=cuda", "steps=4", *extra]
     full = train(load_config(None, tiny_overrides(*base, run="full")), progress=False)
     half = load_config(None, tiny_overrides(*base, "save_every=2", run="half"))
