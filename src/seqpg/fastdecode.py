@@ -185,8 +185,7 @@ class FastDecoder:
         W = attend_BW.shape[1]
 
         def write(cl, k_BK1D: torch.Tensor, v_BK1D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            if cl.get_seq_length() != W - 1:
-                raise RuntimeError(f"FastDecoder: cache holds {cl.get_seq_length()} columns, expected {W - 1}")
+            _check_filled(cl, W - 1)
             return cl.update(k_BK1D, v_BK1D)  # written in place; views of the W filled columns
 
         return self._forward(input_B1, pos_B1, attend_BW, write)
@@ -195,8 +194,7 @@ class FastDecoder:
         """The step from fixed buffers (see the class docstring); a CUDA graph's replay on CUDA."""
         B, W = attend_BW.shape
         cl0 = self.cache_layers[0]
-        if cl0.get_seq_length() != W - 1:
-            raise RuntimeError(f"FastDecoder: cache holds {cl0.get_seq_length()} columns, expected {W - 1}")
+        _check_filled(cl0, W - 1)
         if self._fixed is None:
             self._fixed = {"input": input_B1.clone(), "pos": pos_B1.clone(), "t": torch.zeros(1, dtype=torch.long,
                                                                                          device=input_B1.device),
@@ -264,6 +262,12 @@ class FastDecoder:
                                          mlp.up_proj).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], -1)
             h_BE = h_BE + self.linear(mlp.act_fn(gate_BI) * up_BI, mlp.down_proj)
         return self.linear(_rms_norm(self.trunk.norm, h_BE), self.model.lm_head)
+
+
+def _check_filled(cache_layer, columns: int) -> None:
+    """The step about to run expects ``columns`` cache columns written before it."""
+    if cache_layer.get_seq_length() != columns:
+        raise RuntimeError(f"FastDecoder: cache holds {cache_layer.get_seq_length()} columns, expected {columns}")
 
 
 def _rms_norm(norm: nn.Module, x_BF: torch.Tensor) -> torch.Tensor:
