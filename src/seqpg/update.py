@@ -101,7 +101,8 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
     same optimizer.  ``all_reduce`` sums tensors across data-parallel processes (the counts that
     normalise the loss, and the statistics returned); ``grad_sync`` sums the gradients (once per
     mini-batch, in its last micro-batch).  Both default to one process.  ``batch`` may be on any
-    device: each micro-batch is moved to the policy's device.
+    device: ``completion_logprobs`` builds each micro-batch's layout on the CPU and runs the
+    policy on its device, and the loss terms are moved there.
     """
     B, C = batch.mask_BC.shape
     max_len = max_len or C
@@ -120,7 +121,7 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
             starts = range(0, len(rows), step)
             mb_stats: dict[str, float] = {}
             for lo in starts:
-                micro = mb.select(torch.arange(lo, min(lo + step, len(rows)))).to(device)
+                micro = mb.select(torch.arange(lo, min(lo + step, len(rows))))
                 last = lo == starts[-1]
                 with nullcontext() if last or grad_sync is None else grad_sync.no_sync():
                     with autocast:
@@ -177,9 +178,10 @@ def _micro_loss(policy, critic, micro: TrainBatch, s: UpdateSettings, num_tokens
                 max_len: int) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one micro-batch, normalised by its mini-batch's counts; and its statistics."""
     counts = dict(num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
-    mask = micro.mask_BC
     out = completion_logprobs(policy, micro.rollout, temperature=s.temperature,
                               with_entropy=True, with_hidden=critic is not None and critic.shared)
+    micro = micro.to(out.logprobs_BC.device)  # the loss terms where the log-probs are (the layout stayed on the host)
+    mask = micro.mask_BC
     pg_loss, pst = core.policy_loss(s.loss, out.logprobs_BC, micro.advantages_BC, mask,
                                     old_logprobs=micro.old_logprobs_BC, agg=s.agg, **counts, **s.loss_params)
     loss = pg_loss
