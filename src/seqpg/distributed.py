@@ -50,9 +50,11 @@ class ProcessFailed(RuntimeError):
     """Another process of a multi-process run failed; raised on each process that did not."""
 
 
-def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+def resolve_device(device: str = "auto", local_rank: int | None = None) -> torch.device:
     """The configured device (``cpu``, ``cuda`` or ``auto``: CUDA when visible) as this process's
-    ``torch.device`` (under torchrun, GPU ``LOCAL_RANK``)."""
+    ``torch.device``: GPU ``local_rank``, by default torchrun's ``LOCAL_RANK`` (0 without torchrun)."""
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be one of auto, cpu, cuda; got {device!r}")
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())

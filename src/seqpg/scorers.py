@@ -272,7 +272,7 @@ class HFClassifierScorer(Scorer):
 
         from .distributed import resolve_device
 
-        device = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))  # auto: this process's GPU if any
+        device = resolve_device(device)  # auto: this process's GPU if any
 
         if output not in self.OUTPUTS or inputs not in self.INPUTS:
             raise ValueError(f"scorer {name!r}: output must be one of {self.OUTPUTS} and inputs one of {self.INPUTS}, "
