@@ -1,9 +1,10 @@
-"""`seqpg` command line: train, eval, explain, demo, bench, config.
+"""`seqpg` command line: train, eval, explain, export, demo, bench, config.
 
     seqpg train [-c CONFIG.yaml] [key=value ...]      # fine-tune as configured
     seqpg train --resume RUN [key=value ...]          # continue a run exactly where it stopped
     seqpg eval RUN_OR_MODEL [--k 1 4] [key=value ...] # held-out reward, accuracy, pass@k
     seqpg explain RUN --prompt TEXT [--completion TEXT] [--html PAGE]
+    seqpg export RUN_OR_CHECKPOINT OUT [--format hf|gguf] # a model other tools load (HF dir, GGUF file)
     seqpg demo                                        # what `make demo` runs
     seqpg config [-c CONFIG.yaml] [key=value ...]     # print the resolved configuration
 """
@@ -73,6 +74,23 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--reward", type=float, help="use this reward for the completion instead of scoring it")
     x.add_argument("--html", metavar="PAGE", help="where to write the HTML page (default: RUN/explain.html)")
     x.add_argument("--seed", type=int, default=0, help="seed of the comparison samples")
+
+    o = sub.add_parser("export", help="write a run's model as a Hugging Face directory or a GGUF file",
+                       formatter_class=fmt,
+                       description="Rebuilds the run's model, loads its checkpoint and writes it in a standard "
+                                   "format: hf, a directory AutoModelForCausalLM.from_pretrained loads (LoRA merged, "
+                                   "or a PEFT adapter directory with --lora adapter); gguf, one file for "
+                                   "llama.cpp-style runtimes (Llama-family models).")
+    o.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="a run directory (its latest checkpoint) or a "
+                                                                "checkpoint directory RUN/checkpoints/step-N")
+    o.add_argument("out", metavar="OUT", help="the directory (hf) or .gguf file (gguf) to write")
+    o.add_argument("--format", default="hf", choices=["hf", "gguf"], help="output format (default: hf)")
+    o.add_argument("--lora", default="merged", choices=["merged", "adapter"],
+                   help="LoRA runs: merge the adapters into the weights (default) or write a PEFT adapter directory")
+    o.add_argument("--dtype", choices=["f32", "f16", "bf16"],
+                   help="weight type (default: the run's for hf, f16 for gguf; gguf takes f32 or f16)")
+    o.add_argument("-c", "--config", help="the run's configuration, when the checkpoint is not inside its run")
+    o.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     d = sub.add_parser("demo", help="the README's demo: evaluate, fine-tune, evaluate again", formatter_class=fmt,
                        description="Fine-tunes SmolLM2-135M-Instruct on the default task (examples/demo.yaml) and "
@@ -172,6 +190,18 @@ def _cmd_explain(args) -> int:
     return explain_cli(args)
 
 
+def _cmd_export(args) -> int:
+    from .export import ExportError, export
+    try:
+        out = export(args.target, args.out, format=args.format, lora=args.lora, dtype=args.dtype,
+                     config=args.config, overwrite=args.overwrite)
+    except ExportError as e:
+        print(f"seqpg export: {e}", file=sys.stderr)
+        return 2
+    print(f"seqpg: exported {args.target} to {out} ({args.format})")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(args.config, args.overrides)
@@ -185,7 +215,7 @@ def _cmd_bench(args) -> int:
 
 
 _COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "explain": _cmd_explain, "demo": _cmd_demo,
-             "bench": _cmd_bench, "config": _cmd_config}
+             "bench": _cmd_bench, "config": _cmd_config, "export": _cmd_export}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import TrainConfig, load_config
 from .distributed import resolve_device
 from .evaluate import EvalResult, evaluate
+from .export import EXPORT_CONFIG, exported_step
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -19,19 +20,26 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def resolve_target_config(target: str, config: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """The run's own configuration, or (for a model) the given/default one with model.name=target."""
+    """The run's own configuration, or (for a model) the given/default one with model.name=target.
+
+    A model directory written by ``seqpg export`` carries its run's configuration: that is the
+    default there (adapters merged, so ``model.lora_r=0``)."""
     overrides = list(overrides or [])
     if is_run_dir(target):
         return load_config(config or Path(target) / "config.yaml", overrides)
+    exported = Path(target) / EXPORT_CONFIG
+    if exported.is_file():
+        return load_config(config or exported, [f"model.name={target}", "model.lora_r=0"] + overrides)
     return load_config(config, overrides + [f"model.name={target}"])
 
 
 def load_policy_for(target: str, cfg: TrainConfig, device: torch.device | None = None):
-    """(model, tokenizer, step): a run's latest checkpoint, or the model as it is (step 0); on
+    """(model, tokenizer, step): a run's latest checkpoint, or the model as it is (step 0, or the
+    step an exported model was taken at); on
     ``device``, by default the configuration's (``device: auto`` is CUDA when visible)."""
     device = device or resolve_device(cfg.device)
     model, tok = build_policy(cfg.model, cfg.seed, device)
-    step = 0
+    step = exported_step(target) or 0
     if is_run_dir(target):
         ckpt = latest_checkpoint(target)
         if ckpt is None:
