@@ -77,6 +77,13 @@ def test_hf_export_of_a_full_run_loads_with_from_pretrained_and_equal_logits(ful
     assert tok.chat_template == SMOLLM2_CHAT_TEMPLATE and tok(CHAT).input_ids == build_tiny_tokenizer()(CHAT).input_ids
 
 
+def test_a_full_checkpoint_itself_loads_with_from_pretrained(full_run):
+    ckpt = sorted((full_run / "checkpoints").glob("step-*"))[-1]
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
+    assert torch.equal(_logits(model), _seqpg_logits(full_run))
+    assert transformers.AutoTokenizer.from_pretrained(ckpt / "tokenizer").chat_template == SMOLLM2_CHAT_TEMPLATE
+
+
 def test_hf_export_of_a_checkpoint_directory_and_in_f16(full_run, tmp_path):
     ckpt = sorted((full_run / "checkpoints").glob("step-*"))[-1]
     out = export(ckpt, tmp_path / "hf16", dtype="f16")
@@ -217,3 +224,17 @@ def test_a_failed_export_leaves_nothing_and_overwrite_replaces(full_run, tmp_pat
     monkeypatch.undo()
     export(full_run, out, overwrite=True)
     assert not (out / "marker").exists() and [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_smollm2_gguf_round_trip_keeps_logits_and_byte_level_tokens(tmp_path):
+    model, tok = load_model_and_tokenizer("smollm2-135m-instruct")
+    write_gguf(model, tok, tmp_path / "smollm2.gguf", dtype="f32")
+    back, back_tok = _through_seqpg_loader(tmp_path / "smollm2.gguf", tmp_path / "cache")
+    text = tok.apply_chat_template([{"role": "user", "content": "Héllo, wörld! 12 + 30 = ?\n\ttabs"}],
+                                   tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt").input_ids
+    assert back_tok(text).input_ids == ids[0].tolist() and back_tok.decode(ids[0]) == tok.decode(ids[0])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-4, rtol=0)

@@ -3,7 +3,8 @@
 Layout of a run directory::
 
     RUN/checkpoints/step-000040/        one complete checkpoint
-        model.safetensors               full state dict (tied weights stored once), or
+        model.safetensors               full state dict (tied weights stored once), with
+        config.json, generation_config.json   a transformers model's own (from_pretrained loads it), or
         adapter/                        peft's own save_pretrained output for a PEFT model
         extra/<name>.safetensors        each extra module (critic, value head, ...)
         optimizer.pt, scheduler.pt      torch.save of their state dicts
@@ -107,6 +108,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
             model.save_pretrained(str(tmp / "adapter"), safe_serialization=True, save_embedding_layers=False)
         else:
             save_model(model, str(tmp / "model.safetensors"))
+            _save_hf_config(model, tmp)
         if extra_modules:
             (tmp / "extra").mkdir()
         for name, module in extra_modules.items():
@@ -135,6 +137,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
     if keep_last is not None:
         _prune(root, step, keep_last)
     return final
+
+
+def _save_hf_config(model: nn.Module, folder: Path) -> None:
+    """A transformers model's config.json and generation_config.json, so from_pretrained(folder) loads it."""
+    for part in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        if hasattr(part, "save_pretrained") and hasattr(part, "to_json_string"):
+            part.save_pretrained(str(folder))
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
