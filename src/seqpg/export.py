@@ -86,7 +86,10 @@ def load_trained(target: str | os.PathLike, *, config: str | os.PathLike | None 
         cfg = load_config(cfg_path)
     except ConfigError as e:
         raise ExportError(f"{cfg_path}: {e}") from e
-    model, tok = build_policy(cfg.model, cfg.seed, torch.device("cpu"))
+    try:
+        model, tok = build_policy(cfg.model, cfg.seed, torch.device("cpu"))
+    except FileNotFoundError as e:
+        raise ExportError(f"the run's base model (model.name={cfg.model.name!r}) cannot be loaded: {e}") from e
     step = load_checkpoint(ckpt, model=model, restore_rng=False)["step"]
     model.eval()
     return Trained(model, tok, cfg, step, str(ckpt))
@@ -325,7 +328,7 @@ def _check_llama(c) -> None:
                           "models (model_type 'llama', e.g. SmolLM2) can be exported to gguf; export --format hf")
     rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    problems = [f"rope_type {rope_type!r}" for _ in [0] if rope_type not in ("default", None)]
+    problems = [] if rope_type in ("default", None) else [f"rope_type {rope_type!r}"]
     problems += [f"{k}=True" for k in ("attention_bias", "mlp_bias") if getattr(c, k, False)]
     if getattr(c, "hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {c.hidden_act!r}")
