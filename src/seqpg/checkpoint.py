@@ -111,7 +111,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
     tmp.mkdir()
     try:
         # Capture RNG first, so that nothing done while saving can shift the saved streams.
-        rng_state = _capture_rng() if rng else None
+        rng_state = capture_rng_state() if rng else None
         if peft_adapters is not None:
             model.save_pretrained(str(tmp / "adapter"), safe_serialization=True, save_embedding_layers=False)
         else:
@@ -381,7 +381,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
             raise ValueError(f"{ckpt}/{key}.pt does not fit the {key} given: {e}") from e
     if restore_rng:
         if meta["rng"]:
-            _restore_rng(_torch_load(ckpt / "rng.pt"))
+            restore_rng_state(_torch_load(ckpt / "rng.pt"))
         else:
             warnings.warn(f"{ckpt} was saved with rng=False; the random streams are not restored")
     return _read_trainer_state(ckpt)
@@ -506,7 +506,8 @@ def _load_peft(ckpt: Path, meta: Mapping[str, Any], model: nn.Module) -> None:
 # RNG streams
 # ---------------------------------------------------------------------------------------------
 
-def _capture_rng() -> dict[str, Any]:
+def capture_rng_state() -> dict[str, Any]:
+    """The python, numpy, torch CPU (and CUDA / MPS) RNG states, as ``rng.pt`` stores them."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -520,7 +521,8 @@ def _capture_rng() -> dict[str, Any]:
     return state
 
 
-def _restore_rng(state: Mapping[str, Any]) -> None:
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Reset the global RNGs to states from :func:`capture_rng_state`."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
