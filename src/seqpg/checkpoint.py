@@ -32,11 +32,11 @@ a second writer).  ``StopFlag`` (the Ctrl-C / SIGTERM handler) lives in :mod:`se
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
-import hashlib
 import shutil
 import uuid
 import warnings
