@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints of a training run, and a Ctrl-C flag that ends a run with one.
+"""Crash-safe, checksummed checkpoints of a training run.
 
 Layout of a run directory::
 
@@ -11,7 +11,8 @@ Layout of a run directory::
         rng.pt                          python, numpy, torch CPU (and CUDA / MPS) RNG states
         trainer_state.json              the trainer's own JSON state (step, data position, ...)
         tokenizer/                      optional tokenizer.save_pretrained output
-        meta.json                       written last: format, step, what the checkpoint holds
+        meta.json                       written last: format, step, what the checkpoint holds, and
+                                        the size and sha256 of every other file
     RUN/checkpoints/latest              text file naming the newest checkpoint, e.g. ``step-000040``
 
 Atomicity: a checkpoint is written into a hidden temporary directory beside its final name,
@@ -21,19 +22,23 @@ any moment therefore leaves ``latest`` naming a complete checkpoint: the previou
 new one.  Leftovers of an interrupted save (temporary or half-deleted directories) are hidden
 names that :func:`latest_checkpoint` never returns, and are cleaned up by the next save.
 
-One process writes a run directory (rank 0 in distributed runs).
+Integrity: :func:`verify_checkpoint` checks every file against its recorded size and sha256 and
+that ``trainer_state.json``'s step is the directory's; :func:`latest_checkpoint` skips a damaged
+checkpoint (with a warning naming the file and why) for the newest intact one, and
+:func:`load_checkpoint` verifies before it loads.  Format 1 checkpoints (no checksums) still load.
+
+One process writes a run directory (rank 0 in distributed runs; :mod:`seqpg.runlock` keeps out
+a second writer).  ``StopFlag`` (the Ctrl-C / SIGTERM handler) lives in :mod:`seqpg.signals`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
-import signal
-import sys
-import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -44,7 +49,11 @@ import torch
 from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
-FORMAT_VERSION = 1
+from .signals import StopFlag  # noqa: F401 -- its former home; ``seqpg.checkpoint.StopFlag`` stays importable
+
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+"""1: no checksums; 2: ``meta.json`` records each file's size and sha256."""
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 META_FILE = "meta.json"
@@ -103,7 +112,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
     tmp.mkdir()
     try:
         # Capture RNG first, so that nothing done while saving can shift the saved streams.
-        rng_state = _capture_rng() if rng else None
+        rng_state = capture_rng_state() if rng else None
         if peft_adapters is not None:
             model.save_pretrained(str(tmp / "adapter"), safe_serialization=True, save_embedding_layers=False)
         else:
@@ -126,7 +135,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
                 "weights": "peft" if peft_adapters is not None else "full",
                 "adapters": peft_adapters, "extra_modules": sorted(extra_modules),
                 "optimizer": optimizer is not None, "scheduler": scheduler is not None,
-                "rng": rng, "tokenizer": tokenizer is not None}
+                "rng": rng, "tokenizer": tokenizer is not None, "files": file_checksums(tmp)}
         _write_text(tmp / META_FILE, json.dumps(meta, indent=2))
         _fsync_tree(tmp)
         _move_into_place(tmp, final)
@@ -214,76 +223,213 @@ def _clean_leftovers(root: Path) -> None:
 # Finding and loading
 # ---------------------------------------------------------------------------------------------
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of ``run_dir`` (what ``latest`` names), or None if there is none.
+class CheckpointDamaged(ValueError):
+    """A checkpoint whose files do not match what its ``meta.json`` records, or cannot be read."""
+
+
+def latest_checkpoint(run_dir: str | os.PathLike, *, verify: bool = True) -> Path | None:
+    """The newest intact checkpoint of ``run_dir`` (normally what ``latest`` names), or None if there is none.
 
     If ``latest`` is missing or names an incomplete directory (a crash between the steps of a
-    save), the complete checkpoint with the highest step is returned instead.
+    save), the complete checkpoint with the highest step is taken instead.  With ``verify`` each
+    candidate is checked by :func:`verify_checkpoint`; a damaged one is skipped for the next
+    older one, with a warning naming the file and why.  Raises :class:`CheckpointDamaged` when
+    checkpoints exist but none is intact.
     """
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return None
+    found = _complete_checkpoints(root)  # sorted by step
+    candidates = [p for _, p in reversed(found)]
     pointer = root / LATEST_FILE
     if pointer.is_file():
         target = root / pointer.read_text().strip()
         if _is_complete(target):
-            return target
-        warnings.warn(f"{pointer} names {target.name!r}, which is missing or incomplete; "
-                      "using the newest complete checkpoint instead")
-    found = _complete_checkpoints(root)
-    return max(found)[1] if found else None
+            at = _dir_step(target)
+            candidates = [target] + [p for s, p in reversed(found) if p != target and (at is None or s < at)]
+        else:
+            warnings.warn(f"{pointer} names {target.name!r}, which is missing or incomplete; "
+                          "using the newest complete checkpoint instead")
+    if not verify:
+        return candidates[0] if candidates else None
+    damaged = []
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+        except CheckpointDamaged as e:
+            damaged.append(str(e))
+            continue
+        if damaged:
+            warnings.warn(f"skipping damaged checkpoint(s): {'; '.join(damaged)}; using {path} instead")
+        return path
+    if damaged:
+        raise CheckpointDamaged(f"no intact checkpoint under {root}: {'; '.join(damaged)}; start a new run_dir, "
+                                "or restore the files from a copy")
+    return None
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Check a checkpoint directory against its ``meta.json``; return the meta or raise :class:`CheckpointDamaged`.
+
+    Checked: every file recorded in ``meta.json`` exists with its size and sha256 (format 2;
+    format 1 recorded none), and the step in ``meta.json`` and ``trainer_state.json`` is the
+    one in the directory's name (``step-000040``).  The message names the file and what is wrong.
+    """
+    ckpt = Path(path)
+    try:
+        meta = json.loads((ckpt / META_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointDamaged(f"{ckpt / META_FILE}: cannot be read ({type(e).__name__})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointDamaged(f"{ckpt / META_FILE}: not a JSON object")
+    _check_format(ckpt, meta)
+    if meta["format"] >= 2:
+        if not isinstance(meta.get("files"), dict):
+            raise CheckpointDamaged(f"{ckpt / META_FILE}: has no 'files' record of sizes and checksums")
+        for rel, want in sorted(meta["files"].items()):
+            problem = _file_problem(ckpt / rel, want)
+            if problem:
+                raise CheckpointDamaged(f"{ckpt / rel}: {problem}")
+    dir_step = _dir_step(ckpt)
+    if dir_step is not None and meta.get("step") != dir_step:
+        raise CheckpointDamaged(f"{ckpt / META_FILE}: says step {meta.get('step')!r} but the directory is "
+                                f"{ckpt.name}")
+    state = _read_trainer_state(ckpt)
+    want_step = meta.get("step") if dir_step is None else dir_step
+    if "step" in state and state["step"] != want_step:
+        raise CheckpointDamaged(f"{ckpt / 'trainer_state.json'}: says step {state['step']!r} but the checkpoint "
+                                f"is of step {want_step}")
+    return meta
+
+
+def file_checksums(root: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"bytes": size, "sha256": hex}}`` of every file under ``root`` but ``meta.json``."""
+    out = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            full = Path(dirpath) / name
+            rel = full.relative_to(root).as_posix()
+            if rel != META_FILE:
+                out[rel] = {"bytes": full.stat().st_size, "sha256": _sha256(full)}
+    return dict(sorted(out.items()))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_problem(path: Path, want: Mapping[str, Any]) -> str:
+    """Why ``path`` is not the file recorded as ``want`` ("" if it is)."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != want.get("bytes"):
+        return f"{size} bytes, but {want.get('bytes')} were written (truncated or damaged)"
+    if _sha256(path) != want.get("sha256"):
+        return "sha256 differs from the one recorded when it was written (damaged)"
+    return ""
+
+
+def _dir_step(ckpt: Path) -> int | None:
+    """The step in a checkpoint directory's name (``step-000040`` or its ``.replaced`` copy), else None."""
+    m = _STEP_DIR.match(ckpt.name) or _REPLACED_DIR.match(ckpt.name)
+    return int(m.group(1)) if m else None
+
+
+def _read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointDamaged(f"{path}: cannot be read ({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise CheckpointDamaged(f"{path}: not a JSON object")
+    return state
 
 
 def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     extra_modules: Mapping[str, nn.Module] | None = None, scheduler: Any | None = None,
-                    restore_rng: bool = True) -> dict[str, Any]:
+                    restore_rng: bool = True, verify: bool = True) -> dict[str, Any]:
     """Load a checkpoint into existing objects and return its ``trainer_state``.
 
-    ``path`` is a checkpoint directory or a run directory (its latest checkpoint is used).
-    ``model`` must have the checkpoint's structure (for a PEFT checkpoint: the same base model
-    wrapped with the same adapters).  Tensors are read on the CPU and copied into the objects'
-    own devices.  ``optimizer``, ``scheduler`` and each of ``extra_modules`` are loaded when
-    given; ``restore_rng`` resets the global python / numpy / torch RNGs to the saved streams.
+    ``path`` is a checkpoint directory or a run directory (its newest intact checkpoint is
+    used).  ``model`` must have the checkpoint's structure (for a PEFT checkpoint: the same base
+    model wrapped with the same adapters).  Tensors are read on the CPU and copied into the
+    objects' own devices.  ``optimizer``, ``scheduler`` and each of ``extra_modules`` are loaded
+    when given; ``restore_rng`` resets the global python / numpy / torch RNGs to the saved
+    streams.  ``verify`` first checks sizes, checksums and steps (:func:`verify_checkpoint`); a
+    damaged file raises :class:`CheckpointDamaged` naming it.
     """
-    ckpt = resolve_checkpoint(path)
-    meta = _read_meta(ckpt)
+    ckpt = resolve_checkpoint(path, verify=verify)
+    meta = verify_checkpoint(ckpt) if verify and Path(path) == ckpt else _read_meta(ckpt)
     if meta["weights"] == "peft":
         _load_peft(ckpt, meta, model)
     else:
         if _peft_adapter_names(model) is not None:
             raise ValueError(f"{ckpt} holds a full (non-PEFT) model but the model given is a PEFT model; "
                              "load it into the plain base model")
-        load_model(model, str(ckpt / "model.safetensors"), strict=True)
+        _load_safetensors(model, ckpt / "model.safetensors")
     for name, module in (extra_modules or {}).items():
         if name not in meta["extra_modules"]:
             raise KeyError(f"{ckpt} has no extra module {name!r}; it holds {meta['extra_modules'] or 'none'}")
-        load_model(module, str(ckpt / "extra" / f"{name}.safetensors"), strict=True)
+        _load_safetensors(module, ckpt / "extra" / f"{name}.safetensors")
     for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
         if obj is None:
             continue
         if not meta[key]:
             raise FileNotFoundError(f"{ckpt} was saved without {key} state ({key}=None), so none can be loaded; "
                                     f"pass {key}=None to load_checkpoint")
+        state = _torch_load(ckpt / f"{key}.pt")
         try:
-            obj.load_state_dict(torch.load(ckpt / f"{key}.pt", map_location="cpu", weights_only=True))
+            obj.load_state_dict(state)
         except ValueError as e:
             raise ValueError(f"{ckpt}/{key}.pt does not fit the {key} given: {e}") from e
     if restore_rng:
         if meta["rng"]:
-            _restore_rng(torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True))
+            restore_rng_state(_torch_load(ckpt / "rng.pt"))
         else:
             warnings.warn(f"{ckpt} was saved with rng=False; the random streams are not restored")
-    return json.loads((ckpt / "trainer_state.json").read_text())
+    return _read_trainer_state(ckpt)
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from a checkpoint or run directory; a clear error if there is none."""
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` of a checkpoint file (tensors and plain data only); an unreadable file is named as such."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointDamaged(f"{path}: missing") from None
+    except Exception as e:  # noqa: BLE001 -- torch's own message would advise weights_only=False
+        raise CheckpointDamaged(f"{path}: cannot be read as a torch file ({type(e).__name__}); it is "
+                                "truncated or damaged") from None
+
+
+def _load_safetensors(module: nn.Module, path: Path) -> None:
+    from safetensors import SafetensorError
+
+    try:
+        load_model(module, str(path), strict=True)
+    except FileNotFoundError:
+        raise CheckpointDamaged(f"{path}: missing") from None
+    except SafetensorError as e:
+        raise CheckpointDamaged(f"{path}: cannot be read as safetensors ({e}); it is truncated or damaged") from None
+
+
+def resolve_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Path:
+    """A checkpoint directory from a checkpoint or run directory; a clear error if there is none.
+
+    A run directory gives its newest intact checkpoint (:func:`latest_checkpoint`); a checkpoint
+    directory is returned as it is.
+    """
     p = Path(path)
     if (p / META_FILE).is_file():
         return p
-    found = latest_checkpoint(p)
+    found = latest_checkpoint(p, verify=verify)
     if found is None and p.name == CHECKPOINTS_DIR:
-        found = latest_checkpoint(p.parent)
+        found = latest_checkpoint(p.parent, verify=verify)
     if found is None:
         raise FileNotFoundError(
             f"No checkpoint at {p}: expected a checkpoint directory containing {META_FILE} (e.g. "
@@ -294,10 +440,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def _read_meta(ckpt: Path) -> dict[str, Any]:
     meta = json.loads((ckpt / META_FILE).read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{ckpt}/{META_FILE}: checkpoint format {meta.get('format')!r} is not the format "
-                         f"this seqpg reads ({FORMAT_VERSION}); load it with the seqpg version that wrote it")
+    _check_format(ckpt, meta)
     return meta
+
+
+def _check_format(ckpt: Path, meta: Mapping[str, Any]) -> None:
+    if meta.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{ckpt}/{META_FILE}: checkpoint format {meta.get('format')!r} is not a format "
+                         f"this seqpg reads {READABLE_FORMATS}; load it with the seqpg version that wrote it")
 
 
 def _is_complete(path: Path) -> bool:
@@ -305,7 +455,7 @@ def _is_complete(path: Path) -> bool:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(meta, dict) and meta.get("format") == FORMAT_VERSION
+    return isinstance(meta, dict) and meta.get("format") in READABLE_FORMATS
 
 
 def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -365,7 +515,8 @@ def _load_peft(ckpt: Path, meta: Mapping[str, Any], model: nn.Module) -> None:
 # RNG streams
 # ---------------------------------------------------------------------------------------------
 
-def _capture_rng() -> dict[str, Any]:
+def capture_rng_state() -> dict[str, Any]:
+    """The python, numpy, torch CPU (and CUDA / MPS) RNG states, as ``rng.pt`` stores them."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -379,7 +530,8 @@ def _capture_rng() -> dict[str, Any]:
     return state
 
 
-def _restore_rng(state: Mapping[str, Any]) -> None:
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Reset the global RNGs to states from :func:`capture_rng_state`."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -452,62 +604,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# ---------------------------------------------------------------------------------------------
-# Ctrl-C: finish the step, save, stop
-# ---------------------------------------------------------------------------------------------
-
-class StopFlag:
-    """Turns SIGINT (Ctrl-C) into a request to stop after the current step.
-
-    Used as a context manager around the training loop::
-
-        with StopFlag() as stop:
-            for step in ...:
-                train_step(...)
-                if stop.is_set():
-                    save_checkpoint(...)
-                    break
-
-    Inside the block the first signal only sets the flag (and says so on stderr); a second one
-    raises ``KeyboardInterrupt`` as usual, for when the step itself hangs.  The previous
-    handlers are restored on exit.  Outside the main thread no handler can be installed: the
-    flag then only reacts to :meth:`set`.  ``signals`` may add ``signal.SIGTERM`` (preemption).
-    """
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT,), announce: bool = True):
-        self.signals = tuple(signals)
-        self.announce = announce
-        self.received: int | None = None
-        self._event = threading.Event()
-        self._previous: dict[int, Any] = {}
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def __bool__(self) -> bool:
-        return self.is_set()
-
-    def set(self) -> None:
-        self._event.set()
-
-    def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self._event.is_set():
-            raise KeyboardInterrupt
-        self.received = signum
-        self._event.set()
-        if self.announce:
-            print(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
-                  "and stopping (press Ctrl-C again to abort at once)", file=sys.stderr, flush=True)

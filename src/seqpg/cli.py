@@ -7,6 +7,10 @@
     seqpg export RUN_OR_CHECKPOINT OUT [--format hf|gguf] # a model other tools load (HF dir, GGUF file)
     seqpg demo                                        # what `make demo` runs
     seqpg config [-c CONFIG.yaml] [key=value ...]     # print the resolved configuration
+
+exit status: 0 done; 1 the run failed; 2 configuration error; 3 stopped early with a checkpoint
+(SIGTERM, Ctrl-C or max_minutes): continue with `seqpg train --resume RUN`; 130 aborted (a second
+Ctrl-C). SIGUSR1 saves a checkpoint after the current step and training goes on.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, TrainConfig, describe_config, load_config, to_dict
+from .runlock import RunInUse
+from .signals import EXIT_STOPPED
 
 
 def _config_help() -> str:
@@ -146,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"seqpg: configuration error: {e}", file=sys.stderr)
         return 2
+    except RunInUse as e:
+        print(f"seqpg: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("seqpg: interrupted", file=sys.stderr)
         return 130
@@ -172,7 +181,7 @@ def _cmd_train(args) -> int:
     if result.steps_done and int(os.environ.get("RANK", "0")) == 0:
         print(f"seqpg: {result.steps_done} steps done; run in {result.run_dir}"
               + (" (stopped early; continue with --resume)" if result.stopped_early else ""))
-    return 0
+    return EXIT_STOPPED if result.stopped_early else 0
 
 
 def _cmd_eval(args) -> int:

@@ -50,6 +50,11 @@ class ProcessFailed(RuntimeError):
     """Another process of a multi-process run failed; raised on each process that did not."""
 
 
+def failed_together(error: BaseException, dist: "DistContext") -> bool:
+    """True when every process raised at the same point (always in one process): they may still act together."""
+    return not dist.enabled or getattr(error, "seqpg_failed_together", False)
+
+
 def resolve_device(device: str = "auto", local_rank: int | None = None) -> torch.device:
     """The configured device (``cpu``, ``cuda`` or ``auto``: CUDA when visible) as this process's
     ``torch.device``: GPU ``local_rank``, by default torchrun's ``LOCAL_RANK`` (0 without torchrun)."""
@@ -160,7 +165,8 @@ class DistContext:
         After the phase every process all-reduces a failure flag (one small collective).  The
         process that failed re-raises its own exception, with a note naming its rank; every
         other process raises :class:`ProcessFailed` with the failing rank's error message.  In
-        one process this is a no-op.
+        one process this is a no-op.  Either error is marked (:func:`failed_together`): every
+        process knows of it, so all may still act together (save a checkpoint, say).
         """
         if not self.enabled:
             yield
@@ -181,10 +187,13 @@ class DistContext:
         print(f"seqpg [rank {self.rank}]: stopping: {summary}", file=sys.stderr, flush=True)
         self.barrier()
         if error is not None:
+            error.seqpg_failed_together = True
             error.add_note(f"seqpg: rank {self.rank} of {self.world_size} failed during {phase}; "
                            f"all processes stop (failed ranks: {ranks})")
             raise error
-        raise ProcessFailed(summary)
+        others = ProcessFailed(summary)
+        others.seqpg_failed_together = True
+        raise others
 
     def close(self) -> None:
         if self.owns_group and tdist.is_initialized():

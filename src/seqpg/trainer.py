@@ -15,9 +15,12 @@ gradients and metrics are summed over processes.  Only rank 0 writes the run dir
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +28,14 @@ import torch.nn.functional as F
 from . import core
 from .batch import Prompt, RolloutBatch, total_rewards
 from .build import Components, build_components
-from .checkpoint import StopFlag, latest_checkpoint, save_checkpoint
+from .checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig, to_dict
-from .distributed import DistContext
+from .distributed import DistContext, failed_together
+from .runlock import RunLock
 from .runlog import RunLogger, Timer, progress_bar
 from .sampling import generate
 from .scorers import score_batch
+from .signals import StopFlag
 from .update import TrainBatch, update
 
 
@@ -56,6 +61,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
 
 def _train(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool) -> TrainResult:
     run_dir = Path(cfg.run_dir)
+    with ExitStack() as held:
+        with dist.fail_together("locking the run directory"):
+            if dist.is_main:  # before anything is written there; released on any exit
+                held.enter_context(RunLock(run_dir))
+        return _run(cfg, dist, resume, progress, run_dir)
+
+
+def _run(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool, run_dir: Path) -> TrainResult:
     c: Components = build_components(cfg, dist)  # scorers and prompts first, then models
     start = 0
     with dist.fail_together("resume"):
@@ -71,25 +84,86 @@ def _train(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool) ->
                         resume_step=start if ckpt is not None else None)
         log.write_config(to_dict(cfg))
     stop = StopFlag()
-    t_start, metrics, step = time.monotonic(), {}, start
+    t_start, metrics, step, saved = time.monotonic(), {}, start, start
     bar = progress_bar(total=cfg.steps, initial=start, enabled=progress and dist.is_main)
-    with stop:
-        for step in range(start + 1, cfg.steps + 1):
-            metrics = train_step(cfg, c, dist, step, log)
-            bar.update(metrics)
-            out_of_time = cfg.max_minutes is not None and time.monotonic() - t_start > 60 * cfg.max_minutes
-            halt = dist.any(stop.is_set() or out_of_time)  # every process stops after the same step
-            if step % cfg.save_every == 0 or step == cfg.steps or halt:
-                _save(cfg, c, dist, step)
-            if halt:
-                break
-    bar.close()
-    log.close()
+    try:
+        with stop:
+            for step in range(start + 1, cfg.steps + 1):
+                before = StepStart.capture(c)
+                try:
+                    metrics = train_step(cfg, c, dist, step, log, before)
+                except Exception as e:
+                    _save_after_failed_step(cfg, c, dist, step, saved, before, e)
+                    raise
+                bar.update(metrics)
+                out_of_time = cfg.max_minutes is not None and time.monotonic() - t_start > 60 * cfg.max_minutes
+                asked = torch.tensor([stop.is_set() or out_of_time, stop.take_checkpoint_request()], dtype=torch.int64)
+                halt, save_now = dist.all_reduce_max(asked).tolist()  # every process stops / saves after this step
+                if step % cfg.save_every == 0 or step == cfg.steps or halt or save_now:
+                    _save(cfg, c, dist, step)
+                    saved = step
+                if halt:
+                    break
+    finally:  # also on an error: the logs are closed and the plots written
+        bar.close()
+        log.close()
     return TrainResult(run_dir, step, step < cfg.steps, metrics)
 
 
-def train_step(cfg: TrainConfig, c: Components, dist: DistContext, step: int, log: RunLogger) -> dict[str, float]:
-    """One step: sample -> score -> advantages -> update -> log. Returns the step's metrics."""
+@dataclass
+class StepStart:
+    """Where the run stood before a step: what the step consumes before it changes the model.
+
+    A step that fails before its update has changed only the prompt stream's position and the
+    RNG streams; :meth:`rewind` puts them back, so the run's state is again exactly that of the
+    end of the previous step.  ``train_step`` sets ``updating`` just before the update, from
+    which point on the model and optimizer may have changed.
+    """
+
+    stream: dict[str, Any]
+    rng: dict[str, Any]
+    updating: bool = False
+
+    @classmethod
+    def capture(cls, c: Components) -> "StepStart":
+        return cls(c.stream.state_dict(), capture_rng_state())
+
+    def rewind(self, c: Components) -> None:
+        c.stream.load_state_dict(self.stream)
+        restore_rng_state(self.rng)
+
+
+def _save_after_failed_step(cfg: TrainConfig, c: Components, dist: DistContext, step: int, saved: int,
+                            before: StepStart, error: Exception) -> None:
+    """Step ``step`` raised: save the last complete step unless saved already or the state is not clean.
+
+    Clean means the step failed before its update (sampling, scoring, the reference pass, the
+    advantages) and, under torchrun, on every process at the same point (``fail_together``), so
+    all of them can still save together.  A failure of the save is added to ``error``'s notes.
+    """
+    last = step - 1
+    why_not = ("no step has completed since the last checkpoint" if last <= saved
+               else "it failed during the update, which may have changed the model in part" if before.updating
+               else "it failed on this process alone" if not failed_together(error, dist) else None)
+    if why_not is None:
+        before.rewind(c)
+        try:
+            _save(cfg, c, dist, last)
+        except Exception as save_error:  # noqa: BLE001 -- the step's error is the one to raise
+            error.add_note(f"seqpg: saving the checkpoint of step {last} failed too: {save_error!r}")
+            return
+    if dist.is_main:
+        told = (f"saved the checkpoint of step {last}, the last complete step" if why_not is None
+                else f"no checkpoint saved: {why_not}" + (f" (the newest is of step {saved})" if saved else ""))
+        print(f"seqpg: step {step} failed; {told}", file=sys.stderr, flush=True)
+
+
+def train_step(cfg: TrainConfig, c: Components, dist: DistContext, step: int, log: RunLogger,
+               start: StepStart | None = None) -> dict[str, float]:
+    """One step: sample -> score -> advantages -> update -> log. Returns the step's metrics.
+
+    ``start`` (if given) is told when the update begins (``start.updating``).
+    """
     s, a, timer = cfg.sampling, cfg.algo, Timer()
     prompts, first = _my_share(c.stream.take(s.prompts_per_step), dist)
     bf16 = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # every forward pass
@@ -118,6 +192,8 @@ def train_step(cfg: TrainConfig, c: Components, dist: DistContext, step: int, lo
     batch = TrainBatch(rollout, adv_BC, ret_BC, old_logprobs_BC,
                        ref_BC if a.kl_mode == "loss" else None, old_values_BC)
     c.update_settings.kl_loss_coef = c.kl_ctl.value if (a.kl_mode == "loss" and ref_BC is not None) else 0.0
+    if start is not None:
+        start.updating = True
     with timer("update"):
         ustats = update(c.policy, c.optimizer, batch, c.update_settings, critic=c.critic,
                         all_reduce=dist.all_reduce_sum, max_len=s.max_new_tokens, grad_sync=c.parallel)
