@@ -61,7 +61,7 @@ def build_scorers(rewards: list[ScorerConfig]) -> list:
     for r in rewards:
         try:
             out.append((make_scorer(r.kind, name=r.name or r.kind, **r.params), r.weight))
-        except (TypeError, ValueError, KeyError, ImportError) as e:
+        except (TypeError, ValueError, KeyError, ImportError, AttributeError, OSError) as e:
             raise ConfigError(f"rewards: scorer {r.name or r.kind!r} (kind {r.kind!r}): {e}") from e
     return out
 
@@ -72,8 +72,49 @@ def build_prompts(task: TaskConfig) -> tuple[list, list]:
         return train_eval_prompts(task.source, task.name, train_size=task.train_size, eval_size=task.eval_size,
                                   seed=task.seed, params=task.params, prompt_column=task.prompt_column,
                                   instruction=task.instruction)
-    except (TypeError, ValueError, KeyError, FileNotFoundError) as e:
+    except (TypeError, ValueError, KeyError, OSError) as e:
         raise ConfigError(f"task ({task.source} {task.name!r}): {e}") from e
+
+
+def fit_to_context(cfg: TrainConfig, *prompt_lists: list) -> tuple[list, ...]:
+    """Each list of prompts measured against the model's context minus ``sampling.max_new_tokens``
+    (chat template and system prompt included), as ``task.overlong_prompts`` says. Reads only the
+    tokenizer and the model's config: nothing heavy loads."""
+    import sys
+
+    from .models import TINY_CONTEXT, context_length, load_tokenizer
+    from .sampling import encode_prompt
+    from .tasks import fit_prompts
+
+    if cfg.model.name == "tiny":
+        tok, n_ctx = build_tiny_tokenizer(), TINY_CONTEXT
+    else:
+        path = resolve_model(cfg.model.name)
+        tok, n_ctx = load_tokenizer(path), context_length(path)
+    if n_ctx is None:
+        return prompt_lists
+    s = cfg.sampling
+    limit = n_ctx - s.max_new_tokens
+    if limit < 1:
+        raise ConfigError(f"sampling.max_new_tokens={s.max_new_tokens} leaves no room for a prompt in the model's "
+                          f"context of {n_ctx} positions; lower it")
+
+    def length(text: str) -> int:
+        return len(encode_prompt(tok, text, chat_template=s.chat_template, system_prompt=s.system_prompt))
+
+    out = []
+    for prompts in prompt_lists:
+        try:
+            kept, notes = fit_prompts(prompts, length, limit, overlong=cfg.task.overlong_prompts)
+        except ValueError as e:
+            raise ConfigError(f"task ({cfg.task.source} {cfg.task.name!r}): {e}") from e
+        if notes:
+            print(f"seqpg: {len(notes)} prompt(s) longer than the context allows ({limit} tokens): "
+                  f"{notes[0]}{' ...' if len(notes) > 1 else ''}", file=sys.stderr)
+        if not kept:
+            raise ConfigError(f"task ({cfg.task.source} {cfg.task.name!r}): every prompt is over {limit} tokens")
+        out.append(kept)
+    return tuple(out)
 
 
 def build_policy(m: ModelConfig, seed: int, device: torch.device):
@@ -106,6 +147,7 @@ def build_components(cfg: TrainConfig, dist: DistContext) -> Components:
         family = get_family(cfg.algo.name)
         scorers = build_scorers(cfg.rewards)
         train_prompts, eval_prompts = build_prompts(cfg.task)
+        train_prompts, eval_prompts = fit_to_context(cfg, train_prompts, eval_prompts)
         seed_everything(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -126,7 +168,8 @@ def build_components(cfg: TrainConfig, dist: DistContext) -> Components:
                               epochs=a.epochs or family.epochs, minibatches=a.minibatches,
                               micro_batch_size=o.micro_batch_size, max_grad_norm=o.max_grad_norm,
                               temperature=s.temperature, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
-                              vf_coef=a.vf_coef, vf_clip=a.vf_clip, bf16=cfg.bf16)
+                              vf_coef=a.vf_coef, vf_clip=a.vf_clip, bf16=cfg.bf16,
+                              on_nonfinite=o.on_nonfinite)
     family_params = estimator_params(family, cfg)
     stream = PromptStream(train_prompts, seed=cfg.seed)
     return Components(family, parallel.policy, tok, optimizer, scheduler, scorers, stream, eval_prompts, kl_ctl,

@@ -8,6 +8,9 @@
     seqpg demo                                        # what `make demo` runs
     seqpg config [-c CONFIG.yaml] [key=value ...]     # print the resolved configuration
 
+Options and key=value overrides may come in any order.  A failure is one line on stderr
+(``seqpg: <problem>; <fix>``); ``--debug`` (anywhere on the line) also prints the traceback.
+
 exit status: 0 done; 1 the run failed; 2 configuration error; 3 stopped early with a checkpoint
 (SIGTERM, Ctrl-C or max_minutes): continue with `seqpg train --resume RUN`; 130 aborted (a second
 Ctrl-C). SIGUSR1 saves a checkpoint after the current step and training goes on.
@@ -146,18 +149,68 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = parse_args([a for a in argv if a != "--debug"])
     try:
         return _COMMANDS[args.command](args)
-    except ConfigError as e:
-        print(f"seqpg: configuration error: {e}", file=sys.stderr)
-        return 2
-    except RunInUse as e:
-        print(f"seqpg: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("seqpg: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line (the traceback with --debug)
+        return report_failure(e, debug=debug)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, options and ``key=value`` overrides in any order.
+
+    argparse takes the overrides given before the first option after them as its positional list; the
+    rest come back unrecognised and are appended in order (a later override of the same key wins)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = list(args.overrides) + overrides
+    return args
+
+
+EXIT_CONFIG, EXIT_FAILED = 2, 1
+"""Exit statuses: a configuration (or a path in it) that cannot run; a run that failed."""
+
+
+def report_failure(e: BaseException, *, debug: bool = False) -> int:
+    """Print ``e`` as one line ``seqpg: <problem>; <fix>`` (after its traceback with ``debug``); its exit status."""
+    import errno
+    import traceback
+
+    from .scorers import ScorerError
+    from .update import NonFiniteError
+
+    if debug:
+        traceback.print_exception(e, file=sys.stderr)
+    text = " ".join(str(e).split()) or type(e).__name__
+    hint = "" if debug else " (run again with --debug for the traceback)"
+    if isinstance(e, ConfigError):
+        line, code = f"configuration error: {text}", EXIT_CONFIG
+    elif isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)):
+        line, code = text, EXIT_CONFIG
+    elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {e.filename}" if e.filename else ""
+        line = (f"disk full{where}; free space (or choose another run_dir) and continue with --resume: "
+                "the last complete checkpoint is intact")
+        code = EXIT_FAILED
+    elif isinstance(e, ScorerError):
+        line, code = (f"reward failed: {text}; fix the scorer, or set on_scorer_error=zero to score such "
+                      "samples 0 (counted)"), EXIT_FAILED
+    elif isinstance(e, (NonFiniteError, RunInUse)):
+        line, code = text, EXIT_FAILED
+    else:
+        line, code = f"{type(e).__name__}: {text}{hint}", EXIT_FAILED
+    print(f"seqpg: {line}", file=sys.stderr)
+    return code
 
 
 def _cmd_config(args) -> int:
@@ -177,6 +230,7 @@ def _cmd_train(args) -> int:
         cfg = load_config(cfg_path, args.overrides + [f"run_dir={args.resume}"])
     else:
         cfg = load_config(args.config, args.overrides)
+        _refuse_used_run_dir(Path(cfg.run_dir))
     result = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
     if result.steps_done and int(os.environ.get("RANK", "0")) == 0:
         print(f"seqpg: {result.steps_done} steps done; run in {result.run_dir}"
@@ -184,8 +238,36 @@ def _cmd_train(args) -> int:
     return EXIT_STOPPED if result.stopped_early else 0
 
 
+def _refuse_used_run_dir(run_dir: Path) -> None:
+    """A new run must not write over an earlier one's checkpoints or logs (checked before any model loads)."""
+    from .runlog import METRICS_FILE, SAMPLES_FILE
+    from .runlock import check_free
+
+    check_free(run_dir)  # a run writing there now is named first (RunInUse)
+    ckpts = run_dir / "checkpoints"
+    used = (ckpts.is_dir() and any(ckpts.iterdir())) or any(
+        (run_dir / f).is_file() and (run_dir / f).stat().st_size > 0 for f in (METRICS_FILE, SAMPLES_FILE))
+    if used:
+        raise ConfigError(f"run_dir {str(run_dir)!r} already holds a run (checkpoints or logs); continue it with "
+                          f"`seqpg train --resume {run_dir}` or give another run_dir=...")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir {str(run_dir)!r} is a file; give a directory path")
+
+
+def _check_target(target: str) -> None:
+    """``RUN_OR_MODEL`` must be a run directory, a model directory or .gguf file, or an alias."""
+    from .models import MODEL_ALIASES
+    from .session import is_run_dir
+
+    if is_run_dir(target) or target in MODEL_ALIASES or target == "tiny" or Path(target).exists():
+        return
+    raise ConfigError(f"{target!r} does not exist; give a run directory, a model directory, a .gguf file or an "
+                      f"alias ({', '.join(sorted(MODEL_ALIASES))})")
+
+
 def _cmd_eval(args) -> int:
     from .session import eval_target
+    _check_target(args.target)
     res = eval_target(args.target, config=args.config, overrides=args.overrides, n_prompts=args.prompts,
                       ks=tuple(args.k), samples=args.samples)
     print(res.table())
@@ -196,6 +278,7 @@ def _cmd_eval(args) -> int:
 
 def _cmd_explain(args) -> int:
     from .explain import explain_cli
+    _check_target(args.run)
     return explain_cli(args)
 
 

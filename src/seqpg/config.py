@@ -13,6 +13,7 @@ ever reaches the maths core.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,6 +70,10 @@ class TaskConfig:
     """Column holding the prompt text (jsonl, csv, hf_datasets)."""
     instruction: str | None = None
     """Text appended to every prompt (reasoning_gym default asks for <answer></answer> tags)."""
+    overlong_prompts: str = "error"
+    """A prompt whose tokens (chat template included) exceed the model's context minus
+    sampling.max_new_tokens: `error` refuses the run naming the prompt, `truncate` cuts the end of its
+    text until it fits, `drop` leaves it out (each counted on stderr)."""
 
 
 @dataclass
@@ -166,6 +171,9 @@ class OptimConfig:
     """AdamW betas."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm (0 disables)."""
+    on_nonfinite: str = "skip"
+    """A mini-batch whose loss or gradient norm is NaN or infinite: `skip` takes no optimizer step for it
+    (counted in the metric `nonfinite_steps`), `stop` ends the run with an error, before any checkpoint."""
     micro_batch_size: int = 0
     """Samples per forward/backward (gradient accumulation); 0 = the whole mini-batch at once.
     Accumulation never changes the loss: it is normalised by the mini-batch's counts."""
@@ -239,6 +247,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algo.critic": ("separate", "shared"),
     "model.dtype": ("float32", "bfloat16"),
     "task.source": ("reasoning_gym", "jsonl", "csv", "hf_datasets"),
+    "task.overlong_prompts": ("error", "truncate", "drop"),
+    "optim.on_nonfinite": ("skip", "stop"),
     "on_scorer_error": ("raise", "zero"),
     "device": ("auto", "cpu", "cuda"),
     "parallel": ("ddp", "fsdp2"),
@@ -284,6 +294,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _check_finite(value, key)
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -296,19 +307,35 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        _check_finite(number, key)
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
+
+
+def _check_finite(value: Any, key: str) -> None:
+    """Refuse NaN and infinities anywhere in ``value`` (a number, or free-form params nested in lists/dicts)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value} is not a finite number; give a finite value")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -329,9 +356,43 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _parse_scalar(text: str) -> Any:
+def _parse_scalar(text: str, key: str = "") -> Any:
     """`key=value` values are parsed as YAML scalars: 1e-5, true, null, [a, b], {k: v}."""
-    return yaml.safe_load(text) if text != "" else ""
+    if text == "":
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}={text}: the value is not valid YAML ({_yaml_problem(e)}); "
+                          "quote a string value inside the argument, e.g. key='\"text\"'") from e
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: the problem and where (line:column, 1-based)."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def read_yaml_file(path: str | Path) -> Any:
+    """The YAML document in ``path``; a syntax error (or a tab used for indentation) is a ConfigError
+    naming the file, line and column."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist" if not p.exists()
+                          else f"config file {str(p)!r} is not a file; give the path of a YAML file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark, lines = getattr(e, "problem_mark", None), text.splitlines()
+        line = lines[mark.line] if mark is not None and mark.line < len(lines) else ""
+        hint = ("YAML does not allow tabs for indentation: indent with spaces" if mark is not None
+                and "\t" in line[:mark.column + 1] else "fix the YAML syntax there")
+        raise ConfigError(f"config file {str(p)!r}: invalid YAML: {_yaml_problem(e)}; {hint}") from e
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -343,10 +404,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
         node: Any = out
-        for i, p in enumerate(parts[:-1]):
+        for p in parts[:-1]:
             if isinstance(node, list):
-                node = node[int(p)]
+                node = node[_list_index(node, p, key)]
                 continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {p!r} is inside a value that is not a mapping ({node!r})")
             nxt = node.get(p)
             if nxt is None:
                 nxt = {}
@@ -354,10 +417,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = nxt
         last = parts[-1]
         if isinstance(node, list):
-            node[int(last)] = _parse_scalar(text)
+            node[_list_index(node, last, key)] = _parse_scalar(text, key)
+        elif isinstance(node, dict):
+            node[last] = _parse_scalar(text, key)
         else:
-            node[last] = _parse_scalar(text)
+            raise ConfigError(f"override {key}: {last!r} is inside a value that is not a mapping ({node!r})")
     return out
+
+
+def _list_index(items: list, part: str, key: str) -> int:
+    if not part.lstrip("-").isdigit() or not -len(items) <= int(part) < len(items):
+        raise ConfigError(f"override {key}: {part!r} is not an index of a list of {len(items)} item(s) "
+                          f"(use 0..{len(items) - 1}, e.g. rewards.0.weight=2)")
+    return int(part)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -365,9 +437,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        loaded = yaml.safe_load(p.read_text())
+        loaded = read_yaml_file(p)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
         data = loaded or {}
@@ -415,8 +485,30 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"sampling.temperature must be > 0, got {s.temperature} (use a small value for near-greedy)")
     if not 0 < s.top_p <= 1:
         raise ConfigError(f"sampling.top_p must be in (0, 1], got {s.top_p}")
+    if s.top_k < 0:
+        raise ConfigError(f"sampling.top_k must be >= 0 (0 disables it), got {s.top_k}")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    if o.max_grad_norm < 0:
+        raise ConfigError(f"optim.max_grad_norm must be > 0, or 0 to disable clipping; got {o.max_grad_norm}")
+    nonnegative = {"optim.micro_batch_size": o.micro_batch_size, "optim.warmup_steps": o.warmup_steps,
+                   "task.eval_size": cfg.task.eval_size, "eval_every": cfg.eval_every,
+                   "eval_prompts": cfg.eval_prompts, "threads": cfg.threads, "algo.entropy_coef": a.entropy_coef,
+                   "algo.vf_coef": a.vf_coef, "model.lora_dropout": cfg.model.lora_dropout}
+    for key, v in nonnegative.items():
+        if v < 0:
+            raise ConfigError(f"{key} must be >= 0, got {v}")
+    if a.critic_lr is not None and a.critic_lr <= 0:
+        raise ConfigError(f"algo.critic_lr must be > 0 (or null for 10 x optim.lr), got {a.critic_lr}")
+    if cfg.max_minutes is not None and cfg.max_minutes <= 0:
+        raise ConfigError(f"max_minutes must be > 0 (or null for no limit), got {cfg.max_minutes}")
+    if cfg.keep_checkpoints < 1 or cfg.log_samples_every < 1:
+        raise ConfigError(f"keep_checkpoints and log_samples_every must be at least 1, got {cfg.keep_checkpoints}, "
+                          f"{cfg.log_samples_every}")
     if len(o.betas) != 2:
         raise ConfigError(f"optim.betas must be two numbers, got {o.betas}")
     if not 0 <= a.gamma <= 1 or not 0 <= a.lam <= 1:

@@ -76,6 +76,10 @@ def build_tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return tokenizer
 
 
+TINY_CONTEXT = 512
+"""Positions of the ``tiny`` model (its ``max_position_embeddings``)."""
+
+
 def build_tiny_model(
     vocab_size: int,
     *,
@@ -95,7 +99,7 @@ def build_tiny_model(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
-        max_position_embeddings=512,
+        max_position_embeddings=TINY_CONTEXT,
         tie_word_embeddings=False,
         pad_token_id=0,
         eos_token_id=2,
@@ -226,8 +230,9 @@ def _write_hf_checkpoint_from_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Pat
     model it believes quantised.
     """
     directory, file_name = str(gguf_path.parent), gguf_path.name
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=file_name, dtype=torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=file_name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=file_name, dtype=torch.float32,
+                                                              local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=file_name, local_files_only=True)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -268,17 +273,30 @@ def load_model_and_tokenizer(
     ``lora`` the model is a ``peft.PeftModel`` whose only trainable parameters are the adapters.
     """
     path = resolve_model(path)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = load_tokenizer(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora is not None:
         model = apply_lora(model, lora)
     return model, tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer of a local checkpoint (``resolve_model``'s result), padding on the left, EOS as pad
+    when it has no pad token."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def context_length(path: str | os.PathLike) -> int | None:
+    """Positions the checkpoint's model can attend over (``max_position_embeddings``), None when unstated."""
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    return getattr(config, "max_position_embeddings", None)
 
 
 def apply_lora(model: transformers.PreTrainedModel, lora: LoraArgs) -> nn.Module:
@@ -374,7 +392,7 @@ class ValueCritic(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> "ValueCritic":
-        trunk = transformers.AutoModel.from_pretrained(resolve_model(path), dtype=dtype)
+        trunk = transformers.AutoModel.from_pretrained(resolve_model(path), dtype=dtype, local_files_only=True)
         return cls(trunk, trunk.config.hidden_size)
 
     def forward(self, batch: RolloutBatch) -> torch.Tensor:

@@ -101,6 +101,16 @@ class RunLock:
         raise RunInUse(_in_use_message(self.run_dir, _read_holder(self.path)))
 
 
+def check_free(run_dir: str | os.PathLike) -> None:
+    """Raise :class:`RunInUse` if a live process holds ``run_dir``'s lock (takes and drops it at once).
+
+    Lets a command that would refuse the directory for another reason (a new run over an old one)
+    say first that a run is writing there now."""
+    if (Path(run_dir) / LOCK_FILE).is_file():
+        with RunLock(run_dir):
+            pass
+
+
 def _holder_record() -> str:
     return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n"

@@ -340,12 +340,16 @@ def resolve_callable(fn: str | Callable[..., Any], *, what: str) -> Callable[...
             raise FileNotFoundError(f"{what}: no file {target!r} (from fn={fn!r})")
         spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0], target)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)  # runs the file's code, as importing a module does
+        except Exception as e:
+            raise ImportError(f"{what}: running {target!r} (from fn={fn!r}) raised {type(e).__name__}: {e}") from e
     else:
         try:
             module = importlib.import_module(target)
-        except ImportError as e:
-            raise ImportError(f"{what}: cannot import module {target!r} (from fn={fn!r}): {e}") from e
+        except Exception as e:  # ImportError, or whatever the module's own code raised on import
+            raise ImportError(f"{what}: cannot import module {target!r} (from fn={fn!r}): "
+                              f"{type(e).__name__}: {e}") from e
     if not callable(getattr(module, attr, None)):
         raise AttributeError(f"{what}: module {target!r} has no callable {attr!r} (from fn={fn!r})")
     return getattr(module, attr)
@@ -360,7 +364,7 @@ class CallableScorer(PerSampleScorer):
         self.fn = resolve_callable(fn, what=f"scorer {name!r}")
 
     def score_one(self, prompt: Prompt, completion: str) -> float:
-        return float(self.fn(prompt.text, completion, prompt.meta))
+        return self.fn(prompt.text, completion, prompt.meta)  # score_batch checks that it is a number
 
 
 @register_scorer("dense_callable")
@@ -378,7 +382,7 @@ class DenseCallableScorer(Scorer):
         if tokens is None:
             raise ValueError(f"dense scorer {self.name!r} needs the completion tokens "
                              "(score_batch(..., tokenizer=...))")
-        return [[float(x) for x in self.fn(p.text, c, list(t), p.meta)]
+        return [self.fn(p.text, c, list(t), p.meta)  # score_batch checks each is a list of numbers
                 for p, c, t in zip(prompts, completions, tokens, strict=True)]
 
 
@@ -434,10 +438,25 @@ def _describe(scorer: Scorer, i: int, prompts: Sequence[Prompt], completions: Se
             f"completion starts {completions[i][:60]!r})")
 
 
+def _number(value: Any, where: str) -> float:
+    """``value`` as a float; a string or a bool is refused (``"0.5"`` or ``True`` is a bug in the scorer,
+    not a score), and so is anything ``float`` cannot read."""
+    if isinstance(value, (str, bytes, bool)) or type(value).__name__ == "bool_" or \
+            (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise ScorerError(f"{where} returned {value!r} ({type(value).__name__}), not a number; return a float")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ScorerError(f"{where} returned {value!r} ({type(value).__name__}), not a number; "
+                          "return a float") from e
+
+
 def _check_value(scorer: Scorer, i: int, value: Any, n_tokens: int | None, prompts, completions) -> list[float] | float:
     where = _describe(scorer, i, prompts, completions)
     if scorer.dense:
-        values = [float(v) for v in value]
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise ScorerError(f"{where} returned {value!r}, not a list of per-token rewards")
+        values = [_number(v, where) for v in value]
         if len(values) != n_tokens:
             raise ScorerError(f"{where} returned {len(values)} token rewards for {n_tokens} completion tokens")
         bad = [j for j, v in enumerate(values) if not math.isfinite(v)]
@@ -445,10 +464,7 @@ def _check_value(scorer: Scorer, i: int, value: Any, n_tokens: int | None, promp
             raise ScorerError(f"{where} returned a non-finite reward {values[bad[0]]} at token {bad[0]}; "
                               "scores must be finite numbers")
         return values
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as e:
-        raise ScorerError(f"{where} returned {value!r}, not a number") from e
+    v = _number(value, where)
     if not math.isfinite(v):
         raise ScorerError(f"{where} returned a non-finite score {v}; scores must be finite numbers")
     return v

@@ -205,10 +205,12 @@ def rows_to_prompts(rows: Sequence[Mapping[str, Any]], *, label: str, prompt_col
     return prompts
 
 
-def _existing_path(source: str, path: str) -> str:
+def _existing_path(source: str, path: str, *, file: bool = False) -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{source} source: no such file or directory {path!r} "
                                 "(only local paths are read; nothing is downloaded)")
+    if file and not os.path.isfile(path):
+        raise ValueError(f"{source} source: {path!r} is a directory; set task.name to the {source} file's path")
     return path
 
 
@@ -218,7 +220,7 @@ def jsonl_prompts(name: str, *, size: int | None, seed: int, params: dict[str, A
     """One JSON object per line of file ``name`` (blank lines skipped). Params: id_column, meta_columns."""
     _check_file_params("jsonl", params, _FILE_PARAMS)
     rows = []
-    with open(_existing_path("jsonl", name), encoding="utf-8") as f:
+    with open(_existing_path("jsonl", name, file=True), encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -236,12 +238,48 @@ def jsonl_prompts(name: str, *, size: int | None, seed: int, params: dict[str, A
 @register_prompt_source("csv")
 def csv_prompts(name: str, *, size: int | None, seed: int, params: dict[str, Any],
                 prompt_column: str, instruction: str | None) -> list[Prompt]:
-    """A CSV file with a header row (values are strings). Params: id_column, meta_columns."""
-    _check_file_params("csv", params, _FILE_PARAMS)
-    with open(_existing_path("csv", name), encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
+    """A CSV file with a header row (values are strings). Params: id_column, meta_columns,
+    multiline_fields (default false: a quoted field running over several lines is refused as an
+    unbalanced quote; true allows it)."""
+    _check_file_params("csv", params, _FILE_PARAMS | {"multiline_fields"})
+    params = dict(params)
+    multiline = params.pop("multiline_fields", False)
+    with open(_existing_path("csv", name, file=True), encoding="utf-8", newline="") as f:
+        rows = read_csv_rows(f, label=name, multiline_fields=bool(multiline))
     return rows_to_prompts(rows, label=os.path.basename(name), prompt_column=prompt_column,
                            instruction=instruction, size=size, **params)
+
+
+def read_csv_rows(lines: Iterator[str], *, label: str, multiline_fields: bool = False) -> list[dict[str, str]]:
+    """Rows of a CSV with a header, as dicts; malformed rows are refused by line number (1-based).
+
+    A row with more or fewer fields than the header is refused (never padded with None), and so is a
+    quoted field that runs over several lines unless ``multiline_fields``: that is what an unbalanced
+    quote looks like, silently swallowing the rows after it.  Blank lines are skipped.
+    """
+    reader = csv.reader(lines, strict=True)
+    rows: list[dict[str, str]] = []
+    header: list[str] | None = None
+    end = 0
+    try:
+        for record in reader:
+            start, end = end + 1, reader.line_num
+            if not record:
+                continue
+            if end > start and not multiline_fields:
+                raise ValueError(f"{label}:{start}: a quoted field runs from line {start} to line {end}: an "
+                                 "unbalanced quote? Close it (a quote inside a field is written \"\"), or set "
+                                 "task.params.multiline_fields=true if fields really span lines")
+            if header is None:
+                header = record
+                continue
+            if len(record) != len(header):
+                raise ValueError(f"{label}:{start}: {len(record)} field(s) where the header has {len(header)} "
+                                 f"({', '.join(header)}); fix the row (quote fields that contain a comma)")
+            rows.append(dict(zip(header, record)))
+    except csv.Error as e:
+        raise ValueError(f"{label}:{reader.line_num}: malformed CSV ({e}); fix the quoting there") from e
+    return rows
 
 
 _HF_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
@@ -361,6 +399,48 @@ def train_eval_prompts(source: str, name: str, *, train_size: int | None, eval_s
     if not train:
         raise ValueError(f"{source} {name!r}: no training prompts left after removing the {len(evals)} eval prompts")
     return train, evals
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt length
+
+
+OVERLONG = ("error", "truncate", "drop")
+
+
+def fit_prompts(prompts: Sequence[Prompt], length: Callable[[str], int], limit: int, *,
+                overlong: str = "error") -> tuple[list[Prompt], list[str]]:
+    """(prompts that fit in ``limit`` tokens, a note per prompt changed), measured by ``length(text)``.
+
+    ``length`` counts the tokens the model will see for a prompt text (chat template included).
+    ``overlong``: ``error`` raises naming the first prompt over ``limit``; ``drop`` leaves such prompts
+    out; ``truncate`` keeps the longest start of the prompt's text that fits.
+    """
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong={overlong!r}; valid: {', '.join(OVERLONG)}")
+    kept, notes = [], []
+    for p in prompts:
+        n = length(p.text)
+        if n <= limit:
+            kept.append(p)
+            continue
+        if overlong == "error":
+            raise ValueError(f"prompt {p.id!r} is {n} tokens (chat template included), over the {limit} the model's "
+                             "context leaves after sampling.max_new_tokens; shorten it, lower max_new_tokens, or "
+                             "set task.overlong_prompts=truncate (or drop)")
+        if overlong == "drop":
+            notes.append(f"dropped prompt {p.id!r} ({n} tokens > {limit})")
+            continue
+        lo, hi = 0, len(p.text)  # the longest prefix whose length fits: length grows with the prefix
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if length(p.text[:mid]) <= limit else (lo, mid - 1)
+        if lo == 0:
+            raise ValueError(f"prompt {p.id!r}: even its empty text is over {limit} tokens with the chat template "
+                             "and system prompt; lower sampling.max_new_tokens or shorten sampling.system_prompt")
+        kept.append(Prompt(text=p.text[:lo], id=p.id, meta=p.meta))
+        notes.append(f"truncated prompt {p.id!r} from {n} tokens to {length(p.text[:lo])}")
+    return kept, notes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,9 +34,10 @@ from .distributed import DistContext, failed_together
 from .runlock import RunLock
 from .runlog import RunLogger, Timer, progress_bar
 from .sampling import generate
+from .resume import apply_resume_changes, record_resume_changes, resume_changes
 from .scorers import score_batch
 from .signals import StopFlag
-from .update import TrainBatch, update
+from .update import TrainBatch, refuse_nonfinite_parameters, update
 
 
 @dataclass
@@ -69,6 +70,7 @@ def _train(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool) ->
 
 
 def _run(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool, run_dir: Path) -> TrainResult:
+    changes = resume_changes(run_dir, cfg) if resume else {}  # refuses what cannot change mid-run
     c: Components = build_components(cfg, dist)  # scorers and prompts first, then models
     start = 0
     with dist.fail_together("resume"):
@@ -80,9 +82,12 @@ def _run(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool, run_
             start = state["step"]
             c.stream.load_state_dict(state["prompt_stream"])
             c.kl_ctl.load_state_dict(state["kl_controller"])
+            apply_resume_changes(changes, cfg, c.optimizer, c.scheduler, c.kl_ctl)  # overrides win over the restore
         log = RunLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.tensorboard,
                         resume_step=start if ckpt is not None else None)
         log.write_config(to_dict(cfg))
+        if dist.is_main:
+            record_resume_changes(run_dir, start + 1, changes)
     stop = StopFlag()
     t_start, metrics, step, saved = time.monotonic(), {}, start, start
     bar = progress_bar(total=cfg.steps, initial=start, enabled=progress and dist.is_main)
@@ -311,6 +316,7 @@ def _save(cfg: TrainConfig, c: Components, dist: DistContext, step: int) -> None
     state = {"step": step, "prompt_stream": c.stream.state_dict(), "kl_controller": c.kl_ctl.state_dict()}
     view = c.parallel.checkpoint_view(c.optimizer)
     with dist.fail_together("checkpoint"):
+        refuse_nonfinite_parameters({"policy": c.policy, **c.extra_modules}, step)  # never save a NaN model
         if view is not None:
             save_checkpoint(cfg.run_dir, step, model=view.model, optimizer=view.optimizer,
                             extra_modules=view.extra_modules, trainer_state=state, scheduler=c.scheduler,

@@ -9,8 +9,10 @@ across processes (``grad_sync``; see :mod:`seqpg.distributed`): the optimizer st
 same whatever the number of processes.  Every process holds the same number of rows, so all
 take the same number of optimizer steps.  Reported statistics are global too: each process
 weights its tokens by the global token count and the sums are reduced once at the end.
-A mini-batch whose global gradient norm is not finite takes no optimizer step (the weights and
-the optimizer's moments stay as they were); ``skipped_steps`` reports the fraction skipped.
+A mini-batch whose loss or global gradient norm is not finite takes no optimizer step (the weights
+and the optimizer's moments stay as they were; ``on_nonfinite="skip"``): ``skipped_steps`` reports
+the fraction skipped and ``nonfinite_steps`` their number.  With ``on_nonfinite="stop"`` it raises
+:class:`NonFiniteError` instead, before the optimizer touches the weights.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class TrainBatch:
                           self.old_logprobs_BC.to(device), move(self.ref_logprobs_BC), move(self.old_values_BC))
 
 
+class NonFiniteError(RuntimeError):
+    """A mini-batch's loss or gradient norm was NaN or infinite and the run was set to stop on it."""
+
+
 @dataclass
 class UpdateSettings:
     """Plain arguments of an update (built from the config by the trainer)."""
@@ -73,6 +79,7 @@ class UpdateSettings:
     vf_coef: float = 0.5
     vf_clip: float | None = 0.2
     bf16: bool = False
+    on_nonfinite: str = "skip"
 
 
 class GradSync(Protocol):
@@ -133,13 +140,22 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
             if grad_sync is not None:
                 grad_sync.sync_loose_grads()
             grad_norm = _clip_grad_norm(params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf"))
-            finite = math.isfinite(grad_norm)
+            loss_finite = _all_finite([mb_stats.get("loss", 0.0)], all_reduce)
+            finite = math.isfinite(grad_norm) and loss_finite
             if finite:  # an inf/nan gradient would corrupt every weight and the optimizer's moments
                 optimizer.step()
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                if s.on_nonfinite == "stop":
+                    raise NonFiniteError(
+                        f"the loss ({mb_stats.get('loss', float('nan')):.4g} here) or gradient norm ({grad_norm:.4g}) "
+                        "is not finite; the run stopped before any step or checkpoint took it in. Lower optim.lr, "
+                        "check the rewards, or set optim.on_nonfinite=skip to skip such mini-batches")
             for k, v in mb_stats.items():
                 totals[k] = totals.get(k, 0.0) + v
             totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm
             totals["skipped_steps"] = totals.get("skipped_steps", 0.0) + (0.0 if finite else 1.0)
+            totals["nonfinite_steps"] = totals.get("nonfinite_steps", 0.0) + (0.0 if finite else 1.0)
             n_steps += 1
     return _global_means(totals, n_steps, all_reduce)
 
@@ -159,19 +175,40 @@ def _clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     return norm
 
 
-GLOBAL_STATS = ("grad_norm", "skipped_steps")
+def refuse_nonfinite_parameters(modules: dict[str, torch.nn.Module], step: int) -> None:
+    """Raise :class:`NonFiniteError` naming the first parameter holding NaN or inf (this process's
+    shard under FSDP2); called before a checkpoint is written, so none ever holds such weights."""
+    for module_name, module in modules.items():
+        for name, p in module.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if not bool(torch.isfinite(local.detach()).all()):
+                raise NonFiniteError(f"{module_name} parameter {name} holds NaN or inf at step {step}; no checkpoint "
+                                     "was written (the last one is intact). Lower optim.lr or optim.max_grad_norm "
+                                     "and continue with --resume")
+
+
+def _all_finite(values: list[float], all_reduce: Callable | None) -> bool:
+    """Whether every process's ``values`` are finite (one reduction, so all processes agree)."""
+    bad = torch.tensor(float(not all(math.isfinite(v) for v in values)))
+    if all_reduce is not None:
+        bad = all_reduce(bad)
+    return float(bad) == 0.0
+
+
+GLOBAL_STATS = ("grad_norm", "skipped_steps", "nonfinite_steps")
 """Statistics every process computes from global quantities already (not summed over processes)."""
 
 
 def _global_means(totals: dict[str, float], n_steps: int, all_reduce: Callable | None) -> dict[str, float]:
     """Per-step means of the statistics, summed over processes (``GLOBAL_STATS`` are global already).
 
-    ``skipped_steps`` becomes the fraction of optimizer steps skipped for a non-finite gradient norm."""
+    ``skipped_steps`` becomes the fraction of optimizer steps skipped for a non-finite loss or gradient
+    norm; ``nonfinite_steps`` stays their number."""
     keys = sorted(k for k in totals if k not in GLOBAL_STATS)
     if all_reduce is not None and keys:
         summed = all_reduce(torch.tensor([totals[k] for k in keys], dtype=torch.float64))
         totals = dict(totals, **dict(zip(keys, summed.tolist())))
-    return {k: v / n_steps for k, v in totals.items()}
+    return {k: v if k == "nonfinite_steps" else v / n_steps for k, v in totals.items()}
 
 
 def _micro_loss(policy, critic, micro: TrainBatch, s: UpdateSettings, num_tokens: float, num_seqs: float,
