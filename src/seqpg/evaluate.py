@@ -74,8 +74,9 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, max_new_tokens
         lengths += rollout.completion_lengths_B.tolist()
         if scored.correct_B is not None:
             correct += scored.correct_B.float().tolist()
-        for name, v in scored.scores.items():
-            per_scorer.setdefault(name, []).extend(v.tolist())
+        for name, v in scored.scores.items():  # over the samples a scorer applied to (None: it did not)
+            applies = scored.applies.get(name, torch.ones_like(v, dtype=torch.bool))
+            per_scorer.setdefault(name, []).extend(v[applies].tolist())
         rows += [{"prompt": p.text, "completion": comp, "reward": r}
                  for p, comp, r in zip(chunk, rollout.completions, scored.rewards_B.tolist())]
         if progress is not None:
@@ -90,7 +91,7 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, max_new_tokens
         acc = sum(correct) / len(correct)
         se_acc = math.sqrt(acc * (1 - acc) / len(correct)) if len(correct) > 1 else float("nan")
     return EvalResult(n, float(r.mean()), se, acc, se_acc, sum(lengths) / n, time.monotonic() - t0,
-                      {k: sum(v) / len(v) for k, v in per_scorer.items()}, pk, rows)
+                      {k: sum(v) / len(v) if v else math.nan for k, v in per_scorer.items()}, pk, rows)
 
 
 def _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, temperature, seed, batch_size, kw) -> dict[int, float]:

@@ -30,7 +30,7 @@ from .config import TrainConfig, to_dict
 from .distributed import DistContext
 from .runlog import RunLogger, Timer, progress_bar
 from .sampling import generate
-from .scorers import score_batch
+from .scorers import reward_metrics, sample_scores, score_batch
 from .update import TrainBatch, update
 
 
@@ -197,8 +197,7 @@ def _metrics(scored, adv_BC, kl_mean, ustats, timer, c: Components, dist: DistCo
     rewards = dist.gather_cat(scored.rewards_B)
     lengths = dist.gather_cat(r.completion_lengths_B.float())
     m = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0}
-    for name, v in scored.scores.items():
-        m[f"reward/{name}"] = float(dist.gather_cat(v.float()).mean())
+    m.update(reward_metrics(scored, dist.gather_cat))
     if scored.correct_B is not None:
         m["accuracy"] = float(dist.gather_cat(scored.correct_B.float()).mean())
     m["adv_mean"] = float(core.masked_mean(adv_BC, mask, all_reduce=dist.all_reduce_sum))
@@ -225,7 +224,7 @@ def _sample_rows(scored, adv_BC) -> list[dict]:
         n = int(r.completion_mask_BC[i].sum())
         rows.append({"prompt_id": r.prompts[i].id, "prompt": r.prompts[i].text, "completion": r.completions[i],
                      "reward": float(scored.rewards_B[i]),
-                     "scores": {k: float(v[i]) for k, v in scored.scores.items()},
+                     "scores": sample_scores(scored, i),
                      "advantage": float(adv_BC[i, :n].mean()) if n else 0.0, "length": n})
     return rows
 
