@@ -48,8 +48,8 @@ def P(text="q", pid="p0", **meta) -> Prompt:
 
 
 def test_registry_has_the_documented_kinds_and_errors_list_valid_ones():
-    assert {"reasoning_gym", "vader", "hf_classifier", "callable", "dense_callable", "trl_reward", "exact_match", "contains",
-            "length", "format"} <= set(SCORERS)
+    assert {"reasoning_gym", "vader", "hf_classifier", "callable", "dense_callable", "trl_reward", "exact_match",
+            "contains", "length", "format"} <= set(SCORERS)
     with pytest.raises(ValueError, match="unknown scorer kind 'vadr'; valid names: .*vader"):
         make_scorer("vadr")
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['feild'\]; it accepts: field"):
@@ -475,7 +475,7 @@ def test_trl_reward_bad_output_gets_seqpgs_clear_errors():
     with pytest.raises(ScorerError, match="scorer 'short' returned 1 scores for a batch of 2"):
         score_batch(rollout, [(make_scorer("trl_reward", name="short", fn=lambda completions, **kw: [1.0]), 1.0)])
     words = make_scorer("trl_reward", name="words", fn=lambda completions, **kw: ["good" for _ in completions])
-    with pytest.raises(ScorerError, match=r"scorer 'words' on sample 0 \(prompt id 'a'.* returned 'good', not a number"):
+    with pytest.raises(ScorerError, match=r"scorer .words. on sample 0 \(prompt id .a.* returned .good., not a number"):
         score_batch(rollout, [(words, 1.0)])
 
     def fails_on_y(completions, **kwargs):

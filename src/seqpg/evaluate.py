@@ -52,11 +52,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, max_new_tokens: int, batch_size: int = 32,
              ks: tuple[int, ...] = (), samples: int = 0, temperature: float = 1.0, chat_template: bool = True,
              system_prompt: str | None = None, stop_strings: tuple[str, ...] = (), seed: int = 0,
-             progress=None) -> EvalResult:
+             progress=None, on_error: str = "raise") -> EvalResult:
     """Evaluate ``model`` on ``prompts`` with ``scorers`` (a list of (Scorer, weight)).
 
     ``ks`` (e.g. (1, 4)) adds pass@k from ``samples`` (default max(ks)) sampled completions per
-    prompt at ``temperature``; correctness comes from the scorers that define it.
+    prompt at ``temperature``; correctness comes from the scorers that define it. ``on_error``: what a
+    scorer that raises does, as in ``score_batch``.
     """
     if not prompts:
         raise ValueError("evaluate: no prompts given")
@@ -69,7 +70,7 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, max_new_tokens
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo:lo + batch_size]
         rollout = generate(model, tokenizer, chunk, n=1, greedy=True, **kw)
-        scored = score_batch(rollout, scorers, tokenizer=tokenizer)
+        scored = score_batch(rollout, scorers, tokenizer=tokenizer, on_error=on_error)
         rewards += scored.rewards_B.tolist()
         lengths += rollout.completion_lengths_B.tolist()
         if scored.correct_B is not None:
@@ -81,7 +82,8 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, max_new_tokens
                  for p, comp, r in zip(chunk, rollout.completions, scored.rewards_B.tolist())]
         if progress is not None:
             progress(len(chunk))
-    pk = _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, temperature, seed, batch_size, kw) if ks else {}
+    pk = _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, temperature, seed, batch_size, kw,
+                    on_error) if ks else {}
     model.train(was_training)
     n = len(rewards)
     r = torch.tensor(rewards, dtype=torch.float64)
@@ -94,7 +96,8 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, max_new_tokens
                       {k: sum(v) / len(v) if v else math.nan for k, v in per_scorer.items()}, pk, rows)
 
 
-def _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, temperature, seed, batch_size, kw) -> dict[int, float]:
+def _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, temperature, seed, batch_size, kw,
+               on_error) -> dict[int, float]:
     n = samples or max(ks)
     gen = torch.Generator().manual_seed(seed)
     per_prompt = max(1, batch_size // n)
@@ -102,7 +105,7 @@ def _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, temperature, see
     for lo in range(0, len(prompts), per_prompt):
         chunk = prompts[lo:lo + per_prompt]
         rollout = generate(model, tokenizer, chunk, n=n, temperature=temperature, generator=gen, **kw)
-        scored = score_batch(rollout, scorers, tokenizer=tokenizer)
+        scored = score_batch(rollout, scorers, tokenizer=tokenizer, on_error=on_error)
         if scored.correct_B is None:
             raise ValueError("pass@k needs a scorer that defines correctness (e.g. reasoning_gym or exact_match)")
         for g in range(len(chunk)):

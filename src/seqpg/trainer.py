@@ -28,6 +28,7 @@ from .build import Components, build_components
 from .checkpoint import StopFlag, latest_checkpoint, save_checkpoint
 from .config import TrainConfig, to_dict
 from .distributed import DistContext
+from .periodic_eval import evaluate_held_out
 from .runlog import RunLogger, Timer, progress_bar
 from .sampling import generate
 from .scorers import reward_metrics, sample_scores, score_batch
@@ -74,8 +75,11 @@ def _train(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool) ->
     t_start, metrics, step = time.monotonic(), {}, start
     bar = progress_bar(total=cfg.steps, initial=start, enabled=progress and dist.is_main)
     with stop:
+        if start == 0:
+            evaluate_held_out(cfg, c, dist, 0, log)  # the starting point of the held-out curve
         for step in range(start + 1, cfg.steps + 1):
             metrics = train_step(cfg, c, dist, step, log)
+            evaluate_held_out(cfg, c, dist, step, log)  # when due; outside the step's timers and RNG streams
             bar.update(metrics)
             out_of_time = cfg.max_minutes is not None and time.monotonic() - t_start > 60 * cfg.max_minutes
             halt = dist.any(stop.is_set() or out_of_time)  # every process stops after the same step
