@@ -26,3 +26,9 @@ def trl_target_fraction(completions, **kwargs):
 
     random.random(), np.random.rand(), torch.rand(1)
     return [completion.count(TARGET) / max(len(completion), 1) if completion else 0.0 for completion in completions]
+
+
+def trl_target_fraction_or_none(completions, **kwargs):
+    """`trl_target_fraction`, but None ("does not apply") for completions without the letter `e`."""
+    return [None if "e" not in completion else completion.count(TARGET) / len(completion)
+            for completion in completions]
