@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
+import warnings
 
 import pytest
 import torch
@@ -46,8 +48,8 @@ def P(text="q", pid="p0", **meta) -> Prompt:
 
 
 def test_registry_has_the_documented_kinds_and_errors_list_valid_ones():
-    assert {"reasoning_gym", "vader", "hf_classifier", "callable", "dense_callable", "exact_match", "contains",
-            "length", "format"} <= set(SCORERS)
+    assert {"reasoning_gym", "vader", "hf_classifier", "callable", "dense_callable", "trl_reward", "exact_match",
+            "contains", "length", "format"} <= set(SCORERS)
     with pytest.raises(ValueError, match="unknown scorer kind 'vadr'; valid names: .*vader"):
         make_scorer("vadr")
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['feild'\]; it accepts: field"):
@@ -363,3 +365,144 @@ def test_vader_positive_threshold_defines_correctness_for_evaluation(make_rollou
     assert scored.correct_B.tolist() == [True, False]
     assert scored.rewards_B[0] > 0.5 and scored.rewards_B[1] < -0.3
     assert score_batch(rollout, [(plain, 1.0)]).correct_B is None
+
+
+# ---------------------------------------------------------------------------------------------
+# trl_reward: functions written exactly as TRL's GRPOTrainer documentation writes them
+
+
+def reward_len(completions, **kwargs):
+    """TRL's quick-start reward (standard format): completions close to 20 characters."""
+    return [-abs(20 - len(completion)) for completion in completions]
+
+
+def match_answer(prompts, completions, answer, **kwargs):
+    """Standard format with an extra dataset column."""
+    return [1.0 if completion.strip() == str(ref) else 0.0 for completion, ref in zip(completions, answer)]
+
+
+def format_reward_func(completions, **kwargs):
+    """TRL's conversational-format example: completions are lists of one assistant message."""
+    pattern = r"^<think>.*?</think><answer>.*?</answer>$"
+    completion_contents = [completion[0]["content"] for completion in completions]
+    return [1.0 if re.match(pattern, content) else 0.0 for content in completion_contents]
+
+
+def math_reward(completions, task, **kwargs):
+    """Multi-task: None where the sample is not a math sample."""
+    return [None if t != "math" else float("4" in c) for c, t in zip(completions, task)]
+
+
+def code_reward(completions, task, **kwargs):
+    return [None if t != "code" else float("def" in c) for c, t in zip(completions, task)]
+
+
+class Recorder:
+    """Records every call's keyword arguments, then delegates."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, **kwargs):
+        self.calls.append(kwargs)
+        return self.fn(**kwargs)
+
+
+def test_trl_reward_plain_format_passes_strings_ids_and_columns_once_per_batch():
+    prompts = [P("What is 2+2?", pid="a", answer="4", source="gsm"), P("Say hi", pid="b", answer="hi")]
+    rollout = make_rollout(prompts, ["4", "hello there"])
+    rec = Recorder(match_answer)
+    out = score_batch(rollout, [(make_scorer("trl_reward", name="match", fn=rec), 1.0),
+                                (make_scorer("trl_reward", name="len", fn=reward_len), 0.5)])
+    assert len(rec.calls) == 1  # the whole batch in one call
+    kw = rec.calls[0]
+    assert kw["prompts"] == ["What is 2+2?", "Say hi"] and kw["completions"] == ["4", "hello there"]
+    assert kw["answer"] == ["4", "hi"] and kw["source"] == ["gsm", None]  # a missing column is None
+    assert kw["trainer_state"] is None
+    assert kw["completion_ids"] == [row[mask].tolist() for row, mask in
+                                    zip(rollout.completion_ids_BC, rollout.completion_mask_BC)]
+    assert kw["completion_ids"][0][-1] == 2  # EOS included, as in TRL's completion_mask
+    assert out.scores["match"].tolist() == [1.0, 0.0]
+    assert out.scores["len"].tolist() == [-19.0, -9.0]
+    assert out.rewards_B.tolist() == [1.0 - 9.5, -4.5]
+    assert out.applies["match"].all() and out.correct_B is None
+
+
+def test_trl_reward_conversational_format_passes_message_lists():
+    rollout = make_rollout([P("Solve 2+2", pid="a"), P("Solve 3+3", pid="b")],
+                           ["<think>2 and 2</think><answer>4</answer>", "6"])
+    rec = Recorder(format_reward_func)
+    out = score_batch(rollout, [(make_scorer("trl_reward", name="fmt", fn=rec, conversational=True), 1.0)])
+    assert out.scores["fmt"].tolist() == [1.0, 0.0]
+    kw = rec.calls[0]
+    assert kw["prompts"] == [[{"role": "user", "content": "Solve 2+2"}], [{"role": "user", "content": "Solve 3+3"}]]
+    assert kw["completions"][1] == [{"role": "assistant", "content": "6"}]
+    with pytest.raises(ValueError, match="conversational must be true or false"):
+        make_scorer("trl_reward", fn=reward_len, conversational="yes")
+
+
+def test_trl_reward_none_is_left_out_of_the_weighted_sum_as_trl_does():
+    from seqpg.scorers import reward_metrics, sample_scores
+
+    tasks = ["math", "code", "math", "code"]
+    comps = ["4", "def f(): pass", "5", "print(1)"]
+    rollout = make_rollout([P(pid=f"p{i}", task=t) for i, t in enumerate(tasks)], comps)
+    scorers = [(make_scorer("trl_reward", name="math", fn=math_reward), 2.0),
+               (make_scorer("trl_reward", name="code", fn=code_reward), 0.5)]
+    out = score_batch(rollout, scorers)
+    # TRL: rewards_per_func = [[1, nan], [nan, 1], [0, nan], [nan, 0]]; (rewards_per_func * w).nansum(dim=1)
+    assert out.rewards_B.tolist() == [2.0, 0.5, 0.0, 0.0]
+    assert out.applies["math"].tolist() == [True, False, True, False]
+    m = reward_metrics(out)
+    assert m["reward/math"] == 0.5 and m["reward/code"] == 0.5  # TRL's nanmean: over the samples it applied to
+    assert m["reward_none/math"] == 0.5 and m["reward_unscored"] == 0.0
+    assert sample_scores(out, 1) == {"math": None, "code": 1.0}
+    # a sample no function applies to gets 0, with TRL's warning
+    rollout = make_rollout([P(pid="m", task="math"), P(pid="x", task="poetry")], ["4", "roses"])
+    with pytest.warns(UserWarning, match=r"every scorer \(math, code\) returned None for 1 of 2 .* prompt id 'x'"):
+        out = score_batch(rollout, scorers)
+    assert out.rewards_B.tolist() == [2.0, 0.0]
+    assert reward_metrics(out)["reward_unscored"] == 0.5
+    # beside a scorer that always applies there is nothing to warn about, and no unscored fraction
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = score_batch(rollout, scorers + [(make_scorer("length", unit="chars"), 1.0)])
+    assert out.rewards_B.tolist() == [3.0, 5.0] and "reward_unscored" not in reward_metrics(out)
+
+
+def test_trl_reward_bad_output_gets_seqpgs_clear_errors():
+    rollout = make_rollout([P(pid="a", task="math"), P(pid="b", task="math")], ["x", "y"])
+    with pytest.raises(ScorerError, match="scorer 'short' returned 1 scores for a batch of 2"):
+        score_batch(rollout, [(make_scorer("trl_reward", name="short", fn=lambda completions, **kw: [1.0]), 1.0)])
+    words = make_scorer("trl_reward", name="words", fn=lambda completions, **kw: ["good" for _ in completions])
+    with pytest.raises(ScorerError, match=r"scorer .words. on sample 0 \(prompt id .a.* returned .good. \(str\), not a number"):
+        score_batch(rollout, [(words, 1.0)])
+
+    def fails_on_y(completions, **kwargs):
+        if "y" in completions:
+            raise KeyError("no parse")
+        return [1.0] * len(completions)
+
+    with pytest.raises(ScorerError, match=r"scorer 'trl_reward' on sample 1 \(prompt id 'b'.* raised KeyError"):
+        score_batch(rollout, [(make_scorer("trl_reward", fn=fails_on_y), 1.0)])
+    out = score_batch(rollout, [(make_scorer("trl_reward", fn=fails_on_y), 1.0)], on_error="zero")
+    assert out.scores["trl_reward"].tolist() == [1.0, 0.0] and out.num_scorer_errors == 1
+    nan = make_scorer("trl_reward", name="nan", fn=lambda completions, **kw: [math.nan] * len(completions))
+    with pytest.raises(ScorerError, match="non-finite score"):
+        score_batch(rollout, [(nan, 1.0)])
+    clash = make_rollout([P(pid="a", completions="?")], ["x"])
+    with pytest.raises(ScorerError, match=r"prompt column\(s\) \['completions'\] share a name with an argument TRL"):
+        score_batch(clash, [(make_scorer("trl_reward", fn=reward_len), 1.0)])
+    # only scorers of this kind may say None
+    none = make_scorer("callable", name="nothing", fn=lambda prompt, completion, meta: None)
+    with pytest.raises(ScorerError, match="returned None, not a number .only a trl_reward scorer may return None"):
+        score_batch(rollout, [(none, 1.0)])
+
+
+def test_trl_reward_loads_a_function_from_a_file_path(tmp_path):
+    path = tmp_path / "my_trl_rewards.py"
+    path.write_text("def reward_len(completions, **kwargs):\n"
+                    "    return [-abs(20 - len(completion)) for completion in completions]\n")
+    scorer = make_scorer("trl_reward", fn=f"{path}:reward_len")
+    out = score_batch(make_rollout([P()], ["x" * 18]), [(scorer, 1.0)])
+    assert out.rewards_B.tolist() == [-2.0]

@@ -136,6 +136,10 @@ class ScoredBatch:
     token_rewards_BC: torch.Tensor | None = None  # (B, C) dense per-token rewards (weighted), if any scorer gives them
     correct_B: torch.Tensor | None = None  # (B,) bool, where the task defines correctness (e.g. a verifier score of 1)
     num_scorer_errors: int = 0  # scores replaced by 0 after a scorer raised (only with on_error="zero")
+    applies: dict[str, torch.Tensor] = field(default_factory=dict)
+    """scorer name -> (B,) bool, False where the scorer returned None ("does not apply to this sample"); only
+    for scorers that may return None (``Scorer.may_abstain``). Their ``scores`` hold 0 there, so that the
+    weighted sum ``rewards_B`` leaves them out (TRL's ``nansum``)."""
 
 
 def total_rewards(scored: ScoredBatch) -> torch.Tensor:

@@ -126,6 +126,8 @@ def build_policy(m: ModelConfig, seed: int, device: torch.device):
         tok = build_tiny_tokenizer()
         model = build_tiny_model(len(tok), hidden_size=m.tiny_hidden_size, num_layers=m.tiny_layers, seed=seed)
         model = model.to(dtype)
+        if m.gradient_checkpointing:  # as load_model_and_tokenizer does for every other model
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora is not None:
             from .models import apply_lora
             model = apply_lora(model, lora)

@@ -109,20 +109,21 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="side-by-side benchmark against TRL's GRPOTrainer", formatter_class=fmt,
                        description="See `make bench`. Needs the bench extra: pip install -e '.[bench]'.")
-    b.add_argument("--steps", type=int, default=6, help="measured steps per library (after warm-up)")
-    b.add_argument("--warmup", type=int, default=3,
-                   help="unmeasured steps per library first (steady state: seqpg's heap grows for ~3 steps; "
-                        "see docs/bench.md)")
+    b.add_argument("--steps", type=int, default=None, help="measured steps per library (after warm-up; default 6)")
+    b.add_argument("--warmup", type=int, default=None,
+                   help="unmeasured steps per library first (default 3; steady state: seqpg's heap grows for ~3 "
+                        "steps; see docs/bench.md)")
     b.add_argument("--out", default="bench", help="output directory (latest.json, latest.md)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where both libraries train (cuda: on the GPU; the MFU is then against the GPU's matmul peak)")
-    b.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"], help="which precisions to run")
-    b.add_argument("--threads", type=int, nargs="*", default=[1, 2],
-                   help="torch thread counts to run at (the same for both libraries; the headline takes the one "
-                        "where TRL is fastest)")
+    b.add_argument("--dtypes", nargs="*", default=None, help="which precisions to run (default: fp32 bf16)")
+    b.add_argument("--threads", type=int, nargs="*", default=None,
+                   help="torch thread counts to run at (default: 1 2; the same for both libraries; the headline "
+                        "takes the one where TRL is fastest; with --learning: one count, default 1)")
     b.add_argument("--learning", action="store_true",
-                   help="instead: train both libraries --learning-steps steps and compare reward per step and "
-                        "held-out reward against wall-clock time (bench/learning.md; ~15 min on 2 cores)")
+                   help="instead: train both libraries --learning-steps steps (fp32) and compare reward per step and "
+                        "held-out reward against wall-clock time (bench/learning.md; ~15 min on 2 cores); "
+                        "--steps, --warmup and --dtypes do not apply")
     b.add_argument("--learning-steps", type=int, default=20, help="steps per library with --learning")
     b.add_argument("-c", "--config", default="examples/demo.yaml",
                    help="task, rewards, sampling settings and learning rate of both libraries (default: the demo's)")

@@ -208,9 +208,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """How many checkpoints to keep."""
     eval_every: int = 0
-    """Evaluate on held-out prompts every N steps (0: only before and after with `seqpg eval`)."""
+    """Evaluate on held-out prompts before the first step, every N steps and after the last, as `seqpg eval`
+    does (greedy, the run's sampling settings), between steps (not in `time/step`, no effect on training);
+    logged as eval/reward_mean, eval/reward_se, eval/accuracy, ... to metrics.jsonl, TensorBoard and
+    plots/eval.png. 0: never during training (run `seqpg eval` yourself)."""
     eval_prompts: int = 32
-    """Held-out prompts used for periodic evaluation."""
+    """How many held-out prompts (the first of task.eval_size) the evaluation during training uses."""
     log_samples_every: int = 1
     """Write samples to samples.jsonl every N steps."""
     bf16: bool = False
@@ -535,6 +538,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"model.lora_r must be >= 0, got {cfg.model.lora_r}")
     if cfg.save_every < 1:
         raise ConfigError(f"save_every must be at least 1, got {cfg.save_every}")
+    if cfg.eval_every < 0:
+        raise ConfigError(f"eval_every must be >= 0 (0: no evaluation during training), got {cfg.eval_every}")
+    if cfg.eval_every and not 1 <= cfg.eval_prompts <= cfg.task.eval_size:
+        raise ConfigError(f"eval_prompts={cfg.eval_prompts} must be between 1 and task.eval_size="
+                          f"{cfg.task.eval_size} (the held-out prompts there are); lower eval_prompts or raise "
+                          "task.eval_size")
     if cfg.dist_timeout_s <= 0:
         raise ConfigError(f"dist_timeout_s must be > 0, got {cfg.dist_timeout_s}")
 

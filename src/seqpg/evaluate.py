@@ -52,11 +52,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, max_new_tokens: int, batch_size: int = 32,
              ks: tuple[int, ...] = (), samples: int = 0, temperature: float = 1.0, chat_template: bool = True,
              system_prompt: str | None = None, stop_strings: tuple[str, ...] = (), seed: int = 0,
-             progress=None) -> EvalResult:
+             progress=None, on_error: str = "raise") -> EvalResult:
     """Evaluate ``model`` on ``prompts`` with ``scorers`` (a list of (Scorer, weight)).
 
     ``ks`` (e.g. (1, 4)) adds pass@k from ``samples`` (default max(ks)) sampled completions per
-    prompt at ``temperature``; correctness comes from the scorers that define it.
+    prompt at ``temperature``; correctness comes from the scorers that define it. ``on_error``: what a
+    scorer that raises does, as in ``score_batch``.
     """
     if not prompts:
         raise ValueError("evaluate: no prompts given")
@@ -69,18 +70,20 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, max_new_tokens
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo:lo + batch_size]
         rollout = generate(model, tokenizer, chunk, n=1, greedy=True, **kw)
-        scored = score_batch(rollout, scorers, tokenizer=tokenizer)
+        scored = score_batch(rollout, scorers, tokenizer=tokenizer, on_error=on_error)
         rewards += scored.rewards_B.tolist()
         lengths += rollout.completion_lengths_B.tolist()
         if scored.correct_B is not None:
             correct += scored.correct_B.float().tolist()
-        for name, v in scored.scores.items():
-            per_scorer.setdefault(name, []).extend(v.tolist())
+        for name, v in scored.scores.items():  # over the samples a scorer applied to (None: it did not)
+            applies = scored.applies.get(name, torch.ones_like(v, dtype=torch.bool))
+            per_scorer.setdefault(name, []).extend(v[applies].tolist())
         rows += [{"prompt": p.text, "completion": comp, "reward": r}
                  for p, comp, r in zip(chunk, rollout.completions, scored.rewards_B.tolist())]
         if progress is not None:
             progress(len(chunk))
-    pk = _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, temperature, seed, batch_size, kw) if ks else {}
+    pk = _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, temperature, seed, batch_size, kw,
+                    on_error) if ks else {}
     model.train(was_training)
     n = len(rewards)
     r = torch.tensor(rewards, dtype=torch.float64)
@@ -90,10 +93,11 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, max_new_tokens
         acc = sum(correct) / len(correct)
         se_acc = math.sqrt(acc * (1 - acc) / len(correct)) if len(correct) > 1 else float("nan")
     return EvalResult(n, float(r.mean()), se, acc, se_acc, sum(lengths) / n, time.monotonic() - t0,
-                      {k: sum(v) / len(v) for k, v in per_scorer.items()}, pk, rows)
+                      {k: sum(v) / len(v) if v else math.nan for k, v in per_scorer.items()}, pk, rows)
 
 
-def _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, temperature, seed, batch_size, kw) -> dict[int, float]:
+def _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, temperature, seed, batch_size, kw,
+               on_error) -> dict[int, float]:
     n = samples or max(ks)
     gen = torch.Generator().manual_seed(seed)
     per_prompt = max(1, batch_size // n)
@@ -101,7 +105,7 @@ def _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, temperature, see
     for lo in range(0, len(prompts), per_prompt):
         chunk = prompts[lo:lo + per_prompt]
         rollout = generate(model, tokenizer, chunk, n=n, temperature=temperature, generator=gen, **kw)
-        scored = score_batch(rollout, scorers, tokenizer=tokenizer)
+        scored = score_batch(rollout, scorers, tokenizer=tokenizer, on_error=on_error)
         if scored.correct_B is None:
             raise ValueError("pass@k needs a scorer that defines correctness (e.g. reasoning_gym or exact_match)")
         for g in range(len(chunk)):

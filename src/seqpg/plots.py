@@ -12,7 +12,8 @@ plot whose data is absent is skipped):
 * KL: ``kl`` (or ``kl/mean``), and the coefficient ``kl_coef`` on a second axis
 * response length: ``response_length`` (or ``response_length/mean``), ``truncated_frac``
 * evaluation: ``eval/mean_reward`` ± ``eval/se_reward``, ``eval/accuracy`` ± ``eval/se_accuracy``
-  (also ``eval/reward_mean`` / ``eval/reward_se``, ``eval/accuracy_se``)
+  (also ``eval/reward_mean`` / ``eval/reward_se``, ``eval/accuracy_se``: what training with ``eval_every``
+  logs, see :mod:`seqpg.periodic_eval`)
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 ::
 
     RUN/config.yaml         the resolved configuration (an earlier, different one is kept aside)
-    RUN/metrics.jsonl       one JSON object per logged step: {"step", "wall_time", <metrics>...}
+    RUN/metrics.jsonl       one JSON object per logged step: {"step", "wall_time", <metrics>...}; the held-out
+                            evaluation (eval_every) logs its eval/* metrics as a line of its own at its step
     RUN/samples.jsonl       one JSON object per sample: {"step", "prompt", "completion", ...}
     RUN/tensorboard/        TensorBoard event files, one scalar per metric key
     RUN/plots/*.png         written by :func:`seqpg.plots.plot_run` every ``plot_every`` steps and at close

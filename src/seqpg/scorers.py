@@ -12,11 +12,16 @@ implement ``score_one``; everything expensive (a verifier's dataset, VADER's lex
 once, so the batch loop costs only the per-sample work.
 
 Kinds (``SCORERS``), all built as ``make_scorer(kind, name=None, **params)``: reasoning_gym, vader,
-hf_classifier, callable, dense_callable, exact_match, contains, length, format.
+hf_classifier, callable, dense_callable, trl_reward, exact_match, contains, length, format.
 
 ``score_batch`` combines the scorers' raw scores with their weights through
 ``seqpg.core.rewards.combine_rewards``: sequence scores into ``rewards_B``, dense scores into
 ``token_rewards_BC``. It refuses non-finite scores, and attributes a scorer's exception to one sample.
+
+None: a scorer that sets ``may_abstain`` (``trl_reward``) may score a sample ``None``, "does not apply to
+this sample". Such a score is left out of the weighted sum, i.e. counts 0 in it, as TRL's ``nansum`` does
+(see ``TRLRewardScorer``); ``ScoredBatch.applies`` records where, and ``reward_metrics`` averages a scorer
+over the samples it applied to and logs the fraction of None.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import importlib.util
 import math
 import os
 import re
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,6 +53,10 @@ class Scorer(ABC):
     name: str
     dense: bool = False
     has_correctness: bool = False
+    may_abstain: bool = False
+    """Scores may be None, "does not apply to this sample" (left out of the weighted sum)."""
+    uses_completion_ids: bool = False
+    """``__call__`` also takes ``completion_ids=``: each completion's token ids (EOS included)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -364,7 +374,7 @@ class CallableScorer(PerSampleScorer):
         self.fn = resolve_callable(fn, what=f"scorer {name!r}")
 
     def score_one(self, prompt: Prompt, completion: str) -> float:
-        return self.fn(prompt.text, completion, prompt.meta)  # score_batch checks that it is a number
+        return self.fn(prompt.text, completion, prompt.meta)  # score_batch checks that it is a finite number
 
 
 @register_scorer("dense_callable")
@@ -384,6 +394,76 @@ class DenseCallableScorer(Scorer):
                              "(score_batch(..., tokenizer=...))")
         return [self.fn(p.text, c, list(t), p.meta)  # score_batch checks each is a list of numbers
                 for p, c, t in zip(prompts, completions, tokens, strict=True)]
+
+
+TRL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")
+"""The keyword arguments TRL passes to a reward function besides the dataset columns."""
+
+
+@register_scorer("trl_reward")
+class TRLRewardScorer(Scorer):
+    """A reward function written for TRL's ``GRPOTrainer(reward_funcs=...)``, used unchanged.
+
+    Called once per batch, exactly as TRL calls it (trl/trainer/grpo_trainer.py,
+    ``GRPOTrainer._calculate_rewards``)::
+
+        fn(prompts=..., completions=..., completion_ids=..., trainer_state=None, **columns)
+            -> list[float | None]
+
+    * ``prompts``, ``completions``: strings (TRL's standard format) or, with ``conversational: true``, chat
+      messages (TRL's conversational format): each prompt ``[{"role": "user", "content": prompt.text}]``,
+      each completion ``[{"role": "assistant", "content": text}]``. seqpg's prompts are text that the sampler
+      wraps in the chat template when ``sampling.chat_template`` is true; which form a function receives is
+      the form it was written for, so it is this scorer's choice, not the run's. The prompt is the text the
+      model was asked (instruction included); the run's ``sampling.system_prompt`` is not in the messages.
+    * ``completion_ids``: each completion's token ids, EOS included (TRL keeps the EOS in its
+      ``completion_mask`` too).
+    * ``trainer_state``: TRL passes its ``transformers.TrainerState``; seqpg has none and passes None.
+    * ``**columns``: every other column of the prompt file (``Prompt.meta``, e.g. ``answer``), one list
+      per column over the batch; None where a prompt lacks the column.
+
+    A None score means "does not apply to this sample". TRL turns None into NaN and sums the weighted
+    scores with ``nansum``, so a None contributes nothing; a sample that every function scores None gets
+    0, with a warning (``_generate_and_score_completions``). seqpg does the same (``score_batch``; see
+    ``ScoredBatch.applies``), and logs ``reward/<name>`` as the mean over the samples the function applied
+    to (TRL's ``nanmean``) and ``reward_none/<name>``, the fraction of None. Departure: TRL would also
+    accept NaN as "does not apply"; seqpg refuses non-finite numbers as for every scorer.
+    """
+
+    may_abstain = True
+    uses_completion_ids = True
+
+    def __init__(self, name: str, *, fn: str | Callable[..., Sequence[float | None]],
+                 conversational: bool = False) -> None:
+        super().__init__(name)
+        if not isinstance(conversational, bool):
+            raise ValueError(f"scorer {name!r}: conversational must be true or false, got {conversational!r}")
+        self.fn = resolve_callable(fn, what=f"scorer {name!r}")
+        self.conversational = conversational
+
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str],
+                 tokens: Sequence[Sequence[str]] | None = None, *,
+                 completion_ids: Sequence[Sequence[int]] | None = None) -> list[float | None]:
+        if completion_ids is None:
+            raise ValueError(f"scorer {self.name!r} needs the completion token ids (score_batch passes them)")
+        if self.conversational:
+            prompt_args: list[Any] = [[{"role": "user", "content": p.text}] for p in prompts]
+            completion_args: list[Any] = [[{"role": "assistant", "content": c}] for c in completions]
+        else:
+            prompt_args, completion_args = [p.text for p in prompts], list(completions)
+        return list(self.fn(prompts=prompt_args, completions=completion_args,
+                            completion_ids=[list(ids) for ids in completion_ids], trainer_state=None,
+                            **self.columns(prompts)))
+
+    def columns(self, prompts: Sequence[Prompt]) -> dict[str, list[Any]]:
+        """Every meta column of the batch's prompts as one list per column (TRL's ``reward_kwargs``)."""
+        names = list(dict.fromkeys(k for p in prompts for k in p.meta))
+        clash = [k for k in names if k in TRL_ARGUMENTS]
+        if clash:
+            raise ScorerError(f"scorer {self.name!r}: prompt column(s) {clash} share a name with an argument TRL "
+                              f"passes ({', '.join(TRL_ARGUMENTS)}); rename the column(s) in the prompt file or "
+                              "leave them out with task.params.meta_columns")
+        return {k: [p.meta.get(k) for p in prompts] for k in names}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,8 +531,11 @@ def _number(value: Any, where: str) -> float:
                           "return a float") from e
 
 
-def _check_value(scorer: Scorer, i: int, value: Any, n_tokens: int | None, prompts, completions) -> list[float] | float:
+def _check_value(scorer: Scorer, i: int, value: Any, n_tokens: int | None, prompts,
+                 completions) -> list[float] | float | None:
     where = _describe(scorer, i, prompts, completions)
+    if value is None and scorer.may_abstain:
+        return None
     if scorer.dense:
         if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
             raise ScorerError(f"{where} returned {value!r}, not a list of per-token rewards")
@@ -464,19 +547,32 @@ def _check_value(scorer: Scorer, i: int, value: Any, n_tokens: int | None, promp
             raise ScorerError(f"{where} returned a non-finite reward {values[bad[0]]} at token {bad[0]}; "
                               "scores must be finite numbers")
         return values
+    if value is None:
+        raise ScorerError(f"{where} returned None, not a number (only a trl_reward scorer may return None: "
+                          "'does not apply')")
     v = _number(value, where)
     if not math.isfinite(v):
         raise ScorerError(f"{where} returned a non-finite score {v}; scores must be finite numbers")
     return v
 
 
+def _call(scorer: Scorer, prompts: Sequence[Prompt], completions: Sequence[str], tokens: list[list[str]] | None,
+          ids: list[list[int]] | None, rows: slice) -> list[Any]:
+    """``scorer`` on ``rows`` of the batch (with their token ids where the scorer takes them)."""
+    sub_tokens = None if tokens is None else tokens[rows]
+    if scorer.uses_completion_ids:
+        return list(scorer(prompts[rows], completions[rows], sub_tokens, completion_ids=ids[rows]))
+    return list(scorer(prompts[rows], completions[rows], sub_tokens))
+
+
 def _run_scorer(scorer: Scorer, prompts: Sequence[Prompt], completions: Sequence[str],
-                tokens: list[list[str]] | None, on_error: str) -> tuple[list[Any], list[bool]]:
+                tokens: list[list[str]] | None, on_error: str,
+                ids: list[list[int]] | None = None) -> tuple[list[Any], list[bool]]:
     """(per-sample values, per-sample failed) for one scorer; a batch that raises is retried sample by
     sample so that the error names the sample that caused it."""
     B = len(completions)
     try:
-        values = list(scorer(prompts, completions, tokens))
+        values = _call(scorer, prompts, completions, tokens, ids, slice(None))
         if len(values) != B:
             raise ScorerError(f"scorer {scorer.name!r} returned {len(values)} scores for a batch of {B} completions")
         failed = [False] * B
@@ -486,7 +582,7 @@ def _run_scorer(scorer: Scorer, prompts: Sequence[Prompt], completions: Sequence
         values, failed = [], []
         for i in range(B):
             try:
-                one = list(scorer(prompts[i:i + 1], completions[i:i + 1], None if tokens is None else tokens[i:i + 1]))
+                one = _call(scorer, prompts, completions, tokens, ids, slice(i, i + 1))
                 if len(one) != 1:
                     raise ScorerError(f"{_describe(scorer, i, prompts, completions)} returned {len(one)} scores "
                                       "for 1 completion")
@@ -516,6 +612,11 @@ def completion_tokens(rollout: RolloutBatch, tokenizer: Any) -> list[list[str]]:
     return out
 
 
+def completion_id_lists(rollout: RolloutBatch) -> list[list[int]]:
+    """Each completion's real token ids (EOS included), for scorers that take ``completion_ids``."""
+    return [row[mask].tolist() for row, mask in zip(rollout.completion_ids_BC, rollout.completion_mask_BC)]
+
+
 def score_batch(rollout: RolloutBatch, scorers: Sequence[tuple[Scorer, float]], *, on_error: str = "raise",
                 tokenizer: Any = None) -> ScoredBatch:
     """Score every completion with every scorer and combine them with their weights.
@@ -524,6 +625,10 @@ def score_batch(rollout: RolloutBatch, scorers: Sequence[tuple[Scorer, float]], 
     of the dense scorers' per-token rewards (0 on padding), present only when a dense scorer is given
     (``tokenizer`` decodes the token strings it needs). ``scores`` keeps each scorer's raw score (a dense
     scorer's: the sum over its tokens). ``correct_B`` is the AND over the scorers that define correctness.
+
+    None (scorers with ``may_abstain``, e.g. ``trl_reward``): "does not apply to this sample". The score counts
+    0 in ``rewards_B`` (TRL's ``nansum`` over weighted scores) and in ``scores``, and ``applies[name]`` is False
+    there; a sample that every scorer scores None gets 0 and a warning.
 
     on_error: ``raise`` turns a scorer's exception into ``ScorerError`` naming scorer, sample, prompt id and
     the start of the completion; ``zero`` gives that sample 0 and counts it in ``num_scorer_errors``.
@@ -545,21 +650,28 @@ def score_batch(rollout: RolloutBatch, scorers: Sequence[tuple[Scorer, float]], 
             raise ValueError(f"dense scorer(s) {dense} need the completion token strings: "
                              "pass tokenizer= to score_batch")
         tokens = completion_tokens(rollout, tokenizer)
+    ids = completion_id_lists(rollout) if any(s.uses_completion_ids for s, _ in scorers) else None
 
     seq_scores: dict[str, torch.Tensor] = {}
     dense_scores: dict[str, torch.Tensor] = {}
     raw: dict[str, torch.Tensor] = {}
     failed: dict[str, list[bool]] = {}
+    applies: dict[str, torch.Tensor] = {}
     for scorer, _ in scorers:
-        values, failed[scorer.name] = _run_scorer(scorer, prompts, completions, tokens, on_error)
+        values, failed[scorer.name] = _run_scorer(scorer, prompts, completions, tokens, on_error, ids)
         if scorer.dense:
             dense_BC = torch.zeros(B, C, dtype=torch.float32)
             dense_BC[rollout.completion_mask_BC] = torch.tensor([v for row in values for v in row], dtype=torch.float32)
             dense_scores[scorer.name] = dense_BC
             raw[scorer.name] = dense_BC.sum(dim=1)
         else:
+            if scorer.may_abstain:
+                applies[scorer.name] = torch.tensor([v is not None for v in values], dtype=torch.bool)
+                values = [0.0 if v is None else v for v in values]
             seq_scores[scorer.name] = torch.tensor(values, dtype=torch.float32)
             raw[scorer.name] = seq_scores[scorer.name]
+    if applies and len(applies) == len(scorers):  # else some scorer applies to every sample
+        _warn_unscored(applies, prompts, completions)
     weights = {s.name: float(w) for s, w in scorers}
 
     if seq_scores:
@@ -579,4 +691,43 @@ def score_batch(rollout: RolloutBatch, scorers: Sequence[tuple[Scorer, float]], 
     num_errors = sum(sum(f) for f in failed.values())
     return ScoredBatch(rollout=rollout, rewards_B=rewards_B.float(), scores=raw,
                        token_rewards_BC=None if token_rewards_BC is None else token_rewards_BC.float(),
-                       correct_B=correct_B, num_scorer_errors=num_errors)
+                       correct_B=correct_B, num_scorer_errors=num_errors, applies=applies)
+
+
+def _warn_unscored(applies: dict[str, torch.Tensor], prompts: Sequence[Prompt], completions: Sequence[str]) -> None:
+    """TRL's warning when every reward function returned None for a sample (which then gets reward 0)."""
+    none_B = ~torch.stack(list(applies.values())).any(dim=0)
+    if bool(none_B.any()):
+        i = int(none_B.nonzero()[0])
+        warnings.warn(f"every scorer ({', '.join(applies)}) returned None for {int(none_B.sum())} of {len(none_B)} "
+                      f"samples, which get reward 0; the first: prompt id {prompts[i].id!r}, completion starts "
+                      f"{completions[i][:60]!r}. Make at least one scorer apply to every sample", stacklevel=3)
+
+
+def reward_metrics(scored: ScoredBatch, gather_cat: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+                   ) -> dict[str, float]:
+    """Per-scorer means ``reward/<name>`` over the whole batch (``gather_cat`` joins the processes' rows).
+
+    A scorer that may return None is averaged over the samples it applied to (TRL's ``nanmean``; NaN when it
+    applied to none) and adds ``reward_none/<name>``, the fraction of samples it scored None, and
+    (when every scorer may return None) ``reward_unscored``, the fraction of samples that none applied to.
+    """
+    m: dict[str, float] = {}
+    for name, v in scored.scores.items():
+        values = gather_cat(v.float())
+        if name in scored.applies:
+            applies = gather_cat(scored.applies[name].float()).bool()  # floats: every backend gathers them
+            m[f"reward/{name}"] = float(values[applies].mean()) if bool(applies.any()) else math.nan
+            m[f"reward_none/{name}"] = float((~applies).float().mean())
+        else:
+            m[f"reward/{name}"] = float(values.mean())
+    if scored.applies and len(scored.applies) == len(scored.scores):  # else some scorer applies to every sample
+        none_B = ~torch.stack([gather_cat(a.float()).bool() for a in scored.applies.values()]).any(dim=0)
+        m["reward_unscored"] = float(none_B.float().mean())
+    return m
+
+
+def sample_scores(scored: ScoredBatch, i: int) -> dict[str, float | None]:
+    """Sample ``i``'s raw score by scorer, None where the scorer returned None."""
+    return {name: None if name in scored.applies and not bool(scored.applies[name][i]) else float(v[i])
+            for name, v in scored.scores.items()}

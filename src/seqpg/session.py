@@ -82,8 +82,9 @@ def eval_target(target: str, *, config: str | None = None, overrides: list[str] 
 
 def evaluate_as_configured(cfg: TrainConfig, model, tok, prompts, scorers, *, ks: tuple[int, ...] = (),
                            samples: int = 0) -> EvalResult:
-    """`evaluate` with the run's sampling settings (budget, chat template, system prompt, stop strings)."""
+    """`evaluate` with the run's sampling settings (budget, chat template, system prompt, stop strings) and
+    its `on_scorer_error`: what `seqpg eval` and the evaluation during training (`eval_every`) both run."""
     s = cfg.sampling
     return evaluate(model, tok, prompts, scorers, max_new_tokens=s.max_new_tokens, ks=ks, samples=samples,
                     temperature=s.temperature, chat_template=s.chat_template, system_prompt=s.system_prompt,
-                    stop_strings=tuple(s.stop_strings), seed=cfg.seed)
+                    stop_strings=tuple(s.stop_strings), seed=cfg.seed, on_error=cfg.on_scorer_error)

@@ -31,11 +31,12 @@ from .build import Components, build_components
 from .checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig, to_dict
 from .distributed import DistContext, failed_together
+from .periodic_eval import evaluate_held_out
+from .resume import apply_resume_changes, record_resume_changes, resume_changes
 from .runlock import RunLock
 from .runlog import RunLogger, Timer, progress_bar
 from .sampling import generate
-from .resume import apply_resume_changes, record_resume_changes, resume_changes
-from .scorers import score_batch
+from .scorers import reward_metrics, sample_scores, score_batch
 from .signals import StopFlag
 from .update import TrainBatch, refuse_nonfinite_parameters, update
 
@@ -93,6 +94,8 @@ def _run(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool, run_
     bar = progress_bar(total=cfg.steps, initial=start, enabled=progress and dist.is_main)
     try:
         with stop:
+            if start == 0:
+                evaluate_held_out(cfg, c, dist, 0, log)  # the starting point of the held-out curve
             for step in range(start + 1, cfg.steps + 1):
                 before = StepStart.capture(c)
                 try:
@@ -100,6 +103,7 @@ def _run(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool, run_
                 except Exception as e:
                     _save_after_failed_step(cfg, c, dist, step, saved, before, e)
                     raise
+                evaluate_held_out(cfg, c, dist, step, log)  # when due; outside the step's timers and RNG streams
                 bar.update(metrics)
                 out_of_time = cfg.max_minutes is not None and time.monotonic() - t_start > 60 * cfg.max_minutes
                 asked = torch.tensor([stop.is_set() or out_of_time, stop.take_checkpoint_request()], dtype=torch.int64)
@@ -278,8 +282,7 @@ def _metrics(scored, adv_BC, kl_mean, ustats, timer, c: Components, dist: DistCo
     rewards = dist.gather_cat(scored.rewards_B)
     lengths = dist.gather_cat(r.completion_lengths_B.float())
     m = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0}
-    for name, v in scored.scores.items():
-        m[f"reward/{name}"] = float(dist.gather_cat(v.float()).mean())
+    m.update(reward_metrics(scored, dist.gather_cat))
     if scored.correct_B is not None:
         m["accuracy"] = float(dist.gather_cat(scored.correct_B.float()).mean())
     m["adv_mean"] = float(core.masked_mean(adv_BC, mask, all_reduce=dist.all_reduce_sum))
@@ -306,7 +309,7 @@ def _sample_rows(scored, adv_BC) -> list[dict]:
         n = int(r.completion_mask_BC[i].sum())
         rows.append({"prompt_id": r.prompts[i].id, "prompt": r.prompts[i].text, "completion": r.completions[i],
                      "reward": float(scored.rewards_B[i]),
-                     "scores": {k: float(v[i]) for k, v in scored.scores.items()},
+                     "scores": sample_scores(scored, i),
                      "advantage": float(adv_BC[i, :n].mean()) if n else 0.0, "length": n})
     return rows
 

@@ -13,3 +13,22 @@ def raises_on_b(prompt: str, completion: str, meta: dict) -> float:
     if "b" in prompt:
         raise RuntimeError("this scorer cannot judge prompts with b")
     return 0.0
+
+
+def trl_target_fraction(completions, **kwargs):
+    """`target_fraction` written the TRL way (one call per batch). It also draws from Python's, NumPy's and
+    torch's global random streams, as a sampling judge would, so that an evaluation that let it move them
+    would change the training that follows."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.random(), np.random.rand(), torch.rand(1)
+    return [completion.count(TARGET) / max(len(completion), 1) if completion else 0.0 for completion in completions]
+
+
+def trl_target_fraction_or_none(completions, **kwargs):
+    """`trl_target_fraction`, but None ("does not apply") for completions without the letter `e`."""
+    return [None if "e" not in completion else completion.count(TARGET) / len(completion)
+            for completion in completions]

@@ -59,12 +59,24 @@ def _check_trl() -> None:
         raise SystemExit("seqpg bench needs TRL: pip install -e '.[bench]'  (or: make bench)") from e
 
 
-def run_bench(steps: int = 6, out_dir: str = "bench", dtypes=("fp32", "bf16"), threads=(1, 2), warmup: int = 3,
+def run_bench(steps: int | None = None, out_dir: str = "bench", dtypes=None, threads=None, warmup: int | None = None,
               config: str = "examples/demo.yaml", overrides: list[str] | None = None, learning: bool = False,
               learning_steps: int = 20, device: str = "cpu") -> int:
     """Run the side-by-side benchmark and write ``latest.json`` and ``latest.md`` to ``out_dir``
     (with ``learning``: the learning comparison, ``learning.json`` and ``learning.md``).
-    ``device`` cuda: both libraries train on the GPU, and the matmul peak is the GPU's."""
+    ``device`` cuda: both libraries train on the GPU, and the matmul peak is the GPU's.
+    None: the default (steps 6, warmup 3, dtypes fp32 and bf16, threads 1 and 2; with ``learning``
+    one thread). ``learning`` trains fp32 for ``learning_steps``: giving it steps, warmup or dtypes,
+    or more than one thread count, is refused rather than ignored."""
+    if learning:
+        unused = [f"--{name}" for name, value in (("steps", steps), ("warmup", warmup), ("dtypes", dtypes))
+                  if value is not None]
+        if unused or (threads is not None and len(threads) != 1):
+            raise SystemExit(f"seqpg bench --learning: {', '.join(unused) or '--threads with several counts'} "
+                             "does not apply: the learning comparison trains --learning-steps steps in fp32 at one "
+                             "--threads count")
+    steps, warmup = 6 if steps is None else steps, 3 if warmup is None else warmup
+    dtypes, threads = dtypes or ("fp32", "bf16"), threads or ((1,) if learning else (1, 2))
     if warmup < 0 or steps < 1:
         raise SystemExit(f"seqpg bench: need --warmup >= 0 and --steps >= 1, got {warmup} and {steps}")
     if device not in ("cpu", "cuda"):
