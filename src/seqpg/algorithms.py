@@ -1,7 +1,10 @@
 """Algorithm families as data: which advantage estimator, policy loss and aggregation each uses.
 
-Every family is a row of this table, not a branch in the trainer: the trainer asks the maths
-core for ``compute_advantages(family.advantage, ...)`` and ``policy_loss(family.loss, ...)``.
+Every family is a row of this table, not a branch in the trainer: the step asks the maths core
+for ``compute_advantages(advantage, ...)`` and ``policy_loss(loss, ...)`` by name.  What a family
+needs (groups of samples per prompt, a learned critic, a greedy completion per prompt) is what its
+advantage estimator needs, declared once in ``NEEDS``; the config may name an estimator or a loss
+directly (``algo.advantage``, ``algo.loss``) and the needs follow the estimator.
 
 | family        | advantage       | loss | aggregation (default)      | critic | epochs | paper                      |
 |---------------|-----------------|------|----------------------------|--------|--------|----------------------------|
@@ -21,6 +24,35 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Needs:
+    """What an advantage estimator needs from the step besides rewards and a mask."""
+
+    groups: bool = False
+    """Compares samples of the same prompt: ``sampling.samples_per_prompt`` must be 2 or more."""
+    critic: bool = False
+    """A learned value function V(s_t) (GAE)."""
+    greedy_baseline: bool = False
+    """The reward of one greedy completion per prompt (ReMax)."""
+
+
+NEEDS: dict[str, Needs] = {
+    "gae": Needs(critic=True),
+    "grpo": Needs(groups=True),
+    "dr_grpo": Needs(groups=True),
+    "rloo": Needs(groups=True),
+    "reinforce_baseline": Needs(groups=True),
+    "remax": Needs(greedy_baseline=True),
+}
+"""Needs of the core's estimators by name; an estimator not listed (e.g. ``reinforce``, or one a user
+registers) needs nothing more."""
+
+
+def needs_of(advantage: str) -> Needs:
+    """What the estimator named ``advantage`` needs (see ``NEEDS``)."""
+    return NEEDS.get(advantage, Needs())
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     advantage: str
@@ -29,27 +61,57 @@ class Family:
     """Name in the core's policy-loss registry."""
     agg: str
     """Default loss aggregation."""
-    critic: bool = False
-    """Needs a learned value function (GAE)."""
     epochs: int = 1
     """Default passes over each batch."""
-    greedy_baseline: bool = False
-    """Needs the reward of a greedy completion per prompt (ReMax)."""
+
+    @property
+    def needs(self) -> Needs:
+        return needs_of(self.advantage)
+
+    @property
+    def critic(self) -> bool:
+        """Needs a learned value function (GAE)."""
+        return self.needs.critic
+
+    @property
+    def greedy_baseline(self) -> bool:
+        """Needs the reward of a greedy completion per prompt (ReMax)."""
+        return self.needs.greedy_baseline
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("a2c", "gae", "pg", "token-mean", critic=True),
-    Family("ppo", "gae", "ppo", "token-mean", critic=True, epochs=2),
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Add ``family`` to ``FAMILIES``; a taken name is an error."""
+    if family.name in FAMILIES:
+        raise ValueError(f"algorithm family {family.name!r} is registered already")
+    FAMILIES[family.name] = family
+    return family
+
+
+for _f in (
+    Family("a2c", "gae", "pg", "token-mean"),
+    Family("ppo", "gae", "ppo", "token-mean", epochs=2),
     Family("grpo", "grpo", "ppo", "seq-mean-token-mean"),
     Family("dr_grpo", "dr_grpo", "ppo", "seq-mean-token-sum-norm"),
     Family("rloo", "rloo", "pg", "token-mean"),
     Family("reinforce", "reinforce", "pg", "token-mean"),
     Family("reinforce_pp", "reinforce_pp", "ppo", "token-mean"),
-    Family("remax", "remax", "pg", "token-mean", greedy_baseline=True),
-)}
+    Family("remax", "remax", "pg", "token-mean"),
+):
+    register_family(_f)
 
 
 def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(FAMILIES)}")
     return FAMILIES[name]
+
+
+def resolve_family(name: str, advantage: str | None = None, loss: str | None = None) -> Family:
+    """The family ``name`` with its estimator and/or loss replaced where the config names them."""
+    f = get_family(name)
+    if advantage is None and loss is None:
+        return f
+    return Family(f.name, advantage or f.advantage, loss or f.loss, f.agg, f.epochs)

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from . import core
-from .algorithms import Family, get_family
-from .config import ConfigError, SamplingConfig, ModelConfig, OptimConfig, ScorerConfig, TaskConfig, TrainConfig, \
+from .config import AlgoConfig, ConfigError, ModelConfig, OptimConfig, ScorerConfig, TaskConfig, TrainConfig, \
     validate_for_processes
 from .critic import Critic, build_critic
 from .distributed import DistContext, Parallel
@@ -26,12 +25,14 @@ from .models import LoraArgs, ReferencePolicy, build_tiny_model, build_tiny_toke
     resolve_model
 from .scorers import make_scorer
 from .tasks import PromptStream, train_eval_prompts
-from .update import UpdateSettings
+from .step import StepSettings
 
 
 @dataclass
 class Components:
-    family: Family
+    """The run's parts; the step's decisions are in ``settings``, made once from the config."""
+
+    settings: StepSettings
     policy: torch.nn.Module
     tokenizer: object
     optimizer: torch.optim.Optimizer
@@ -40,9 +41,6 @@ class Components:
     stream: PromptStream
     eval_prompts: list
     kl_ctl: object
-    update_settings: UpdateSettings
-    sample_kwargs: dict
-    family_params: dict
     parallel: Parallel
     reference: ReferencePolicy | None = None
     critic: Critic | None = None
@@ -145,8 +143,8 @@ def build_components(cfg: TrainConfig, dist: DistContext) -> Components:
     (``Components.parallel``), ``Components.policy`` being the module the update trains.
     """
     validate_for_processes(cfg, dist.world_size)
+    settings = StepSettings.from_config(cfg)
     with dist.fail_together("setup"):
-        family = get_family(cfg.algo.name)
         scorers = build_scorers(cfg.rewards)
         train_prompts, eval_prompts = build_prompts(cfg.task)
         train_prompts, eval_prompts = fit_to_context(cfg, train_prompts, eval_prompts)
@@ -157,25 +155,22 @@ def build_components(cfg: TrainConfig, dist: DistContext) -> Components:
             keep_freed_memory()
         policy, tok = build_policy(cfg.model, cfg.seed, dist.device)
         a, o = cfg.algo, cfg.optim
-        reference = ReferencePolicy(policy) if a.kl_coef > 0 else None
-        critic = build_critic(policy, shared=a.critic == "shared", seed=cfg.seed) if family.critic else None
+        reference = ReferencePolicy(policy) if settings.uses_reference else None
+        critic = build_critic(policy, shared=a.critic == "shared", seed=cfg.seed) if settings.needs.critic else None
     extra = {"critic": critic.module} if critic is not None else {}
     parallel = Parallel.wrap(policy, extra, dist, cfg.parallel)
     optimizer, scheduler = build_optimizer(o, policy, critic, a.critic_lr)
-    kl_ctl = core.AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target is not None \
-        else core.FixedKLController(a.kl_coef)
-    s = cfg.sampling
-    sample_kwargs = sampling_kwargs(s)
-    settings = UpdateSettings(loss=family.loss, agg=a.agg or family.agg, loss_params=dict(a.loss_params),
-                              epochs=a.epochs or family.epochs, minibatches=a.minibatches,
-                              micro_batch_size=o.micro_batch_size, max_grad_norm=o.max_grad_norm,
-                              temperature=s.temperature, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
-                              vf_coef=a.vf_coef, vf_clip=a.vf_clip, bf16=cfg.bf16,
-                              on_nonfinite=o.on_nonfinite)
-    family_params = estimator_params(family, cfg)
+    kl_ctl = build_kl_controller(a)
     stream = PromptStream(train_prompts, seed=cfg.seed)
-    return Components(family, parallel.policy, tok, optimizer, scheduler, scorers, stream, eval_prompts, kl_ctl,
-                      settings, sample_kwargs, family_params, parallel, reference, critic, extra)
+    return Components(settings, parallel.policy, tok, optimizer, scheduler, scorers, stream, eval_prompts, kl_ctl,
+                      parallel, reference, critic, extra)
+
+
+def build_kl_controller(a: AlgoConfig):
+    """The KL coefficient's controller: adaptive (Ziegler et al. 2019) with a target, else fixed."""
+    if a.kl_target is not None:
+        return core.AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon)
+    return core.FixedKLController(a.kl_coef)
 
 
 def build_optimizer(o: OptimConfig, policy: torch.nn.Module, critic: Critic | None, critic_lr: float | None):
@@ -195,21 +190,3 @@ def build_optimizer(o: OptimConfig, policy: torch.nn.Module, critic: Critic | No
     warm = max(o.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warm) if warm else 1.0)
     return optimizer, scheduler
-
-
-def sampling_kwargs(s: SamplingConfig) -> dict:
-    """The keyword arguments of `sampling.generate` that the sampling section sets (all but n)."""
-    return dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                stop_strings=tuple(s.stop_strings), chat_template=s.chat_template, system_prompt=s.system_prompt,
-                fast_decode=s.fast_decode)
-
-
-def estimator_params(family: Family, cfg: TrainConfig) -> dict:
-    """The config values an estimator takes (gamma, lam), passed only where it accepts them."""
-    accepted = core.advantage_params(family.advantage)
-    out = {}
-    if "gamma" in accepted:
-        out["gamma"] = cfg.algo.gamma
-    if "lam" in accepted:
-        out["lam"] = cfg.algo.lam
-    return {k: v for k, v in out.items() if k not in cfg.algo.advantage_params}

@@ -122,6 +122,10 @@ class SamplingConfig:
 class AlgoConfig:
     name: str = "grpo"
     """Algorithm family: a2c, ppo, grpo, dr_grpo, rloo, reinforce, reinforce_pp, remax."""
+    advantage: str | None = None
+    """Advantage estimator by name, replacing the family's (e.g. reinforce_baseline); default: the family's."""
+    loss: str | None = None
+    """Policy loss by name, replacing the family's (e.g. gspo); default: the family's."""
     advantage_params: dict[str, Any] = field(default_factory=dict)
     """Extra parameters of the advantage estimator (e.g. {scale_by_std: false} for grpo)."""
     loss_params: dict[str, Any] = field(default_factory=dict)
@@ -240,16 +244,10 @@ class TrainConfig:
     (rather than hanging when a process is lost)."""
 
 
-FAMILIES = ("a2c", "ppo", "grpo", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "remax")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-CHOICES: dict[str, tuple[str, ...]] = {
-    "algo.name": FAMILIES,
-    "algo.agg": AGG_MODES,
+FIXED_CHOICES: dict[str, tuple[str, ...]] = {
     "algo.kl_mode": ("reward", "loss"),
-    "algo.kl_estimator": ("k1", "k2", "k3"),
     "algo.critic": ("separate", "shared"),
     "model.dtype": ("float32", "bfloat16"),
-    "task.source": ("reasoning_gym", "jsonl", "csv", "hf_datasets"),
     "task.overlong_prompts": ("error", "truncate", "drop"),
     "optim.on_nonfinite": ("skip", "stop"),
     "on_scorer_error": ("raise", "zero"),
@@ -257,6 +255,24 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel": ("ddp", "fsdp2"),
     "dist_backend": ("auto", "nccl", "gloo"),
 }
+"""Choices that are settings of this file; every other choosable name comes from its registry."""
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Valid values of every key that names a choice, read from the registries that own the names."""
+    from . import core
+    from .algorithms import FAMILIES
+    from .tasks import PROMPT_SOURCES
+
+    names = {
+        "algo.name": tuple(FAMILIES),
+        "algo.advantage": tuple(core.ADVANTAGE_ESTIMATORS),
+        "algo.loss": tuple(core.POLICY_LOSSES),
+        "algo.agg": tuple(core.AGG_MODES),
+        "algo.kl_estimator": tuple(core.KL_ESTIMATORS),
+        "task.source": tuple(PROMPT_SOURCES),
+    }
+    return {**names, **FIXED_CHOICES}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,7 +489,7 @@ def _get(cfg: TrainConfig, dotted: str) -> Any:
 
 def validate(cfg: TrainConfig) -> None:
     """Refuse impossible configurations before any model loads."""
-    for key, valid in CHOICES.items():
+    for key, valid in choices().items():
         value = _get(cfg, key)
         if value is not None and value not in valid:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
@@ -522,9 +538,11 @@ def validate(cfg: TrainConfig) -> None:
     if a.minibatches > batch:
         raise ConfigError(f"algo.minibatches={a.minibatches} exceeds the batch of {batch} samples "
                           "(sampling.prompts_per_step x sampling.samples_per_prompt)")
-    if a.name in ("grpo", "dr_grpo", "rloo") and s.samples_per_prompt < 2:
-        raise ConfigError(f"algo.name={a.name} compares samples of the same prompt: set "
-                          "sampling.samples_per_prompt to 2 or more")
+    from .algorithms import resolve_family
+    family = resolve_family(a.name, a.advantage, a.loss)
+    if family.needs.groups and s.samples_per_prompt < 2:
+        raise ConfigError(f"the advantage estimator {family.advantage!r} (algo.name={a.name}) compares samples of "
+                          "the same prompt: set sampling.samples_per_prompt to 2 or more")
     if a.kl_coef < 0:
         raise ConfigError(f"algo.kl_coef must be >= 0, got {a.kl_coef}")
     if a.kl_target is not None and a.kl_coef == 0:
@@ -584,7 +602,7 @@ def describe_config(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str
     """(dotted key, default, doc) for every leaf field, for `seqpg train --help`."""
     rows = []
     docs = field_docs(cls)
-    default = cls()
+    default, valid = cls(), choices()
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         value = getattr(default, f.name)
@@ -595,8 +613,8 @@ def describe_config(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str
                                    and dataclasses.is_dataclass(value[0]) else value,
                                    default_flow_style=True).strip().removesuffix("...").strip()
             doc = docs.get(f.name, "")
-            if key in CHOICES:
-                doc += f" [choices: {', '.join(CHOICES[key])}]"
+            if key in valid:
+                doc += f" [choices: {', '.join(valid[key])}]"
             rows.append((key, shown, doc))
     if cls is TrainConfig:
         sdocs = field_docs(ScorerConfig)

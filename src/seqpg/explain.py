@@ -4,29 +4,35 @@ For each completion token y_t the table shows log pi(y_t | x, y_<t), the advanta
 product (the token's share of the utility U = sum_t log pi * A) and the direction in which one
 gradient step on L = -U moves that token's probability (raises it when A_t > 0).
 
-The advantage is estimated the way the run estimates it: the completion is scored, and joined
-by a fresh group of samples for the same prompt (its baseline for group estimators, or the
-run's critic for actor-critic runs).
+The advantage is estimated the way the run estimates it, by the training step's own stages
+(:func:`seqpg.step.score` and :func:`seqpg.step.judge`): the completion is scored and joined by a
+fresh group of samples for the same prompt (its baseline for group estimators, or the run's
+critic for actor-critic runs), and a KL penalty to the reference is applied with the coefficient
+of the checkpoint's step.
 """
 
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from . import core
-from .algorithms import get_family
-from .batch import Prompt, RolloutBatch, total_rewards
-from .build import build_prompts, build_scorers, estimator_params, sampling_kwargs
+from .batch import Prompt, RolloutBatch
+from .build import build_kl_controller, build_policy, build_prompts, build_scorers
 from .checkpoint import latest_checkpoint, load_checkpoint
+from .config import TrainConfig
 from .critic import build_critic
+from .distributed import resolve_device
+from .export import exported_step
+from .models import ReferencePolicy
 from .policy import completion_logprobs
-from .sampling import encode_prompt, generate
-from .scorers import score_batch
-from .session import is_run_dir, load_policy_for, resolve_target_config
+from .sampling import encode_prompt
+from .session import is_run_dir, resolve_target_config
+from .step import Judged, Scored, StepSettings, judge, score
 from .tasks import normalise_prompt_text
 
 
@@ -65,54 +71,88 @@ def _with_completion(rollout: RolloutBatch, tok, completion: str, prompt_ids: li
                         rollout.prompt_mask_BP, comp, mask, lp, rollout.group_ids_B, finished)
 
 
+@dataclass
+class RunJudge:
+    """A run's way of judging a rollout, loaded from its directory: the policy at the latest checkpoint,
+    the reference (the initial policy), the critic, the scorers and the KL coefficient of that step.
+
+    For a model directory (no run), the policy is the model, the reference a copy of it (so a KL
+    penalty is 0) and the KL coefficient the configuration's initial one.
+    """
+
+    cfg: TrainConfig
+    settings: StepSettings
+    model: torch.nn.Module
+    tokenizer: Any
+    scorers: list
+    reference: ReferencePolicy | None
+    critic: Any
+    kl_coef: float
+    step: int
+
+    @classmethod
+    def load(cls, target: str) -> "RunJudge":
+        cfg = resolve_target_config(target)
+        st = StepSettings.from_config(cfg)
+        scorers = build_scorers(cfg.rewards)
+        model, tok = build_policy(cfg.model, cfg.seed, resolve_device(cfg.device))  # the initial policy
+        reference = ReferencePolicy(model) if st.uses_reference else None  # before the trained weights load
+        critic = build_critic(model, shared=cfg.algo.critic == "shared", seed=cfg.seed) if st.needs.critic else None
+        kl_ctl = build_kl_controller(cfg.algo)
+        step = exported_step(target) or 0
+        if is_run_dir(target):
+            ckpt = latest_checkpoint(target)
+            if ckpt is None:
+                raise FileNotFoundError(f"{target}: a run directory without checkpoints (train it first, or pass "
+                                        "the model instead)")
+            state = load_checkpoint(ckpt, model=model, restore_rng=False,
+                                    extra_modules={"critic": critic.module} if critic is not None else None)
+            step = state["step"]
+            kl_ctl.load_state_dict(state["kl_controller"])
+        model.eval()
+        return cls(cfg, st, model, tok, scorers, reference, critic, kl_ctl.value, step)
+
+    def judge(self, rollout: RolloutBatch, prompts: list[Prompt], *, reward: float | None = None) -> tuple[Scored, Judged]:
+        """Score ``rollout`` and estimate its advantages exactly as the run's step does (:mod:`seqpg.step`);
+        ``reward`` replaces row 0's reward (the other rows are scored, a failing scorer giving 0)."""
+        st = self.settings if reward is None else replace(self.settings, on_scorer_error="zero")
+        device = self.model.device if hasattr(self.model, "device") else "cpu"
+        with st.autocast(device):
+            try:
+                scored = score(self.model, self.tokenizer, rollout, prompts, self.scorers, st)
+            except Exception as e:  # a scorer that needs task data the typed prompt lacks
+                raise ValueError(f"could not score the completion ({e}); pass --reward R to give its reward") from e
+            if reward is not None:
+                scored.batch.rewards_B[0] = reward
+            judged = judge(rollout, scored, st, kl_coef=self.kl_coef, reference=self.reference, critic=self.critic)
+        return scored, judged
+
+
 def explain(target: str, prompt_text: str, completion: str | None = None, *, reward: float | None = None,
             seed: int = 0) -> Explanation:
-    cfg = resolve_target_config(target)
-    family = get_family(cfg.algo.name)
-    scorers = build_scorers(cfg.rewards)
+    """One completion of ``prompt_text`` token by token, its advantage estimated the run's way against a
+    fresh group of samples of the same prompt (``seed``)."""
+    j = RunJudge.load(target)
+    cfg, s = j.cfg, j.settings.sample
     train_p, eval_p = build_prompts(cfg.task)
     known = {normalise_prompt_text(p.text): p for p in train_p + eval_p}
     prompt = known.get(normalise_prompt_text(prompt_text), Prompt(text=prompt_text, id="explain"))
-    model, tok, step = load_policy_for(target, cfg)
-    s = cfg.sampling
-    kw = sampling_kwargs(s)
-    n = max(2, s.samples_per_prompt)
-    rollout = generate(model, tok, [prompt], n=n, generator=torch.Generator().manual_seed(seed), **kw)
+    n = max(2, j.settings.samples_per_prompt)
+    with j.settings.autocast(j.model.device):
+        rollout = s.generate(j.model, j.tokenizer, [prompt], n=n, generator=torch.Generator().manual_seed(seed))
     if completion is not None:
-        ids = encode_prompt(tok, prompt.text, chat_template=s.chat_template, system_prompt=s.system_prompt)
-        rollout = _with_completion(rollout, tok, completion, ids)
-    if reward is not None:
-        scored = score_batch(rollout, scorers, on_error="zero", tokenizer=tok)
-        scored.rewards_B[0] = reward
-    else:
-        try:
-            scored = score_batch(rollout, scorers, tokenizer=tok)
-        except Exception as e:  # a scorer that needs task data the typed prompt lacks
-            raise ValueError(f"could not score the completion ({e}); pass --reward R to give its reward") from e
-    values = None
-    if family.critic:
-        critic = build_critic(model, shared=cfg.algo.critic == "shared", seed=cfg.seed)
-        if is_run_dir(target):
-            load_checkpoint(latest_checkpoint(target), model=model, extra_modules={"critic": critic.module},
-                            restore_rng=False)
-        values = critic.values_of(rollout)
-    params = dict(cfg.algo.advantage_params, **estimator_params(family, cfg))
-    if family.greedy_baseline:
-        greedy = generate(model, tok, [prompt], n=1, **dict(kw, greedy=True))
-        params["baseline"] = score_batch(greedy, scorers, on_error="zero", tokenizer=tok).rewards_B.expand(n)
-    rewards = total_rewards(scored)
-    adv_BC, _ = core.compute_advantages(family.advantage, rewards, rollout.completion_mask_BC,
-                                        group_ids=rollout.group_ids_B, values=values, **params)
-    if cfg.algo.whiten:
-        adv_BC = core.whiten(adv_BC, rollout.completion_mask_BC)
+        ids = encode_prompt(j.tokenizer, prompt.text, chat_template=s.chat_template, system_prompt=s.system_prompt)
+        rollout = _with_completion(rollout, j.tokenizer, completion, ids)
+    scored, judged = j.judge(rollout, [prompt], reward=reward)
     row = rollout.select([0])
     with torch.no_grad():
-        lp = completion_logprobs(model, row, temperature=s.temperature).logprobs_BC
-    contrib = core.token_contributions(lp, adv_BC[:1], row.completion_mask_BC)
+        lp = completion_logprobs(j.model, row, temperature=s.temperature).logprobs_BC
+    contrib = core.token_contributions(lp, judged.advantages_BC[:1], row.completion_mask_BC)
     L = int(row.completion_mask_BC.sum())
-    tokens = [tok.decode([i]) for i in row.completion_ids_BC[0, :L].tolist()]
-    return Explanation(prompt.text, rollout.completions[0], float(scored.rewards_B[0]),
-                       scored.rewards_B.tolist(), tokens, contrib, step)
+    tokens = [j.tokenizer.decode([i]) for i in row.completion_ids_BC[0, :L].tolist()]
+    rewards_B = scored.batch.rewards_B
+    return Explanation(prompt.text, rollout.completions[0], float(rewards_B[0]), rewards_B.tolist(), tokens,
+                       contrib, j.step)
 
 
 _ARROW = {1: "raises", -1: "lowers", 0: "-"}

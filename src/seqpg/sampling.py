@@ -342,3 +342,33 @@ def filter_top_k_top_p(scaled_BV: torch.Tensor, top_k: int, top_p: float) -> tor
         drop_BV = torch.zeros_like(mass_before_BV, dtype=torch.bool).scatter(1, order_BV, mass_before_BV >= top_p)
         scaled_BV = scaled_BV.masked_fill(drop_BV, float("-inf"))
     return scaled_BV
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """The sampling section of a run, resolved once: every caller of :func:`generate` in a run (the
+    training step, the greedy baseline, ``seqpg explain``, evaluation and pass@k) samples from it."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_strings: tuple[str, ...] = ()
+    chat_template: bool = True
+    system_prompt: str | None = None
+    fast_decode: bool = True
+
+    @classmethod
+    def from_config(cls, s) -> "SampleSettings":
+        """From a :class:`seqpg.config.SamplingConfig`."""
+        return cls(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                   stop_strings=tuple(s.stop_strings), chat_template=s.chat_template, system_prompt=s.system_prompt,
+                   fast_decode=s.fast_decode)
+
+    def generate(self, model: nn.Module, tokenizer, prompts: list[Prompt], *, n: int = 1, greedy: bool = False,
+                 generator: torch.Generator | None = None) -> RolloutBatch:
+        """:func:`generate` with these settings (``greedy``: argmax, log-probs still at the temperature)."""
+        return generate(model, tokenizer, prompts, n=n, max_new_tokens=self.max_new_tokens,
+                        temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, greedy=greedy,
+                        stop_strings=self.stop_strings, chat_template=self.chat_template,
+                        system_prompt=self.system_prompt, generator=generator, fast_decode=self.fast_decode)

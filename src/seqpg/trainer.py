@@ -14,7 +14,6 @@ gradients and metrics are summed over processes.  Only rank 0 writes the run dir
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 from contextlib import ExitStack
@@ -23,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import core
-from .batch import Prompt, RolloutBatch, total_rewards
+from .batch import Prompt
 from .build import Components, build_components
 from .checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig, to_dict
@@ -35,10 +33,10 @@ from .periodic_eval import evaluate_held_out
 from .resume import apply_resume_changes, record_resume_changes, resume_changes
 from .runlock import RunLock
 from .runlog import RunLogger, Timer, progress_bar
-from .sampling import generate
-from .scorers import reward_metrics, sample_scores, score_batch
+from .scorers import reward_metrics, sample_scores
 from .signals import StopFlag
-from .update import TrainBatch, refuse_nonfinite_parameters, update
+from .step import judge, sample, score
+from .update import refuse_nonfinite_parameters, update
 
 
 @dataclass
@@ -169,50 +167,37 @@ def _save_after_failed_step(cfg: TrainConfig, c: Components, dist: DistContext, 
 
 def train_step(cfg: TrainConfig, c: Components, dist: DistContext, step: int, log: RunLogger,
                start: StepStart | None = None) -> dict[str, float]:
-    """One step: sample -> score -> advantages -> update -> log. Returns the step's metrics.
+    """One step: sample -> score -> judge (reference, KL, advantages) -> update -> log; its metrics.
 
+    The stages are :mod:`seqpg.step`'s, over the settings decided once (``c.settings``).
     ``start`` (if given) is told when the update begins (``start.updating``).
     """
-    s, a, timer = cfg.sampling, cfg.algo, Timer()
-    prompts, first = _my_share(c.stream.take(s.prompts_per_step), dist)
-    bf16 = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # every forward pass
-    with c.parallel.full_params() as model, dist.fail_together("sampling and scoring"), bf16:
+    st, timer = c.settings, Timer()
+    prompts, first = _my_share(c.stream.take(cfg.sampling.prompts_per_step), dist)
+    with c.parallel.full_params() as model, dist.fail_together("sampling and scoring"), st.autocast(dist.device):
         with timer("sample"):
-            rollout = _sample(model, c, cfg, prompts, first, step, dist)
+            rollout = sample(model, c.tokenizer, prompts, st, step=step, first=first, device=dist.device,
+                             rank=dist.rank if dist.enabled else None)
         with timer("score"):
-            scored = score_batch(rollout, c.scorers, on_error=cfg.on_scorer_error, tokenizer=c.tokenizer)
-            adv_params = dict(a.advantage_params, **c.family_params)
-            if c.family.greedy_baseline:
-                adv_params["baseline"] = _greedy_baseline(model, c, prompts, rollout)
-    mask_BC = rollout.completion_mask_BC
-    old_logprobs_BC = rollout.sample_logprobs_BC
-    with timer("reference"), bf16:
-        ref_BC = c.reference.logprobs(rollout, temperature=s.temperature) if c.reference is not None else None
-        old_values_BC = c.critic.values_of(rollout) if c.critic is not None else None
-    rewards = total_rewards(scored)
-    kl_BC = core.kl_estimate(a.kl_estimator, old_logprobs_BC, ref_BC) if ref_BC is not None else None
-    if kl_BC is not None and a.kl_mode == "reward":
-        rewards = core.kl_penalty(rewards, kl_BC, c.kl_ctl.value, mask_BC)
-    with timer("advantages"):
-        adv_BC, ret_BC = core.compute_advantages(c.family.advantage, rewards, mask_BC, group_ids=rollout.group_ids_B,
-                                                 values=old_values_BC, all_reduce=dist.all_reduce_sum, **adv_params)
-        if a.whiten:
-            adv_BC = core.whiten(adv_BC, mask_BC, all_reduce=dist.all_reduce_sum)
-    batch = TrainBatch(rollout, adv_BC, ret_BC, old_logprobs_BC,
-                       ref_BC if a.kl_mode == "loss" else None, old_values_BC)
-    c.update_settings.kl_loss_coef = c.kl_ctl.value if (a.kl_mode == "loss" and ref_BC is not None) else 0.0
+            scored = score(model, c.tokenizer, rollout, prompts, c.scorers, st)
+    with st.autocast(dist.device):
+        judged = judge(rollout, scored, st, kl_coef=c.kl_ctl.value, reference=c.reference, critic=c.critic,
+                       all_reduce=dist.all_reduce_sum, timer=timer)
     if start is not None:
         start.updating = True
     with timer("update"):
-        ustats = update(c.policy, c.optimizer, batch, c.update_settings, critic=c.critic,
-                        all_reduce=dist.all_reduce_sum, max_len=s.max_new_tokens, grad_sync=c.parallel)
+        ustats = update(c.policy, c.optimizer, judged.train_batch(rollout, st), st.update,
+                        kl_loss_coef=judged.kl_loss_coef(st), critic=c.critic, all_reduce=dist.all_reduce_sum,
+                        max_len=st.sample.max_new_tokens, grad_sync=c.parallel)
     c.scheduler.step()
+    mask_BC, kl_BC = rollout.completion_mask_BC, judged.kl_BC
     kl_mean = float(core.masked_mean(kl_BC, mask_BC, all_reduce=dist.all_reduce_sum)) if kl_BC is not None else 0.0
     c.kl_ctl.update(kl_mean, rollout.batch_size * dist.world_size)
-    metrics = _metrics(scored, adv_BC, kl_mean, ustats, timer, c, dist)
+    metrics = _metrics(scored.batch, judged.advantages_BC, kl_mean, ustats, timer, c, dist)
     log.log_metrics(step, metrics)
     if step % cfg.log_samples_every == 0:
-        log.log_samples(step, [row for rows in dist.gather_objects(_sample_rows(scored, adv_BC)) for row in rows])
+        rows = _sample_rows(scored.batch, judged.advantages_BC)
+        log.log_samples(step, [row for rows in dist.gather_objects(rows) for row in rows])
     return metrics
 
 
@@ -220,59 +205,6 @@ def _my_share(prompts: list[Prompt], dist: DistContext) -> tuple[list[Prompt], i
     """This process's consecutive share of the step's prompts, and the index of its first one."""
     k = len(prompts) // dist.world_size
     return prompts[dist.rank * k:(dist.rank + 1) * k], dist.rank * k
-
-
-def _sample(model, c: Components, cfg: TrainConfig, prompts: list[Prompt], first: int, step: int,
-            dist: DistContext) -> RolloutBatch:
-    """``samples_per_prompt`` completions of each prompt, rows grouped by prompt.
-
-    With ``sampling.seed_per_prompt`` each prompt is sampled by its own generator, seeded by
-    (seed, step, its index in the step's global batch): its samples do not depend on which
-    process draws them.  Otherwise all prompts go in one batched call that draws from the
-    global RNG in one process, and from a generator of (seed, step, rank) in several (so that
-    processes, whose global RNGs are equal, draw different streams).
-    """
-    n, seed = cfg.sampling.samples_per_prompt, cfg.seed
-    if cfg.sampling.seed_per_prompt:
-        parts = [generate(model, c.tokenizer, [p], n=n, **c.sample_kwargs,
-                          generator=_generator(dist.device, seed, step, "prompt", first + i))
-                 for i, p in enumerate(prompts)]
-        return _concat_rollouts(parts, c.tokenizer.pad_token_id)
-    gen = _generator(dist.device, seed, step, "rank", dist.rank) if dist.enabled else None
-    return generate(model, c.tokenizer, prompts, n=n, generator=gen, **c.sample_kwargs)
-
-
-def _generator(device: torch.device, *key) -> torch.Generator:
-    """A generator seeded by a hash of ``key`` (independent streams for distinct keys)."""
-    seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") & (2**63 - 1)
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def _concat_rollouts(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
-    """One rollout from several: prompts left-padded, completions right-padded to common widths."""
-    P = max(r.prompt_ids_BP.shape[1] for r in parts)
-    C = max(r.completion_ids_BC.shape[1] for r in parts)
-
-    def cat(name: str, width: int, left: bool, fill) -> torch.Tensor:
-        ts = [getattr(r, name) for r in parts]
-        return torch.cat([F.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=fill)
-                          for t in ts])
-
-    return RolloutBatch(
-        prompts=[p for r in parts for p in r.prompts], completions=[t for r in parts for t in r.completions],
-        prompt_ids_BP=cat("prompt_ids_BP", P, True, pad_id), prompt_mask_BP=cat("prompt_mask_BP", P, True, False),
-        completion_ids_BC=cat("completion_ids_BC", C, False, pad_id),
-        completion_mask_BC=cat("completion_mask_BC", C, False, False),
-        sample_logprobs_BC=cat("sample_logprobs_BC", C, False, 0.0),
-        group_ids_B=torch.cat([r.group_ids_B + i for i, r in enumerate(parts)]),
-        finished_B=torch.cat([r.finished_B for r in parts]))
-
-
-def _greedy_baseline(model, c: Components, prompts, rollout) -> torch.Tensor:
-    """ReMax: the reward of one greedy completion per prompt, broadcast to its samples. (B,)"""
-    greedy = generate(model, c.tokenizer, prompts, n=1, **dict(c.sample_kwargs, greedy=True))
-    g_scored = score_batch(greedy, c.scorers, on_error="zero", tokenizer=c.tokenizer)
-    return g_scored.rewards_B[rollout.group_ids_B]
 
 
 def _metrics(scored, adv_BC, kl_mean, ustats, timer, c: Components, dist: DistContext) -> dict[str, float]:

@@ -28,6 +28,7 @@ import torch
 from . import core
 from .batch import RolloutBatch
 from .policy import completion_logprobs, model_device
+from .precision import autocast
 
 
 @dataclass
@@ -61,9 +62,11 @@ class NonFiniteError(RuntimeError):
     """A mini-batch's loss or gradient norm was NaN or infinite and the run was set to stop on it."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class UpdateSettings:
-    """Plain arguments of an update (built from the config by the trainer)."""
+    """Plain arguments of an update, resolved once from the config (``seqpg.step.StepSettings``) and
+    never changed during a run; what does change from step to step (the KL coefficient of an adaptive
+    controller) is an argument of :func:`update`."""
 
     loss: str
     agg: str
@@ -73,7 +76,6 @@ class UpdateSettings:
     micro_batch_size: int = 0
     max_grad_norm: float = 1.0
     temperature: float = 1.0
-    kl_loss_coef: float = 0.0
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     vf_coef: float = 0.5
@@ -100,10 +102,12 @@ def _sum_counts(mask_BC: torch.Tensor, all_reduce: Callable | None) -> tuple[flo
 
 
 def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch, s: UpdateSettings, *,
-           critic=None, generator: torch.Generator | None = None, all_reduce: Callable | None = None,
-           max_len: int | None = None, grad_sync: GradSync | None = None) -> dict[str, float]:
+           kl_loss_coef: float = 0.0, critic=None, generator: torch.Generator | None = None,
+           all_reduce: Callable | None = None, max_len: int | None = None,
+           grad_sync: GradSync | None = None) -> dict[str, float]:
     """Run ``s.epochs`` passes of ``s.minibatches`` optimizer steps over ``batch``; return mean stats.
 
+    ``kl_loss_coef`` weighs the KL-to-reference loss term (the batch's ``ref_logprobs_BC``; 0: none).
     ``critic`` (optional) has ``values(policy_out, rollout) -> (B, C)`` and parameters in the
     same optimizer.  ``all_reduce`` sums tensors across data-parallel processes (the counts that
     normalise the loss, and the statistics returned); ``grad_sync`` sums the gradients (once per
@@ -117,7 +121,6 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
     totals: dict[str, float] = {}
     n_steps = 0
     device = model_device(policy)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if s.bf16 else nullcontext()
     for _epoch in range(s.epochs):
         order = torch.randperm(B, generator=generator) if s.minibatches > 1 else torch.arange(B)
         for rows in order.chunk(s.minibatches):
@@ -131,8 +134,9 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
                 micro = mb.select(torch.arange(lo, min(lo + step, len(rows))))
                 last = lo == starts[-1]
                 with nullcontext() if last or grad_sync is None else grad_sync.no_sync():
-                    with autocast:
-                        loss, st = _micro_loss(policy, critic, micro, s, num_tokens, num_seqs, max_len)
+                    with autocast(device.type, s.bf16):
+                        loss, st = _micro_loss(policy, critic, micro, s, kl_loss_coef, num_tokens, num_seqs,
+                                               max_len)
                     loss.backward()
                 share = float(micro.mask_BC.sum()) / max(num_tokens, 1.0)  # of the global mini-batch
                 for k, v in st.items():
@@ -211,8 +215,8 @@ def _global_means(totals: dict[str, float], n_steps: int, all_reduce: Callable |
     return {k: v if k == "nonfinite_steps" else v / n_steps for k, v in totals.items()}
 
 
-def _micro_loss(policy, critic, micro: TrainBatch, s: UpdateSettings, num_tokens: float, num_seqs: float,
-                max_len: int) -> tuple[torch.Tensor, dict[str, float]]:
+def _micro_loss(policy, critic, micro: TrainBatch, s: UpdateSettings, kl_loss_coef: float, num_tokens: float,
+                num_seqs: float, max_len: int) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one micro-batch, normalised by its mini-batch's counts; and its statistics."""
     counts = dict(num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
     out = completion_logprobs(policy, micro.rollout, temperature=s.temperature,
@@ -226,10 +230,10 @@ def _micro_loss(policy, critic, micro: TrainBatch, s: UpdateSettings, num_tokens
     stats["entropy"] = float(core.masked_mean(out.entropy_BC.detach(), mask))
     if s.entropy_coef:
         loss = loss - s.entropy_coef * core.aggregate_loss(out.entropy_BC, mask, s.agg, **counts)
-    if s.kl_loss_coef and micro.ref_logprobs_BC is not None:
+    if kl_loss_coef and micro.ref_logprobs_BC is not None:
         kl = core.kl_loss(out.logprobs_BC, micro.ref_logprobs_BC, mask, estimator=s.kl_estimator, agg=s.agg,
                           **counts)
-        loss = loss + s.kl_loss_coef * kl
+        loss = loss + kl_loss_coef * kl
         stats["kl_loss"] = float(kl.detach())
     if critic is not None:
         values = critic.values(out, micro.rollout)
