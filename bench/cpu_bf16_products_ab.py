@@ -1,6 +1,6 @@
 """Interleaved A/B: one decode token's products for SmolLM2-135M (30 layers + LM head), 16 rows: fp32 oneDNN-packed
 (_linear_pointwise) vs bf16 F.linear (the fallback where oneDNN cannot run bf16). Usage: python THIS THREADS
-oneDNN-packed (_linear_pointwise) vs F.linear. Prints ms per token and the ratio per round."""
+Prints ms per token and the ratio per round."""
 import statistics, sys, time
 import torch
 torch.manual_seed(0)

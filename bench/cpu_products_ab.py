@@ -1,5 +1,5 @@
 """Interleaved A/B: one decode token's products for SmolLM2-135M (30 layers + LM head), 16 rows, fp32:
-oneDNN-packed (_linear_pointwise) vs F.linear. Prints ms per token and the ratio per round."""
+oneDNN-packed (_linear_pointwise) vs F.linear. Prints ms per token and the ratio per round. Usage: python THIS THREADS"""
 import statistics, sys, time
 import torch
 torch.manual_seed(0)
