@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from seqpg import fastdecode
+from seqpg import cpu_caps, fastdecode
 from seqpg.batch import Prompt
 from seqpg.fastdecode import supports
 from seqpg.policy import completion_logprobs
@@ -55,17 +55,79 @@ def test_fast_decode_equals_the_models_forward(tiny_tokenizer, arch, extra, temp
     torch.testing.assert_close(fast.sample_logprobs_BC, train * fast.completion_mask_BC, atol=1e-5, rtol=0)
 
 
-@pytest.mark.skipif(not fastdecode.ONEDNN_LINEAR, reason="this torch has no oneDNN prepacked linear")
+@pytest.mark.skipif(not cpu_caps.onednn_linear(), reason="this torch has no oneDNN prepacked linear")
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biased q, k, v projections
 def test_onednn_packed_products_equal_plain_products(tiny_tokenizer, monkeypatch, arch):
-    """The CPU default (weights prepacked for oneDNN) against plain ``F.linear``: same draws and tokens."""
+    """The CPU default (weights prepacked for oneDNN) against the fallback where torch has no oneDNN
+    (plain ``F.linear``): same draws and tokens."""
     model = tiny(arch, len(tiny_tokenizer))
     kw = dict(n=3, max_new_tokens=12, temperature=1.0)
     packed = generate(model, tiny_tokenizer, PROMPTS, generator=torch.Generator().manual_seed(3), **kw)
-    monkeypatch.setattr(fastdecode, "ONEDNN_LINEAR", False)
+    monkeypatch.setattr(cpu_caps, "onednn_linear", lambda: False)
+    assert not fastdecode.FastDecoder(model, transformers.DynamicCache(), rows=2).pack
     plain = generate(model, tiny_tokenizer, PROMPTS, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(packed.completion_ids_BC, plain.completion_ids_BC)
     torch.testing.assert_close(packed.sample_logprobs_BC, plain.sample_logprobs_BC, atol=1e-5, rtol=0)
+
+
+BF16_REFUSAL = ("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw, "
+                "avx512vl and avx512dq")
+
+
+def refuse_bf16_repacking(monkeypatch) -> list[torch.dtype]:
+    """Make oneDNN's repacking behave as on a CPU without oneDNN bf16 (the error torch raises there);
+    returns the dtypes it is called with."""
+    if not cpu_caps.onednn_linear():
+        pytest.skip("this torch has no oneDNN prepacked linear")
+    real, seen = torch.ops.mkldnn._reorder_linear_weight, []
+
+    def reorder(w, *args):
+        seen.append(w.dtype)
+        if w.dtype == torch.bfloat16:
+            raise RuntimeError(BF16_REFUSAL)
+        return real(w, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", reorder)
+    return seen
+
+
+def bf16_greedy(model, tokenizer, **kw):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return generate(model, tokenizer, PROMPTS, n=2, max_new_tokens=8, greedy=True, **kw)
+
+
+def test_bf16_decoding_repacks_nothing_in_bf16_where_onednn_cannot_run_bf16(tiny_tokenizer, monkeypatch):
+    """The bug a CPU with AVX2 but no AVX-512 hit: the decoder repacked bf16 weights and torch refused.
+    With oneDNN bf16 unsupported the bf16 products run unpacked, and equal the packed ones."""
+    model = tiny("llama", len(tiny_tokenizer))
+    seen = refuse_bf16_repacking(monkeypatch)
+    if cpu_caps.onednn_bf16():  # where the CPU has it, the packed path is taken, and the stand-in refuses it
+        with pytest.raises(RuntimeError, match="bf16 path needs"):
+            bf16_greedy(model, tiny_tokenizer)
+        monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", torch.ops.mkldnn._reorder_linear_weight)
+    monkeypatch.setattr(cpu_caps, "onednn_bf16", lambda: False)
+    seen.clear()
+    plain = bf16_greedy(model, tiny_tokenizer)
+    assert torch.bfloat16 not in seen
+    monkeypatch.undo()
+    if cpu_caps.onednn_bf16():
+        packed = bf16_greedy(model, tiny_tokenizer)
+        assert torch.equal(plain.completion_ids_BC, packed.completion_ids_BC)
+        torch.testing.assert_close(plain.sample_logprobs_BC, packed.sample_logprobs_BC, atol=1e-2, rtol=0)
+
+
+def test_bf16_weights_are_packed_only_where_onednn_runs_bf16(tiny_tokenizer, monkeypatch):
+    """A model whose weights are bf16 (model.dtype=bfloat16), no autocast: the same choice."""
+    model = tiny("llama", len(tiny_tokenizer)).to(torch.bfloat16)
+    monkeypatch.setattr(cpu_caps, "onednn_bf16", lambda: False)
+    assert not fastdecode.FastDecoder(model, transformers.DynamicCache(), rows=2).pack
+    with pytest.raises(ValueError, match="bf16"):
+        fastdecode.FastDecoder(model, transformers.DynamicCache(), rows=2, pack=True)
+    refuse_bf16_repacking(monkeypatch)
+    fast = generate(model, tiny_tokenizer, PROMPTS, n=2, max_new_tokens=6, greedy=True)
+    slow = generate(model, tiny_tokenizer, PROMPTS, n=2, max_new_tokens=6, greedy=True, fast_decode=False)
+    assert torch.equal(fast.completion_ids_BC[:, 0], slow.completion_ids_BC[:, 0])
+    torch.testing.assert_close(fast.sample_logprobs_BC[:, 0], slow.sample_logprobs_BC[:, 0], atol=3e-2, rtol=0)
 
 
 @pytest.mark.parametrize("arch,extra", ARCHS[:1] + ARCHS[2:4], ids=["llama", "qwen2", "qwen3"])
@@ -88,17 +150,19 @@ def test_the_fixed_buffer_step_of_the_cuda_graph_equals_the_plain_step(tiny_toke
 
 
 def test_packing_is_refused_where_it_cannot_run(tiny_tokenizer, monkeypatch):
-    monkeypatch.setattr(fastdecode, "ONEDNN_LINEAR", False)
+    monkeypatch.setattr(cpu_caps, "onednn_linear", lambda: False)
     model = tiny("llama", len(tiny_tokenizer))
     with pytest.raises(ValueError, match="oneDNN"):
         fastdecode.FastDecoder(model, transformers.DynamicCache(), rows=2, pack=True)
 
 
-def test_fast_decode_under_bf16_autocast_stays_close(tiny_tokenizer):
+@pytest.mark.parametrize("caps", ["detected", "none"])  # none: the path of a CPU without oneDNN or its bf16
+def test_fast_decode_under_bf16_autocast_stays_close(tiny_tokenizer, monkeypatch, caps):
     model = tiny("llama", len(tiny_tokenizer))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = generate(model, tiny_tokenizer, PROMPTS, n=2, max_new_tokens=8, greedy=True)
-        slow = generate(model, tiny_tokenizer, PROMPTS, n=2, max_new_tokens=8, greedy=True, fast_decode=False)
+    if caps == "none":
+        monkeypatch.setenv(cpu_caps.ENV, "none")
+    fast = bf16_greedy(model, tiny_tokenizer)
+    slow = bf16_greedy(model, tiny_tokenizer, fast_decode=False)
     same = fast.completion_ids_BC == slow.completion_ids_BC
     assert same[:, 0].all()  # the first step sees identical inputs; later ones may part on bf16 ties
     torch.testing.assert_close(fast.sample_logprobs_BC[:, 0], slow.sample_logprobs_BC[:, 0], atol=3e-2, rtol=0)

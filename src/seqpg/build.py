@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import core
+from . import core, cpu_caps
 from .config import AlgoConfig, ConfigError, ModelConfig, OptimConfig, ScorerConfig, TaskConfig, TrainConfig, \
     validate_for_processes
 from .critic import Critic, build_critic
@@ -151,6 +151,8 @@ def build_components(cfg: TrainConfig, dist: DistContext) -> Components:
         seed_everything(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if cfg.bf16:
+            cpu_caps.warn_if_bf16_is_slow(dist.device)
         if cfg.keep_freed_memory:
             keep_freed_memory()
         policy, tok = build_policy(cfg.model, cfg.seed, dist.device)

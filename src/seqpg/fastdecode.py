@@ -29,7 +29,10 @@ tokens, per token step, medians interleaved in one process: fp32 99.9 ms (MKL, f
 73.0 ms (packed) -> 65.3 ms (packed, stacked); bf16 56.2 -> 50.0 -> 50.7 ms (the stacking: 53.2 ->
 50.7 in its own run).  Under autocast the weights are cast to
 its dtype before packing, once per ``FastDecoder``, as autocast's own cast cache would, and each
-product runs in that dtype.  Off CPU, or where torch lacks oneDNN, the products are ``F.linear``.
+product runs in that dtype.  Off CPU, where torch lacks oneDNN (ARM builds), and for bf16 where
+oneDNN cannot run bf16 on the CPU (x86 without AVX-512 BW/VL/DQ or AVX-NE-CONVERT: torch refuses
+to repack a bf16 weight there), the products are ``F.linear`` in the same dtype, same maths
+(:func:`can_pack`, from :mod:`seqpg.cpu_caps`).
 On a CUDA device each step from the second on is replayed from a CUDA graph (``FastDecoder``'s
 ``graph``): launched one by one from Python, the step's ~600 kernels took ~30 ms per token on an
 H200; with the replay a whole sampling call (2 x 8 rows, 32 tokens, fp32) went from 1068 to 288 ms
@@ -44,6 +47,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from seqpg import cpu_caps
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
@@ -91,22 +96,21 @@ def _has_hooks(model: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-def _onednn_linear_available() -> bool:
-    """True where torch has oneDNN's prepacked linear (CPU builds with mkldnn; what inductor uses)."""
-    ops = torch.ops.mkldnn
-    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
-            and hasattr(ops, "_linear_pointwise"))
-
-
-ONEDNN_LINEAR = _onednn_linear_available()
+def can_pack(device: str, dtype: torch.dtype) -> bool:
+    """True where products in ``dtype`` on ``device`` may run on weights prepacked for oneDNN: a CPU,
+    a torch with the prepacked linear, and float32, or bf16 where oneDNN runs bf16 on this CPU
+    (:mod:`seqpg.cpu_caps`)."""
+    if device != "cpu" or not cpu_caps.onednn_linear():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_caps.onednn_bf16())
 
 
 class FastDecoder:
     """One-token steps of ``model`` against a preallocated KV cache (``sampling._PreallocatedLayer``s).
 
     On CPU the weights are repacked once per decoder (one sampling call) into oneDNN's blocked
-    layout for the decode's row count (``pack=None``: where oneDNN is available); elsewhere, or
-    with ``pack=False``, the products are plain ``F.linear``.
+    layout for the decode's row count (``pack=None``: where :func:`can_pack` says the products'
+    dtype may be); elsewhere, or with ``pack=False``, the products are plain ``F.linear``.
 
     ``graph`` (default: on a CUDA device): from the second step on, the step reads its inputs from
     fixed buffers and writes the new key and value at a position held in a tensor
@@ -129,10 +133,11 @@ class FastDecoder:
         self.device = model.lm_head.weight.device.type
         self.dtype = torch.get_autocast_dtype(self.device) if torch.is_autocast_enabled(self.device) else None
         self.rows = rows
-        can_pack = ONEDNN_LINEAR and self.device == "cpu"
-        if pack and not can_pack:
-            raise ValueError("FastDecoder(pack=True) needs a CPU model and a torch built with oneDNN (mkldnn)")
-        self.pack = can_pack if pack is None else pack
+        packable = can_pack(self.device, self.dtype or model.lm_head.weight.dtype)
+        if pack and not packable:
+            raise ValueError("FastDecoder(pack=True) needs a CPU model, a torch built with oneDNN (mkldnn) and, for "
+                             "bf16, a CPU on which oneDNN runs bf16 (seqpg.cpu_caps); use pack=None to choose")
+        self.pack = packable if pack is None else pack
         self._prepared: dict[tuple[nn.Linear, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.graph = self.device == "cuda" if graph is None else graph
         self._steps = 0
