@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from . import core
 from .batch import Prompt, RolloutBatch, total_rewards
 from .build import Components, build_components
-from .checkpoint import StopFlag, latest_checkpoint, save_checkpoint
+from .checkpoint import StopFlag, latest_checkpoint
 from .config import TrainConfig, to_dict
 from .distributed import DistContext
 from .runlog import RunLogger, Timer, progress_bar
@@ -80,7 +80,7 @@ def _train(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool) ->
             out_of_time = cfg.max_minutes is not None and time.monotonic() - t_start > 60 * cfg.max_minutes
             halt = dist.any(stop.is_set() or out_of_time)  # every process stops after the same step
             if step % cfg.save_every == 0 or step == cfg.steps or halt:
-                _save(cfg, c, dist, step)
+                _save(cfg, c, step)
             if halt:
                 break
     bar.close()
@@ -230,12 +230,9 @@ def _sample_rows(scored, adv_BC) -> list[dict]:
     return rows
 
 
-def _save(cfg: TrainConfig, c: Components, dist: DistContext, step: int) -> None:
-    """Rank 0 writes the checkpoint (under FSDP2 every process first helps gather the full tensors)."""
+def _save(cfg: TrainConfig, c: Components, step: int) -> None:
+    """Every process calls this: rank 0 writes the whole model (DDP, one process), or each process
+    its own shards (FSDP2)."""
     state = {"step": step, "prompt_stream": c.stream.state_dict(), "kl_controller": c.kl_ctl.state_dict()}
-    view = c.parallel.checkpoint_view(c.optimizer)
-    with dist.fail_together("checkpoint"):
-        if view is not None:
-            save_checkpoint(cfg.run_dir, step, model=view.model, optimizer=view.optimizer,
-                            extra_modules=view.extra_modules, trainer_state=state, scheduler=c.scheduler,
-                            keep_last=cfg.keep_checkpoints, tokenizer=c.tokenizer)
+    c.parallel.save_checkpoint(cfg.run_dir, step, c.optimizer, trainer_state=state, scheduler=c.scheduler,
+                               keep_last=cfg.keep_checkpoints, tokenizer=c.tokenizer)
