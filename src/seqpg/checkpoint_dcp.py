@@ -108,7 +108,8 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, *, modules: M
         with dist.fail_together("checkpoint"):
             if rng_state is not None:
                 _save_synced(rng_state, tmp / rng_file_name(dist.rank))
-            shared = _files_under(tmp, (DCP_DIR, RNG_DIR))  # complete: every process has written
+        with dist.fail_together("checkpoint"):  # every process has written all it writes: list and hash
+            shared = _files_under(tmp, (DCP_DIR, RNG_DIR))
             digests = file_digests(tmp, shared[dist.rank::dist.world_size])  # the hashing is shared out too
         digests = {k: v for part in dist.gather_objects(digests) for k, v in part.items()}
         with dist.fail_together("checkpoint"):
