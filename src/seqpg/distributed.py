@@ -352,8 +352,8 @@ class Parallel:
 
         Under FSDP2 the full tensors are gathered from the shards (a collective: every process
         calls this) into CPU copies on rank 0, so the checkpoint is the same as a one-process
-        run's and resumes with any number of processes.  (:meth:`save_checkpoint` writes shards
-        instead under FSDP2; this gathering is for a full copy on purpose.)
+        run's and resumes with any number of processes.  (The trainer's :meth:`save_checkpoint`
+        does not gather under FSDP2: every process writes its shards.)
         """
         if self.mode != "fsdp2":
             return CheckpointView(self.raw_policy, optimizer, dict(self.extra_modules)) if self.dist.is_main else None

@@ -151,7 +151,7 @@ def _worker(rank: int, port: int, run: str, moment: str, results) -> None:
         except Exception as e:  # noqa: BLE001 -- recorded for the test
             results[f"error-{rank}"] = type(e).__name__
         dist.barrier()
-        if rank == 1:  # the kill: after writing its shard file, before anything else
+        if rank == 1:  # the kill: once its shard file is written (DCP then fsyncs it), before anything else
             os.fsync = lambda fd: os._exit(KILLED)
     elif rank == 0:  # the kill: the temporary directory is complete, meta.json included, not yet renamed
         cd._move_into_place = lambda tmp, final: os._exit(KILLED)
@@ -187,11 +187,11 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(moment, tm
     root = run / "checkpoints"
     assert (root / "latest").read_text() == "step-000001\n"
     assert latest_checkpoint(run) == root / "step-000001"
-    [left] = [p for p in root.iterdir() if p.name.startswith(".tmp-")]  # of the killed save only
-    if moment == "shards":  # rank 1's shards are on disk; DCP's .metadata (written last, by rank 0) is not
-        assert (left / "dcp" / "__1_0.distcp").is_file() and not (left / "dcp" / ".metadata").exists()
+    left = [p for p in root.iterdir() if p.name.startswith(".tmp-")]  # of the killed save only
+    if moment == "shards":  # rank 0, seeing rank 1 gone, may have begun to remove it before it was stopped
+        assert len(left) <= 1 and not any((p / "meta.json").exists() for p in left), left
     else:
-        assert (left / "meta.json").is_file()
+        assert len(left) == 1 and (left[0] / "meta.json").is_file()
     expected = torch.load(run / "expected-step-1.pt")
     got = full_model_state(run)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
