@@ -28,7 +28,9 @@ checkpoint (with a warning naming the file and why) for the newest intact one, a
 :func:`load_checkpoint` verifies before it loads.  Format 1 checkpoints (no checksums) still load.
 
 One process writes a run directory (rank 0 in distributed runs; :mod:`seqpg.runlock` keeps out
-a second writer).  ``StopFlag`` (the Ctrl-C / SIGTERM handler) lives in :mod:`seqpg.signals`.
+a second writer).  Under ``parallel=fsdp2`` every process writes its own shards instead
+(``"weights": "dcp"``, :mod:`seqpg.checkpoint_dcp`), with the same atomicity and checksums;
+:func:`load_checkpoint` and :func:`full_model_state` read both kinds.  ``StopFlag`` (the Ctrl-C / SIGTERM handler) lives in :mod:`seqpg.signals`.
 """
 
 from __future__ import annotations
@@ -366,6 +368,11 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     """
     ckpt = resolve_checkpoint(path, verify=verify)
     meta = verify_checkpoint(ckpt) if verify and Path(path) == ckpt else _read_meta(ckpt)
+    if meta["weights"] == "dcp":  # sharded (parallel=fsdp2): see seqpg.checkpoint_dcp
+        from .checkpoint_dcp import load_sharded_checkpoint
+
+        return load_sharded_checkpoint(ckpt, meta, modules={"policy": model, **(extra_modules or {})},
+                                       optimizer=optimizer, scheduler=scheduler, restore_rng=restore_rng)
     if meta["weights"] == "peft":
         _load_peft(ckpt, meta, model)
     else:
@@ -416,6 +423,34 @@ def _load_safetensors(module: nn.Module, path: Path) -> None:
         raise CheckpointDamaged(f"{path}: missing") from None
     except SafetensorError as e:
         raise CheckpointDamaged(f"{path}: cannot be read as safetensors ({e}); it is truncated or damaged") from None
+
+
+def full_model_state(path: str | os.PathLike, module: str = "policy") -> dict[str, torch.Tensor]:
+    """The weights a checkpoint holds for ``module`` (``"policy"`` or an extra module's name), whole,
+    on the CPU, in this process (no process group needed), keyed by the module's ``state_dict()`` names.
+
+    ``path`` is a checkpoint or run directory.  By the checkpoint's kind (``meta.json``'s ``weights``):
+    ``full``: the safetensors file (tied weights once, under one of their names); ``dcp`` (sharded,
+    written by any number of processes): every tensor reassembled from the shards; for a LoRA policy,
+    both ``dcp`` and ``peft`` hold the adapter tensors only (``peft``: as peft's ``save_pretrained``
+    names them, for ``PeftModel.from_pretrained`` or ``set_peft_model_state_dict``), not the frozen base.
+    """
+    ckpt = resolve_checkpoint(path)
+    meta = verify_checkpoint(ckpt)
+    if module != "policy" and module not in meta["extra_modules"]:
+        raise KeyError(f"{ckpt} has no module {module!r}; it holds policy and {meta['extra_modules'] or 'no others'}")
+    if meta["weights"] == "dcp":
+        from .checkpoint_dcp import full_state_dict
+
+        return full_state_dict(ckpt, module)
+    if module != "policy":
+        return load_file(str(ckpt / "extra" / f"{module}.safetensors"), device="cpu")
+    if meta["weights"] == "peft":
+        if meta["adapters"] != ["default"]:
+            raise ValueError(f"{ckpt} holds adapters {meta['adapters']}; read each one's folder under "
+                             f"{ckpt / 'adapter'} with peft")
+        return load_file(str(ckpt / "adapter" / "adapter_model.safetensors"), device="cpu")
+    return load_file(str(ckpt / "model.safetensors"), device="cpu")
 
 
 def resolve_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Path:

@@ -238,12 +238,17 @@ class Parallel:
     ``policy`` is the module the update calls (the DDP wrapper, the FSDP2-sharded module, or
     the plain module); ``extra_modules`` (the critic) are sharded under FSDP2 and summed by hand
     under DDP.  Build with :meth:`wrap`, before the optimizer (FSDP2 replaces the parameters).
+    ``sharded_checkpoints``: checkpoints are written by every process, each its own shards
+    (:mod:`seqpg.checkpoint_dcp`), rather than whole by rank 0; so under ``parallel=fsdp2``,
+    with any number of processes.
     """
 
     def __init__(self, dist: DistContext, mode: str, policy: nn.Module, raw_policy: nn.Module,
-                 extra_modules: dict[str, nn.Module], skeletons: dict[str, nn.Module] | None = None) -> None:
+                 extra_modules: dict[str, nn.Module], skeletons: dict[str, nn.Module] | None = None,
+                 sharded_checkpoints: bool = False) -> None:
         self.dist, self.mode, self.policy, self.raw_policy = dist, mode, policy, raw_policy
         self.extra_modules = extra_modules
+        self.sharded_checkpoints = sharded_checkpoints
         self._skeletons = skeletons or {}
         self._loose = [p for m in extra_modules.values() for p in m.parameters() if p.requires_grad] \
             if mode == "ddp" else []
@@ -257,7 +262,7 @@ class Parallel:
         if mode not in PARALLEL_MODES:
             raise ValueError(f"parallel={mode!r}; choose one of: {', '.join(PARALLEL_MODES)}")
         if not dist.enabled:
-            return Parallel(dist, "none", policy, policy, extra_modules)
+            return Parallel(dist, "none", policy, policy, extra_modules, sharded_checkpoints=mode == "fsdp2")
         if mode == "ddp":
             for m in extra_modules.values():
                 _broadcast_from_rank0(m)
@@ -270,7 +275,7 @@ class Parallel:
         for m in modules.values():
             _broadcast_from_rank0(m)
             _fully_shard(m)
-        return Parallel(dist, mode, policy, policy, extra_modules, skeletons)
+        return Parallel(dist, mode, policy, policy, extra_modules, skeletons, sharded_checkpoints=True)
 
     # -- the update ------------------------------------------------------------------------------
     def no_sync(self):
@@ -328,12 +333,36 @@ class Parallel:
                 m.set_reshard_after_forward(m is not self.policy, recurse=False)  # FSDP2's defaults
 
     # -- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self, run_dir, step: int, optimizer: torch.optim.Optimizer, *, trainer_state: dict,
+                        scheduler, keep_last: int | None, tokenizer) -> None:
+        """Write the checkpoint of ``step``; every process calls this.
+
+        With :attr:`sharded_checkpoints` every process writes its own shards
+        (:func:`seqpg.checkpoint_dcp.save_sharded_checkpoint`); otherwise rank 0 writes the whole
+        model and optimizer state (:meth:`checkpoint_view`, then :func:`seqpg.checkpoint.save_checkpoint`).
+        """
+        from .checkpoint import save_checkpoint
+        from .checkpoint_dcp import save_sharded_checkpoint
+
+        if self.sharded_checkpoints:
+            save_sharded_checkpoint(run_dir, step, modules={"policy": self.raw_policy, **self.extra_modules},
+                                    optimizer=optimizer, dist=self.dist, trainer_state=trainer_state,
+                                    scheduler=scheduler, keep_last=keep_last, tokenizer=tokenizer)
+            return
+        view = self.checkpoint_view(optimizer)
+        with self.dist.fail_together("checkpoint"):
+            if view is not None:
+                save_checkpoint(run_dir, step, model=view.model, optimizer=view.optimizer,
+                                extra_modules=view.extra_modules, trainer_state=trainer_state, scheduler=scheduler,
+                                keep_last=keep_last, tokenizer=tokenizer)
+
     def checkpoint_view(self, optimizer: torch.optim.Optimizer) -> CheckpointView | None:
         """Plain modules and optimizer state to save; None on processes other than rank 0.
 
         Under FSDP2 the full tensors are gathered from the shards (a collective: every process
         calls this) into CPU copies on rank 0, so the checkpoint is the same as a one-process
-        run's and resumes with any number of processes.
+        run's and resumes with any number of processes.  (The trainer's :meth:`save_checkpoint`
+        does not gather under FSDP2: every process writes its shards.)
         """
         if self.mode != "fsdp2":
             return CheckpointView(self.raw_policy, optimizer, dict(self.extra_modules)) if self.dist.is_main else None
@@ -353,12 +382,15 @@ class Parallel:
         """Load a checkpoint (written with any number of processes) on this process; no collectives.
 
         Returns the checkpoint's trainer state.  Global RNG streams are restored to the saved
-        ones (rank 0's) on every process.
+        ones (rank 0's, or this rank's own in a sharded checkpoint that has them) on every process.
+        A sharded checkpoint is read straight into this process's shards (DCP reshards); a full
+        one is read whole into plain copies and cut into shards.
         """
-        from .checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint, resolve_checkpoint
+        from .checkpoint_dcp import is_sharded_checkpoint
         from .models import is_lora_model
 
-        if self.mode != "fsdp2":
+        if self.mode != "fsdp2" or is_sharded_checkpoint(resolve_checkpoint(ckpt)):
             return load_checkpoint(ckpt, model=self.raw_policy, optimizer=optimizer,
                                    extra_modules=self.extra_modules, scheduler=scheduler)
         plain = {name: self._plain_copy(name) for name in ("policy", *self.extra_modules)}

@@ -26,7 +26,7 @@ import torch
 from . import core
 from .batch import Prompt
 from .build import Components, build_components
-from .checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state
 from .config import TrainConfig, to_dict
 from .distributed import DistContext, failed_together
 from .periodic_eval import evaluate_held_out
@@ -247,12 +247,10 @@ def _sample_rows(scored, adv_BC) -> list[dict]:
 
 
 def _save(cfg: TrainConfig, c: Components, dist: DistContext, step: int) -> None:
-    """Rank 0 writes the checkpoint (under FSDP2 every process first helps gather the full tensors)."""
+    """Every process calls this: rank 0 writes the whole model (DDP, one process), or each process
+    its own shards (FSDP2)."""
     state = {"step": step, "prompt_stream": c.stream.state_dict(), "kl_controller": c.kl_ctl.state_dict()}
-    view = c.parallel.checkpoint_view(c.optimizer)
     with dist.fail_together("checkpoint"):
         refuse_nonfinite_parameters({"policy": c.policy, **c.extra_modules}, step)  # never save a NaN model
-        if view is not None:
-            save_checkpoint(cfg.run_dir, step, model=view.model, optimizer=view.optimizer,
-                            extra_modules=view.extra_modules, trainer_state=state, scheduler=c.scheduler,
-                            keep_last=cfg.keep_checkpoints, tokenizer=c.tokenizer)
+    c.parallel.save_checkpoint(cfg.run_dir, step, c.optimizer, trainer_state=state, scheduler=c.scheduler,
+                               keep_last=cfg.keep_checkpoints, tokenizer=c.tokenizer)

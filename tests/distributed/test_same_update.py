@@ -21,9 +21,9 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from dist_helpers import HERE, torchrun
+from seqpg.checkpoint import full_model_state
 from seqpg.config import load_config
 from seqpg.models import build_tiny_model, build_tiny_tokenizer
 from seqpg.runlog import read_jsonl
@@ -45,7 +45,7 @@ CASES = {
     "lora_fsdp2": ["algo.name=grpo", "parallel=fsdp2", "model.lora_r=8", "model.lora_alpha=16",
                    "model.lora_target_modules=[lm_head, q_proj, v_proj]"],
 }
-RESUMED = ("a2c_fsdp2", "lora_fsdp2")  # continued for a second step by 2 processes from a 1-process checkpoint
+RESUMED = ("a2c_fsdp2", "lora_fsdp2")  # continued for a second step by 2 processes from a 1-process (sharded) checkpoint
 TIMING = ("time/", "tokens_per_s", "wall_time")
 
 
@@ -75,13 +75,10 @@ def runs(overrides, dist_tmp):
 
 
 def _weights(run, step: int) -> dict[str, torch.Tensor]:
+    """Every module's weights (LoRA: the adapters only), whole, from a full or a sharded (FSDP2) checkpoint."""
     ckpt = run / "checkpoints" / f"step-{step:06d}"
-    policy = ckpt / "model.safetensors" if (ckpt / "model.safetensors").is_file() \
-        else ckpt / "adapter" / "adapter_model.safetensors"  # LoRA: the adapters only
-    out = {f"policy.{k}": v for k, v in load_file(policy).items()}
-    for extra in sorted((ckpt / "extra").glob("*.safetensors")) if (ckpt / "extra").is_dir() else []:
-        out.update({f"{extra.stem}.{k}": v for k, v in load_file(extra).items()})
-    return out
+    modules = ["policy", *json.loads((ckpt / "meta.json").read_text())["extra_modules"]]
+    return {f"{m}.{k}": v for m in modules for k, v in full_model_state(ckpt, m).items()}
 
 
 def _assert_same_weights(a: dict, b: dict, atol: float = 1e-3) -> None:

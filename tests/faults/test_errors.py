@@ -11,6 +11,7 @@ import pytest
 from fault_rewards import ARMED
 from faultkit import maths, overrides, resume, weights_sha
 
+import seqpg.checkpoint as checkpoint_mod
 import seqpg.trainer as trainer_mod
 from seqpg.checkpoint import latest_checkpoint
 from seqpg.config import load_config
@@ -84,7 +85,7 @@ def small_fs(tmp_path):
 def test_disk_full_keeps_the_previous_checkpoint_and_resumes_exactly(reference, prompt_file, small_fs, tmp_path):
     run = small_fs / "run"
     filler = small_fs / "filler"
-    real_save = trainer_mod.save_checkpoint
+    real_save = checkpoint_mod.save_checkpoint
 
     def fill_then_save(run_dir, step, **kw):  # the disk fills up between the checkpoints of steps 2 and 4
         if step == 4:
@@ -97,13 +98,13 @@ def test_disk_full_keeps_the_previous_checkpoint_and_resumes_exactly(reference, 
                     assert e.errno == errno.ENOSPC
         return real_save(run_dir, step, **kw)
 
-    trainer_mod.save_checkpoint = fill_then_save
+    checkpoint_mod.save_checkpoint = fill_then_save  # what every whole-model save calls
     try:
         # safetensors reports it as its own SafetensorError, with the OS's message
         with pytest.raises(Exception, match="No space left on device"):
             train(load_config(None, overrides(prompt_file, run)), progress=False)
     finally:
-        trainer_mod.save_checkpoint = real_save
+        checkpoint_mod.save_checkpoint = real_save
     assert latest_checkpoint(run).name == "step-000002"  # intact: verified by latest_checkpoint
     assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")] == []
     filler.unlink()  # space again: resume

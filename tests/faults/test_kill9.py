@@ -16,7 +16,6 @@ import torch
 from faultkit import STEPS, maths, overrides, resume, weights_sha
 
 import seqpg.checkpoint as ckpt_mod
-import seqpg.trainer as trainer_mod
 from seqpg.checkpoint import latest_checkpoint
 from seqpg.config import load_config
 from seqpg.trainer import train
@@ -42,7 +41,7 @@ def _die_in(stage: str) -> None:
     """In the child: SIGKILL on entering ``stage`` of the save of step ``STEPS``."""
     name, when = _STAGES[stage]
     saving = {"step": None}
-    real_save = trainer_mod.save_checkpoint
+    real_save = ckpt_mod.save_checkpoint
 
     def save_checkpoint(run_dir, step, **kw):
         saving["step"] = step
@@ -55,7 +54,7 @@ def _die_in(stage: str) -> None:
             return real(*args, **kwargs)
         return hook
 
-    trainer_mod.save_checkpoint = save_checkpoint
+    ckpt_mod.save_checkpoint = save_checkpoint  # what every whole-model save calls
     if name == "torch_save":
         torch.save = patched(torch.save)
     else:
