@@ -1,0 +1,22 @@
+"""Rollouts: what the policy is run on to produce the tokens a step trains on.
+
+Multi-turn episodes (issue 11): the model writes, an environment answers (a tool's result, a
+game's feedback, a simulated user), the model writes again, rewards come per turn.  The state is
+the prompt plus everything so far; the actions are only the tokens the model wrote, so
+
+    U = sum over the model's tokens of log pi * A
+
+and the environment's tokens are context, never actions.
+
+Modules, one concern each:
+
+* :mod:`.environments` the Environment protocol (reset / step), ``StepResult``, the
+  ``module:Class`` loader, turn and token limits
+* :mod:`.tools`        tools from ``module:function``: JSON schemas, prompt rendering, the
+  ``<tool_call>`` parser and a time-limited runner that never hangs
+* :mod:`.chat`         chat-template rendering of new messages as a token delta (the kept
+  tokens are never re-tokenised)
+* :mod:`.episodes`     the ``Episode`` container, the padded ``EpisodeBatch`` and its log-probs
+* :mod:`.multiturn`    the batched multi-turn sampler (episodes advance together, turn by turn,
+  each turn extending the KV cache)
+"""

@@ -1,0 +1,166 @@
+"""Environments for multi-turn episodes: the protocol, its step result, the loader, the limits.
+
+An environment is a small Python class with a gymnasium / OpenEnv-like shape, one instance per
+episode:
+
+    reset(prompt, seed) -> first observation          (a str: the user's message; or chat messages)
+    step(model_text)    -> (observation | None, reward, done, info)
+
+``prompt`` is the :class:`seqpg.batch.Prompt` the episode starts from (its ``meta`` holds task
+data), ``model_text`` the text of the model's last turn (special tokens removed).  An observation
+is a str (a user message), one chat message ``{"role": ..., "content": ...}`` or a list of them;
+None (allowed with ``done``) adds nothing.  ``step`` may return a :class:`StepResult` or the
+4-tuple.  An episode ends when the environment says done, or is cut (``truncated``) at a turn
+limit or a token budget (:class:`EpisodeLimits`).
+
+The class is named in config as ``"module:Class"`` or ``"path/to/file.py:Class"``;
+:func:`load_environment` checks it before any model loads and fails in one line naming what is
+wrong.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from seqpg.batch import Prompt
+
+Message = dict[str, Any]
+"""One chat message: ``{"role": "user" | "tool" | "system" | ..., "content": str, ...}``."""
+
+Observation = str | Message | list[Message]
+
+
+@runtime_checkable
+class Environment(Protocol):
+    """What the multi-turn sampler calls; one instance per episode."""
+
+    def reset(self, prompt: Prompt, seed: int) -> Observation:
+        """Start an episode from ``prompt``; return the first observation (the model's first input)."""
+
+    def step(self, model_text: str) -> "StepResult | tuple[Observation | None, float, bool, dict]":
+        """React to the model's turn: (next observation or None, reward, done, info)."""
+
+
+@dataclass
+class StepResult:
+    """What the environment answers to one model turn."""
+
+    observation: Observation | None
+    """Appended to the context before the model's next turn (None: nothing; only sensible with done)."""
+    reward: float = 0.0
+    """Reward for the turn just written; credited to its last token."""
+    done: bool = False
+    """The episode is over (terminal): the model writes no more."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Anything to log (kept per turn in the episode)."""
+
+
+@dataclass(frozen=True)
+class EpisodeLimits:
+    """When an episode is cut short (``truncated``) although its environment is not done."""
+
+    max_turns: int = 4
+    """Model turns per episode."""
+    max_new_tokens: int = 128
+    """Tokens the model may write in one turn (a turn cut here still goes to the environment)."""
+    max_tokens: int = 1024
+    """Token budget of the whole context: prompt, every model turn and every observation."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_turns", "max_new_tokens", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EpisodeLimits.{name} must be >= 1, got {getattr(self, name)}")
+
+    def turn_budget(self, context_tokens: int) -> int:
+        """How many tokens the next model turn may write, given the context's length so far (may be 0)."""
+        return max(0, min(self.max_new_tokens, self.max_tokens - context_tokens))
+
+    def truncated(self, *, turns: int, context_tokens: int) -> bool:
+        """Whether an episode that is not done must stop: no turn left, or no room for a token."""
+        return turns >= self.max_turns or context_tokens >= self.max_tokens
+
+
+def coerce_step_result(out: Any, *, env_name: str) -> StepResult:
+    """``step``'s return value as a StepResult; a wrong shape is a one-line error naming the environment."""
+    if isinstance(out, StepResult):
+        result = out
+    elif isinstance(out, tuple) and len(out) == 4:
+        obs, reward, done, info = out
+        result = StepResult(obs, reward, done, info if info is not None else {})
+    else:
+        raise TypeError(f"environment {env_name}: step() must return StepResult or (observation, reward, done, info), "
+                        f"got {type(out).__name__}")
+    try:
+        result.reward = float(result.reward)
+    except (TypeError, ValueError):
+        raise TypeError(f"environment {env_name}: step() reward must be a number, got {result.reward!r}") from None
+    result.done = bool(result.done)
+    if not isinstance(result.info, dict):
+        raise TypeError(f"environment {env_name}: step() info must be a dict, got {type(result.info).__name__}")
+    if result.observation is not None:
+        as_messages(result.observation, where=f"environment {env_name}: step() observation")
+    return result
+
+
+def as_messages(obs: Observation, *, where: str, role: str = "user") -> list[Message]:
+    """An observation as chat messages: a str becomes one ``role`` message; messages are checked."""
+    if isinstance(obs, str):
+        return [{"role": role, "content": obs}]
+    msgs = [obs] if isinstance(obs, dict) else obs
+    if not isinstance(msgs, list) or not msgs:
+        raise TypeError(f"{where} must be a str, a message dict or a non-empty list of them, got {type(obs).__name__}")
+    for m in msgs:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise TypeError(f"{where}: each message needs str 'role' and 'content', got {m!r:.120}")
+    return list(msgs)
+
+
+def load_environment(spec: str) -> type:
+    """The environment class named by ``"module:Class"`` or ``"path/to/file.py:Class"``, checked.
+
+    Errors (one line each, naming ``spec``): malformed spec, missing module or file, missing
+    attribute, not a class, a class without callable ``reset`` and ``step``.
+    """
+    if not isinstance(spec, str) or spec.count(":") < 1 or not spec.rpartition(":")[2]:
+        raise ValueError(f"environment {spec!r}: expected 'module:Class' or 'path/to/file.py:Class'")
+    target, _, name = spec.rpartition(":")
+    module = import_target(target, what=f"environment {spec!r}")
+    if not hasattr(module, name):
+        raise AttributeError(f"environment {spec!r}: {target!r} has no attribute {name!r}")
+    cls = getattr(module, name)
+    if not inspect.isclass(cls):
+        raise TypeError(f"environment {spec!r}: {name!r} is a {type(cls).__name__}, not a class")
+    missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
+    if missing:
+        raise TypeError(f"environment {spec!r}: class {name} lacks {' and '.join(missing)}() "
+                        "(an environment needs reset(prompt, seed) and step(model_text))")
+    return cls
+
+
+def make_environment(cls: type, params: dict[str, Any] | None = None, *, spec: str = "") -> Any:
+    """One instance of ``cls`` built with ``params``; a constructor that refuses them is named in the error."""
+    try:
+        return cls(**(params or {}))
+    except TypeError as e:
+        raise TypeError(f"environment {spec or cls.__name__}: cannot build it with params {params or {}}: {e}") from e
+
+
+def import_target(target: str, *, what: str):
+    """The module ``target`` names: a dotted module path or a ``.py`` file (loaded under its stem)."""
+    if target.endswith(".py"):
+        if not os.path.isfile(target):
+            raise FileNotFoundError(f"{what}: no file {target!r}")
+        mod_name = "seqpg_user_" + os.path.splitext(os.path.basename(target))[0]
+        spec = importlib.util.spec_from_file_location(mod_name, target)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(target)
+    except ImportError as e:
+        raise ImportError(f"{what}: cannot import module {target!r}: {e}") from e

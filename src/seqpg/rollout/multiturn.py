@@ -1,0 +1,252 @@
+"""The batched multi-turn sampler: all episodes of a step advance together, turn by turn.
+
+Each turn has two phases, both batched over the episodes still running:
+
+1. **Model**: every episode's new context tokens (the first observation at turn 0; later its
+   last turn's final token and the environment's delta) are fed as ONE (B, D) chunk with the KV
+   cache of everything before, rows left-padded inside the chunk (padding masked out, positions
+   counting each row's real tokens only, so a row computes exactly what it would alone).  The
+   logits of the chunk's last column give each row's first token; decoding then runs one token
+   per row per step against the cache, like :mod:`seqpg.sampling`, until every row has ended its
+   turn (EOS, a stop string, or its token allowance).  Rows that ended early get padding
+   columns, masked out.  Nothing is ever re-encoded: the cache only grows by the new tokens.
+2. **Environment**: each turn's text goes to the tool parser (when tools are configured and the
+   turn calls one: the tools run, all episodes' calls together, and their results are the
+   observation) or else to the environment's ``step``.  The observation is rendered as a token
+   delta (:mod:`.chat`) and appended; episodes that are done or out of turns / tokens leave the
+   batch and their rows leave the cache.
+
+Sampling is :func:`seqpg.sampling.choose_tokens` (the recorded log-prob is log softmax(z / T)
+of the chosen token), so sampler and trainer log-probs agree on every action token.
+
+Departures from :func:`seqpg.sampling.generate`: the cache is a ``DynamicCache`` (it grows by
+concatenation; the deltas' lengths are not known in advance) and the fast decoder is not used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import transformers
+from torch import nn
+
+from seqpg.batch import Prompt
+from seqpg.policy import model_device
+from seqpg.sampling import _CACHE_KWARG, SamplingArgs, _eos_ids, choose_tokens
+
+from .chat import render_delta, render_start
+from .environments import EpisodeLimits, Message, as_messages, coerce_step_result
+from .episodes import Episode, Turn
+from .tools import Tool, ToolLimits, ToolStats, parse_tool_calls, run_tool_calls, template_takes_tools, with_tools
+
+
+class KVRows:
+    """Rows decoding together, each with its own history, in one KV cache; the cache only grows.
+
+    ``extend`` feeds each row some new tokens (at least one), ``step`` one token per row (or a
+    masked padding column for rows not writing), ``keep`` drops rows.  Both return the (B, V)
+    logits after each row's last real token.
+    """
+
+    def __init__(self, model: nn.Module, rows: int, pad_id: int) -> None:
+        self.model, self.pad_id = model, pad_id
+        self.device = model_device(model)
+        self.cache = transformers.DynamicCache()
+        self.attn_BW = torch.zeros((rows, 0), dtype=torch.bool, device=self.device)  # (B, W) real cache columns
+        self.fed_B = torch.zeros(rows, dtype=torch.long, device=self.device)  # real tokens per row = next position
+
+    def extend(self, new_ids: list[list[int]]) -> torch.Tensor:
+        """Feed row i the tokens ``new_ids[i]`` (left-padded into one chunk). -> (B, V) logits."""
+        if len(new_ids) != self.attn_BW.shape[0] or any(len(ids) == 0 for ids in new_ids):
+            raise ValueError("KVRows.extend: one non-empty token list per row")
+        D = max(len(ids) for ids in new_ids)
+        ids_BD = torch.full((len(new_ids), D), self.pad_id, dtype=torch.long)
+        real_BD = torch.zeros((len(new_ids), D), dtype=torch.bool)
+        for i, ids in enumerate(new_ids):
+            ids_BD[i, D - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            real_BD[i, D - len(ids):] = True
+        ids_BD, real_BD = ids_BD.to(self.device), real_BD.to(self.device)
+        pos_BD = (self.fed_B[:, None] + real_BD.long().cumsum(dim=1) - 1).clamp(min=0) * real_BD
+        return self._forward(ids_BD, real_BD, pos_BD)
+
+    def step(self, token_B: torch.Tensor, writing_B: torch.Tensor) -> torch.Tensor:
+        """Feed ``token_B`` to the rows where ``writing_B``; the others get a masked column. -> (B, V)."""
+        ids_B1 = torch.where(writing_B, token_B, self.pad_id)[:, None]
+        return self._forward(ids_B1, writing_B[:, None], (self.fed_B * writing_B)[:, None])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in this order)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        if self.cache.get_seq_length() > 0:
+            self.cache.batch_select_indices(idx)
+        self.attn_BW, self.fed_B = self.attn_BW[idx], self.fed_B[idx]
+
+    def _forward(self, ids_BD: torch.Tensor, real_BD: torch.Tensor, pos_BD: torch.Tensor) -> torch.Tensor:
+        self.attn_BW = torch.cat([self.attn_BW, real_BD], dim=1)
+        out = self.model(input_ids=ids_BD, attention_mask=self.attn_BW.long(), position_ids=pos_BD, use_cache=True,
+                         logits_to_keep=1, **{_CACHE_KWARG: self.cache})
+        self.fed_B = self.fed_B + real_BD.sum(dim=1)
+        return out.logits[:, -1]
+
+
+@dataclass
+class _Running:
+    """An episode in progress: its environment and the conversation its tokens hold."""
+
+    episode: Episode
+    env: Any
+    messages: list[Message]
+
+
+def sample_episodes(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[Prompt],
+    make_env: Callable[[], Any],
+    *,
+    n: int = 1,
+    limits: EpisodeLimits = EpisodeLimits(),
+    sampling: SamplingArgs = SamplingArgs(),
+    tools: dict[str, Tool] | None = None,
+    tool_limits: ToolLimits = ToolLimits(),
+    tool_stats: ToolStats | None = None,
+    stop_strings: Sequence[str] = (),
+    system_prompt: str | None = None,
+    chat_template: bool = True,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+    env_name: str = "",
+) -> list[Episode]:
+    """``n`` episodes per prompt (episode ``i*n + j`` is prompt ``i``'s j-th, its environment reset
+    with ``seed + i*n + j``), sampled together turn by turn.  ``make_env()`` builds one environment.
+
+    A turn ends on EOS, on a stop string (the turn's text keeps it) or at its token allowance
+    (``limits``); an episode ends when its environment says done, or is truncated at
+    ``limits.max_turns`` or when its context reaches ``limits.max_tokens``.  The model is in eval
+    mode for the call.  Episodes hold plain lists (CPU); see :func:`.episodes.batch_episodes`.
+    """
+    if not prompts or n < 1:
+        raise ValueError(f"sample_episodes: need prompts and n >= 1, got {len(prompts)} prompts, n={n}")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    tools = tools or {}
+    tool_kwargs = with_tools([], tools, template_takes_tools(tokenizer, tools))[1] if chat_template else {}
+    eos_ids = set(_eos_ids(model, tokenizer))
+    running = [_start(p, i, seed + i * n + j, make_env(), tokenizer, tools, tool_kwargs, system_prompt,
+                      chat_template, limits, env_name) for i, p in enumerate(prompts) for j in range(n)]
+    episodes = [r.episode for r in running]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            kv = KVRows(model, len(running), tokenizer.pad_token_id)
+            fed = [0] * len(running)  # tokens of each episode already in the cache
+            while running:
+                logits_BV = kv.extend([r.episode.token_ids[f:] for r, f in zip(running, fed)])
+                fed = [len(r.episode.token_ids) for r in running]
+                turns = _model_turn(kv, logits_BV, running, sampling, generator, limits, eos_ids, tokenizer,
+                                    tuple(stop_strings))
+                fed = [f + len(t) - 1 for f, t in zip(fed, turns)]  # a turn's last token is fed with the next delta
+                _environment_turn(running, turns, tokenizer, tools, tool_kwargs, tool_limits, tool_stats, limits,
+                                  chat_template, env_name)
+                keep = [k for k, r in enumerate(running) if not (r.episode.done or r.episode.truncated)]
+                if len(keep) < len(running):
+                    running, fed = [running[k] for k in keep], [fed[k] for k in keep]
+                    if running:
+                        kv.keep(keep)
+    finally:
+        model.train(was_training)
+    return episodes
+
+
+def _start(prompt: Prompt, group: int, seed: int, env: Any, tokenizer, tools: dict[str, Tool], tool_kwargs: dict,
+           system_prompt: str | None, chat_template: bool, limits: EpisodeLimits, env_name: str) -> _Running:
+    obs = env.reset(prompt, seed)
+    messages = as_messages(obs, where=f"environment {env_name}: reset() observation")
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    if tools and chat_template and not tool_kwargs:
+        messages = with_tools(messages, tools, in_template=False)[0]
+    ids = render_start(tokenizer, messages, tool_kwargs, chat_template=chat_template)
+    if len(ids) >= limits.max_tokens:
+        raise ValueError(f"sample_episodes: prompt {prompt.id!r} is {len(ids)} tokens, no room under "
+                         f"max_tokens={limits.max_tokens}")
+    episode = Episode(prompt=prompt, group=group, seed=seed, prompt_len=len(ids))
+    episode.append(ids, action=False)
+    return _Running(episode, env, messages)
+
+
+def _model_turn(kv: KVRows, logits_BV: torch.Tensor, running: list[_Running], sampling: SamplingArgs,
+                generator: torch.Generator | None, limits: EpisodeLimits, eos_ids: set[int], tokenizer,
+                stop_strings: tuple[str, ...]) -> list[list[int]]:
+    """Decode one turn for every running episode; appends its tokens and log-probs. -> each turn's tokens."""
+    B = len(running)
+    budget = [limits.turn_budget(len(r.episode.token_ids)) for r in running]  # >= 1: full contexts were cut
+    tokens: list[list[int]] = [[] for _ in range(B)]
+    logprobs: list[list[float]] = [[] for _ in range(B)]
+    writing = [True] * B
+    while True:
+        token_B, logprob_B = choose_tokens(logits_BV, sampling, generator)
+        toks, lps = token_B.tolist(), logprob_B.tolist()
+        for i in range(B):
+            if not writing[i]:
+                continue
+            tokens[i].append(toks[i])
+            logprobs[i].append(lps[i])
+            if toks[i] in eos_ids or len(tokens[i]) >= budget[i] or (
+                    stop_strings and any(s in tokenizer.decode(tokens[i], skip_special_tokens=True)
+                                         for s in stop_strings)):
+                writing[i] = False
+        if not any(writing):
+            break
+        writing_B = torch.tensor(writing, device=token_B.device)
+        logits_BV = kv.step(token_B, writing_B)
+    for r, toks_i, lps_i in zip(running, tokens, logprobs):
+        start = len(r.episode.token_ids)
+        r.episode.append(toks_i, action=True, logprobs=lps_i)
+        r.episode.turns.append(Turn(start=start, end=start + len(toks_i),
+                                    text=tokenizer.decode(toks_i, skip_special_tokens=True)))
+    return tokens
+
+
+def _environment_turn(running: list[_Running], turns: list[list[int]], tokenizer, tools: dict[str, Tool],
+                      tool_kwargs: dict, tool_limits: ToolLimits, tool_stats: ToolStats | None,
+                      limits: EpisodeLimits, chat_template: bool, env_name: str) -> None:
+    """Answer each episode's last turn (its tools, else its environment); append the observation as a delta."""
+    calls = {k: parse_tool_calls(r.episode.turns[-1].text, tools) for k, r in enumerate(running)} if tools else {}
+    calls = {k: c for k, c in calls.items() if c}
+    flat = [c for k in sorted(calls) for c in calls[k]]
+    results = run_tool_calls(flat, tools, tool_limits, tool_stats) if flat else []
+    for k, (r, toks) in enumerate(zip(running, turns)):
+        ep, turn = r.episode, r.episode.turns[-1]
+        r.messages = r.messages + [{"role": "assistant", "content": _turn_content(tokenizer, toks)}]
+        if k in calls:
+            turn.tool_results, results = results[:len(calls[k])], results[len(calls[k]):]
+            new = [res.as_message() for res in turn.tool_results]
+        else:
+            step = coerce_step_result(r.env.step(turn.text), env_name=env_name or type(r.env).__name__)
+            turn.reward, turn.info = step.reward, step.info
+            if step.done:
+                ep.done = True
+                continue
+            new = as_messages(step.observation, where=f"environment {env_name}: step() observation") \
+                if step.observation is not None else []
+        if limits.truncated(turns=len(ep.turns), context_tokens=len(ep.token_ids)):
+            ep.truncated = True
+            continue
+        delta = render_delta(tokenizer, r.messages, new, ep.token_ids, tool_kwargs, chat_template=chat_template)
+        if limits.truncated(turns=len(ep.turns), context_tokens=len(ep.token_ids) + len(delta)):
+            ep.truncated = True  # no room left to answer the observation: it is not appended
+            continue
+        ep.append(delta, action=False)
+        r.messages = r.messages + new
+
+
+def _turn_content(tokenizer, toks: list[int]) -> str:
+    """The assistant message of a turn: its exact text, a final EOS left for the template to write."""
+    from .chat import decode_kept
+
+    eos = tokenizer.eos_token_id
+    return decode_kept(tokenizer, toks[:-1] if toks and toks[-1] == eos else toks)
