@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .batch import Prompt
-from .sampling import generate
+from .sampling import SampleSettings
 from .scorers import score_batch
 
 
@@ -49,27 +49,25 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, max_new_tokens: int, batch_size: int = 32,
-             ks: tuple[int, ...] = (), samples: int = 0, temperature: float = 1.0, chat_template: bool = True,
-             system_prompt: str | None = None, stop_strings: tuple[str, ...] = (), seed: int = 0,
-             progress=None, on_error: str = "raise") -> EvalResult:
+def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, sampling: SampleSettings, batch_size: int = 32,
+             ks: tuple[int, ...] = (), samples: int = 0, seed: int = 0, progress=None,
+             on_error: str = "raise") -> EvalResult:
     """Evaluate ``model`` on ``prompts`` with ``scorers`` (a list of (Scorer, weight)).
 
-    ``ks`` (e.g. (1, 4)) adds pass@k from ``samples`` (default max(ks)) sampled completions per
-    prompt at ``temperature``; correctness comes from the scorers that define it. ``on_error``: what a
-    scorer that raises does, as in ``score_batch``.
+    Greedy completions with the ``sampling`` settings (budget, chat template, system prompt, stop
+    strings); ``ks`` (e.g. (1, 4)) adds pass@k from ``samples`` (default max(ks)) completions per
+    prompt sampled with all of them (temperature, top-p, top-k).  Correctness comes from the scorers
+    that define it. ``on_error``: what a scorer that raises does, as in ``score_batch``.
     """
     if not prompts:
         raise ValueError("evaluate: no prompts given")
     t0 = time.monotonic()
-    kw = dict(max_new_tokens=max_new_tokens, chat_template=chat_template, system_prompt=system_prompt,
-              stop_strings=tuple(stop_strings))
     was_training = model.training
     model.eval()
     rewards, correct, lengths, per_scorer, rows = [], [], [], {}, []
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo:lo + batch_size]
-        rollout = generate(model, tokenizer, chunk, n=1, greedy=True, **kw)
+        rollout = sampling.generate(model, tokenizer, chunk, n=1, greedy=True)
         scored = score_batch(rollout, scorers, tokenizer=tokenizer, on_error=on_error)
         rewards += scored.rewards_B.tolist()
         lengths += rollout.completion_lengths_B.tolist()
@@ -82,7 +80,7 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, max_new_tokens
                  for p, comp, r in zip(chunk, rollout.completions, scored.rewards_B.tolist())]
         if progress is not None:
             progress(len(chunk))
-    pk = _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, temperature, seed, batch_size, kw,
+    pk = _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, sampling, seed, batch_size,
                     on_error) if ks else {}
     model.train(was_training)
     n = len(rewards)
@@ -96,7 +94,7 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, max_new_tokens
                       {k: sum(v) / len(v) if v else math.nan for k, v in per_scorer.items()}, pk, rows)
 
 
-def _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, temperature, seed, batch_size, kw,
+def _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, sampling: SampleSettings, seed, batch_size,
                on_error) -> dict[int, float]:
     n = samples or max(ks)
     gen = torch.Generator().manual_seed(seed)
@@ -104,7 +102,7 @@ def _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, temperature, see
     totals = {k: 0.0 for k in ks}
     for lo in range(0, len(prompts), per_prompt):
         chunk = prompts[lo:lo + per_prompt]
-        rollout = generate(model, tokenizer, chunk, n=n, temperature=temperature, generator=gen, **kw)
+        rollout = sampling.generate(model, tokenizer, chunk, n=n, generator=gen)
         scored = score_batch(rollout, scorers, tokenizer=tokenizer, on_error=on_error)
         if scored.correct_B is None:
             raise ValueError("pass@k needs a scorer that defines correctness (e.g. reasoning_gym or exact_match)")

@@ -12,6 +12,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import TrainConfig, load_config
 from .distributed import resolve_device
 from .evaluate import EvalResult, evaluate
+from .sampling import SampleSettings
 from .export import EXPORT_CONFIG, exported_step
 
 
@@ -83,8 +84,7 @@ def eval_target(target: str, *, config: str | None = None, overrides: list[str] 
 def evaluate_as_configured(cfg: TrainConfig, model, tok, prompts, scorers, *, ks: tuple[int, ...] = (),
                            samples: int = 0) -> EvalResult:
     """`evaluate` with the run's sampling settings (budget, chat template, system prompt, stop strings) and
-    its `on_scorer_error`: what `seqpg eval` and the evaluation during training (`eval_every`) both run."""
-    s = cfg.sampling
-    return evaluate(model, tok, prompts, scorers, max_new_tokens=s.max_new_tokens, ks=ks, samples=samples,
-                    temperature=s.temperature, chat_template=s.chat_template, system_prompt=s.system_prompt,
-                    stop_strings=tuple(s.stop_strings), seed=cfg.seed, on_error=cfg.on_scorer_error)
+    its `on_scorer_error`: what `seqpg eval`, the evaluation during training (`eval_every`) and the
+    benchmark's held-out reward all run."""
+    return evaluate(model, tok, prompts, scorers, sampling=SampleSettings.from_config(cfg.sampling), ks=ks,
+                    samples=samples, seed=cfg.seed, on_error=cfg.on_scorer_error)

@@ -13,7 +13,7 @@ from seqpg.cli import main
 from seqpg.config import load_config
 from seqpg.evaluate import evaluate, pass_at_k
 from seqpg.models import build_tiny_model, build_tiny_tokenizer
-from seqpg.sampling import generate
+from seqpg.sampling import SampleSettings, generate
 from seqpg.scorers import make_scorer
 from seqpg.trainer import train
 from seqpg.update import TrainBatch, UpdateSettings, update
@@ -95,7 +95,8 @@ def test_evaluate_reports_reward_accuracy_standard_errors_and_pass_at_k():
     model = build_tiny_model(len(tok), seed=0)
     prompts = [Prompt(w, w, {"answer": "x"}) for w in ("cat", "dog", "sun", "sea", "sky")]
     scorers = [(make_scorer("contains", name="has_x", column="answer"), 1.0)]
-    res = evaluate(model, tok, prompts, scorers, max_new_tokens=8, chat_template=False, ks=(1, 2), samples=4)
+    res = evaluate(model, tok, prompts, scorers, sampling=SampleSettings(max_new_tokens=8, chat_template=False),
+                   ks=(1, 2), samples=4)
     assert res.n_prompts == 5 and res.accuracy is not None
     assert res.mean_reward == pytest.approx(res.accuracy)  # contains gives 1 exactly when correct
     assert set(res.pass_at_k) == {1, 2} and res.pass_at_k[2] >= res.pass_at_k[1]

@@ -90,11 +90,9 @@ def weighted_scores(scorers: list, prompts: list, completions: list[str]) -> lis
 
 def held_out_reward(model, tokenizer, cfg, prompts, scorers) -> dict:
     """Greedy held-out evaluation (``seqpg.evaluate``, as ``seqpg eval`` runs it): mean reward and s.e."""
-    from ..evaluate import evaluate
+    from ..session import evaluate_as_configured
 
-    s = cfg.sampling
-    r = evaluate(model, tokenizer, prompts, scorers, max_new_tokens=s.max_new_tokens, chat_template=s.chat_template,
-                 system_prompt=s.system_prompt, seed=cfg.seed)
+    r = evaluate_as_configured(cfg, model, tokenizer, prompts, scorers)
     return {"mean_reward": r.mean_reward, "se_reward": r.se_reward, "seconds": r.seconds}
 
 

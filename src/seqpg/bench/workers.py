@@ -1,7 +1,7 @@
 """The two sides of the benchmark, each run in its own process by ``worker``.
 
-seqpg: the calls ``seqpg train`` makes for a GRPO step (``generate`` -> ``score_batch`` ->
-``compute_advantages`` -> ``update``), timed between them; the backward pass is found by a
+seqpg: the stages ``seqpg train`` runs for a GRPO step (:mod:`seqpg.step`'s sample -> score -> judge,
+then ``update``), timed between them; the backward pass is found by a
 ``TorchFunctionMode`` that sees ``Tensor.backward``.  TRL: ``GRPOTrainer.train()`` itself, with
 ``_generate``, ``_generate_and_score_completions``, ``compute_loss`` and ``accelerator.backward``
 wrapped to record their start and end, and a callback that waits for the parent's go at the start
@@ -14,6 +14,7 @@ answers "step" with the step's record, "reset_peak" silently, "finish" with its 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 
 import torch
 
@@ -41,7 +42,7 @@ class SeqpgRunner:
     def __init__(self, s: BenchSetup) -> None:
         from ..memory import keep_freed_memory
         from ..models import load_model_and_tokenizer, resolve_model
-        from ..update import UpdateSettings
+        from ..step import StepSettings
 
         self.s, self.cfg = s, s.train_config()
         if self.cfg.keep_freed_memory:  # as `seqpg train` does (seqpg.memory)
@@ -50,38 +51,37 @@ class SeqpgRunner:
         self.policy, self.tok = load_model_and_tokenizer(resolve_model(self.cfg.model.name), dtype=torch.float32)
         self.policy.to(s.device).train()
         self.optimizer = adamw([p for p in self.policy.parameters() if p.requires_grad], self.cfg.optim.lr)
-        self.settings = UpdateSettings(loss="ppo", agg="seq-mean-token-mean", max_grad_norm=1.0,
-                                       temperature=self.cfg.sampling.temperature, bf16=s.dtype == "bf16")
+        # GRPO as TRL runs it (no KL, clip at norm 1), with the run's sampling settings; decided once, as
+        # `seqpg train` decides them (seqpg.step.StepSettings), precision included
+        grpo = replace(self.cfg, bf16=s.dtype == "bf16", algo=replace(self.cfg.algo, name="grpo", advantage=None,
+                                                                     loss=None, agg=None, kl_coef=0.0, whiten=False),
+                       optim=replace(self.cfg.optim, max_grad_norm=1.0, micro_batch_size=0))
+        self.settings = StepSettings.from_config(grpo)
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
 
     def evaluate(self) -> dict:
         return held_out_reward(self.policy, self.tok, self.cfg, self.held_out, self.scorers)
 
     def step(self, k: int) -> dict:
-        from .. import core
         from ..flops import ModelShape, shared_prompt_counts, train_flops
         from ..policy import shared_prompt_groups
-        from ..sampling import generate
-        from ..scorers import score_batch
-        from ..update import TrainBatch, update
+        from ..step import judge, score
+        from ..update import update
 
         sp = self.cfg.sampling
         prompts = self.train_prompts[k * sp.prompts_per_step:(k + 1) * sp.prompts_per_step]
         marks = {"begin": now()}
-        with torch.autocast(torch.device(self.s.device).type, dtype=torch.bfloat16, enabled=self.s.dtype == "bf16"):
-            rollout = generate(self.policy, self.tok, prompts, n=sp.samples_per_prompt,
-                               max_new_tokens=sp.max_new_tokens, temperature=sp.temperature,
-                               chat_template=sp.chat_template, system_prompt=sp.system_prompt,
-                               generator=self.generator)
+        st = self.settings
+        with st.autocast(self.s.device):
+            rollout = st.sample.generate(self.policy, self.tok, prompts, n=sp.samples_per_prompt,
+                                         generator=self.generator)
         marks["sampled"] = now()
-        scored = score_batch(rollout, self.scorers, tokenizer=self.tok)
-        adv_BC, ret_BC = core.compute_advantages("grpo", scored.rewards_B, rollout.completion_mask_BC,
-                                                 group_ids=rollout.group_ids_B)
-        batch = TrainBatch(rollout, adv_BC, ret_BC, rollout.sample_logprobs_BC)
+        scored = score(self.policy, self.tok, rollout, prompts, self.scorers, st)  # the training step's stages
+        batch = judge(rollout, scored, st, kl_coef=0.0).train_batch(rollout, st)
         marks["scored"] = now()
         clock = BackwardClock()
         with clock:
-            update(self.policy, self.optimizer, batch, self.settings, max_len=sp.max_new_tokens)
+            update(self.policy, self.optimizer, batch, st.update, max_len=sp.max_new_tokens)
         marks["end"] = now()
         marks["backward_begin"], marks["backward_end"] = clock.spans[0][0], clock.spans[-1][1]
         g = shared_prompt_groups(rollout)
@@ -91,7 +91,7 @@ class SeqpgRunner:
         times = phase_times(marks, SEQPG_PHASES)
         rec = {**times["wall"], "cpu": times["cpu"], "completion_tokens": int(lengths_B.sum()),
                "train_flops": train_flops(ModelShape.of(self.policy), counts),
-               "reward": float(scored.rewards_B.mean()), "threads": torch.get_num_threads()}
+               "reward": float(scored.batch.rewards_B.mean()), "threads": torch.get_num_threads()}
         if self.s.eval_every and (k + 1) % self.s.eval_every == 0:  # after the clock stopped
             rec["eval"] = self.evaluate()
         return rec
