@@ -21,9 +21,9 @@ from functools import partial
 import torch
 
 from seqpg import core, fastdecode, policy, sampling, segment_attention
-from seqpg.bench.common import BenchSetup, task
-from seqpg.models import load_model_and_tokenizer, resolve_model
-from seqpg.update import TrainBatch, UpdateSettings, update
+from seqpg.apps.bench.common import BenchSetup, task
+from seqpg.model.loading import load_model_and_tokenizer, resolve_model
+from seqpg.training.update import TrainBatch, UpdateSettings, update
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from seqpg.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture

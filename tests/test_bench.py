@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqpg.bench.common import PHASES, BackwardClock, phase_times, weighted_scores
-from seqpg.bench.compare import headline, summarise
-from seqpg.bench.learning import curve_difference, held_out_track, time_to_target
-from seqpg.bench.report import markdown
+from seqpg.apps.bench.common import PHASES, BackwardClock, phase_times, weighted_scores
+from seqpg.apps.bench.compare import headline, summarise
+from seqpg.apps.bench.learning import curve_difference, held_out_track, time_to_target
+from seqpg.apps.bench.report import markdown
 
 
 def test_phase_times_from_marks():
@@ -108,7 +108,7 @@ def test_curve_difference_and_time_to_target():
 
 def test_weighted_scores_sum_the_scorers_like_score_batch():
     from seqpg.batch import Prompt
-    from seqpg.scorers import make_scorer
+    from seqpg.rewards.scorers import make_scorer
 
     scorers = [(make_scorer("length", unit="chars"), 0.5), (make_scorer("contains", name="has_a"), 2.0)]
     prompts = [Prompt("p", "0", meta={"answer": "a"}), Prompt("q", "1", meta={"answer": "a"})]
@@ -117,14 +117,14 @@ def test_weighted_scores_sum_the_scorers_like_score_batch():
 
 @pytest.mark.parametrize("argv", [["--warmup", "-1"], ["--steps", "0"]])
 def test_bench_rejects_bad_step_counts_before_needing_trl(argv):
-    from seqpg.cli import main
+    from seqpg.apps.cli import main
 
     with pytest.raises(SystemExit, match="--warmup >= 0 and --steps >= 1"):
         main(["bench", "--dtypes", "bf16", *argv])
 
 
 def test_bench_on_cuda_is_refused_where_no_gpu_is_visible(monkeypatch):
-    from seqpg.cli import main
+    from seqpg.apps.cli import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="--device cuda, but no CUDA device is visible"):

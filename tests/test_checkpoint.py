@@ -19,8 +19,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-import seqpg.checkpoint as ckpt_mod
-from seqpg.checkpoint import StopFlag, latest_checkpoint, load_checkpoint, save_checkpoint
+import seqpg.training.checkpoint as ckpt_mod
+from seqpg.training.checkpoint import StopFlag, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +351,7 @@ def test_resaving_a_step_swaps_it_atomically(tmp_path, monkeypatch):
 _KILL_SCRIPT = textwrap.dedent("""
     import sys, torch
     from torch import nn
-    from seqpg.checkpoint import save_checkpoint
+    from seqpg.training.checkpoint import save_checkpoint
     model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
     for step in range(1, 10_000):
         with torch.no_grad():

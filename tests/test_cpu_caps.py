@@ -1,4 +1,4 @@
-"""The CPU capability checks (seqpg.cpu_caps): torch's own answers, turned off by SEQPG_CPU_CAPS, and the
+"""The CPU capability checks (seqpg.rollout.cpu_caps): torch's own answers, turned off by SEQPG_CPU_CAPS, and the
 one warning for bf16 on a CPU without bf16 units."""
 
 from __future__ import annotations

@@ -8,14 +8,14 @@ import pytest
 import torch
 import transformers
 
-import seqpg.export as export_mod
-from seqpg.cli import main
+import seqpg.apps.export as export_mod
+from seqpg.apps.cli import main
 from seqpg.config import load_config
-from seqpg.export import ExportError, export, rope_permute, write_gguf
-from seqpg.models import SMOLLM2_CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer, load_model_and_tokenizer, \
+from seqpg.apps.export import ExportError, export, rope_permute, write_gguf
+from seqpg.model.loading import SMOLLM2_CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer, load_model_and_tokenizer, \
     resolve_model
-from seqpg.session import eval_target, load_policy_for, resolve_target_config
-from seqpg.trainer import train
+from seqpg.apps.session import eval_target, load_policy_for, resolve_target_config
+from seqpg.training.trainer import train
 
 IDS = torch.tensor([[1, 5, 40, 41, 42, 4, 60, 2, 70, 71, 72, 73]])
 CHAT = "<|im_start|>user\nhello, world!\t 12<|im_end|>\n<|im_start|>assistant\n"
@@ -112,7 +112,7 @@ def test_lora_run_exports_merged_and_as_a_peft_adapter(lora_run, tmp_path):
 
 
 def test_eval_and_explain_accept_an_exported_directory(full_run, tmp_path):
-    from seqpg.explain import explain
+    from seqpg.apps.explain import explain
 
     out = export(full_run, tmp_path / "hf")
     on_run, on_export = eval_target(str(full_run)), eval_target(str(out))

@@ -1,4 +1,4 @@
-"""The lean decode step (seqpg.fastdecode) against the model's own forward, and the categorical sampler."""
+"""The lean decode step (seqpg.rollout.fastdecode) against the model's own forward, and the categorical sampler."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import transformers
 
 from seqpg import cpu_caps, fastdecode
 from seqpg.batch import Prompt
-from seqpg.fastdecode import supports
-from seqpg.policy import completion_logprobs
-from seqpg.sampling import generate, sample_categorical
+from seqpg.rollout.fastdecode import supports
+from seqpg.model.policy import completion_logprobs
+from seqpg.rollout.sampling import generate, sample_categorical
 
 PROMPTS = [Prompt("a", "x"), Prompt("b", "What is 12 + 7? Answer briefly."), Prompt("c", "hello there")]
 

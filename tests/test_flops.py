@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from seqpg.flops import ModelShape, TokenCounts, per_sample_counts, shared_prompt_counts, train_flops
+from seqpg.model.flops import ModelShape, TokenCounts, per_sample_counts, shared_prompt_counts, train_flops
 
 
 def test_per_sample_counts_by_hand():

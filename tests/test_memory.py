@@ -1,4 +1,4 @@
-"""seqpg.memory: freed memory stays in the process for reuse (checked in a fresh process)."""
+"""seqpg.training.memory: freed memory stays in the process for reuse (checked in a fresh process)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 SCRIPT = """
 import ctypes, sys
 import torch
-from seqpg.memory import keep_freed_memory
+from seqpg.training.memory import keep_freed_memory
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in

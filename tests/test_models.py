@@ -7,10 +7,12 @@ import string
 import pytest
 import torch
 
-import seqpg.models as models
-from seqpg.models import (LoraArgs, ReferencePolicy, ValueCritic, ValueHead, build_tiny_model, build_tiny_tokenizer,
-                          critic_values, load_model_and_tokenizer, reference_logprobs_context, resolve_model)
-from seqpg.policy import completion_logprobs
+import seqpg.model.loading as models
+from seqpg.model.loading import (LoraArgs, build_tiny_model, build_tiny_tokenizer, load_model_and_tokenizer,
+                                 resolve_model)
+from seqpg.training.critic import ValueCritic, ValueHead, critic_values
+from seqpg.training.reference import ReferencePolicy, reference_logprobs_context
+from seqpg.model.policy import completion_logprobs
 
 PROMPT_TOKENS = [[10, 11, 12], [20, 21, 22, 23, 24, 25]]
 COMPLETION_TOKENS = [[40, 41, 42, 43], [50, 2]]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from seqpg.batch import Prompt
-from seqpg.policy import completion_logprobs, position_ids_from_mask
-from seqpg.sampling import generate
+from seqpg.model.policy import completion_logprobs, position_ids_from_mask
+from seqpg.rollout.sampling import generate
 
 # Prompts of 3, 6 and 1 tokens; completions of 4, 1 and 3 tokens (ids 4.. are characters).
 PROMPT_TOKENS = [[10, 11, 12], [20, 21, 22, 23, 24, 25], [30]]
@@ -94,7 +94,7 @@ SHARED_COMPLETIONS = [[40, 41, 42, 43], [50], [60, 61, 2], [70, 71, 72, 73], [80
 
 def padded_and_shared(model, batch, temperature=1.0, with_entropy=False, with_hidden=False):
     """(padded-layout output, shared-prompt-layout output) of the same batch."""
-    from seqpg.policy import _padded_logprobs, _shared_prompt_logprobs, shared_prompt_groups
+    from seqpg.model.policy import _padded_logprobs, _shared_prompt_logprobs, shared_prompt_groups
 
     groups = shared_prompt_groups(batch)
     args = (temperature, with_entropy, with_hidden)
@@ -102,7 +102,7 @@ def padded_and_shared(model, batch, temperature=1.0, with_entropy=False, with_hi
 
 
 def test_shared_prompt_groups_by_prompt_tokens(make_rollout):
-    from seqpg.policy import shared_prompt_groups
+    from seqpg.model.policy import shared_prompt_groups
 
     g = shared_prompt_groups(make_rollout(SHARED_PROMPTS, SHARED_COMPLETIONS))
     assert (g.num_groups, g.max_members) == (2, 3)
@@ -184,7 +184,7 @@ def test_shared_prompt_layout_with_gradient_checkpointing(tiny_model_and_tokeniz
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
 
 
-# Segment attention: the shared-prompt layout's attention by blocks (seqpg.segment_attention).
+# Segment attention: the shared-prompt layout's attention by blocks (seqpg.model.segment_attention).
 
 def tiny_family(arch: str, vocab: int = 100) -> torch.nn.Module:
     """A seeded 2-layer decoder of ``arch`` with grouped-query attention (4 heads, 2 KV heads), on SDPA."""
@@ -254,7 +254,7 @@ def test_segment_attention_is_off_for_other_attention_and_checkpointing():
 
 def test_segment_layout_blocks():
     """Prompt 0 (3 tokens) with segments of 2 and 0 inputs; prompt 1 (2 tokens) with a segment of 1."""
-    from seqpg.segment_attention import SegmentLayout
+    from seqpg.model.segment_attention import SegmentLayout
 
     L = 5
     lay = SegmentLayout.build(L, torch.tensor([3, 2]), torch.tensor([0, 0, 1]),
@@ -269,7 +269,7 @@ def test_segment_layout_blocks():
 
 
 def test_segment_layout_moves_to_the_queries_device():
-    from seqpg.segment_attention import SegmentLayout
+    from seqpg.model.segment_attention import SegmentLayout
 
     lay = SegmentLayout.build(5, torch.tensor([3, 2]), torch.tensor([0, 0, 1]),
                               col_BS=torch.tensor([[3, 4], [0, 0], [2, 0]]),

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from seqpg.plots import plot_before_after, plot_run
-from seqpg.runlog import RunLogger, Timer, progress_bar, read_jsonl
+from seqpg.training.plots import plot_before_after, plot_run
+from seqpg.training.runlog import RunLogger, Timer, progress_bar, read_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

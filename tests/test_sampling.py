@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from seqpg.batch import Prompt
-from seqpg.policy import completion_logprobs, position_ids_from_mask
-from seqpg.sampling import SamplingArgs, choose_tokens, encode_prompt, filter_top_k_top_p, generate
+from seqpg.model.policy import completion_logprobs, position_ids_from_mask
+from seqpg.rollout.sampling import SamplingArgs, choose_tokens, encode_prompt, filter_top_k_top_p, generate
 
 PROMPTS = [Prompt("hi", "short"), Prompt("What is 12 + 7? Answer briefly.", "long")]
 
@@ -178,7 +178,7 @@ def test_generate_restores_training_mode_and_rejects_bad_args(tiny_model_and_tok
 
 
 def test_lora_model_samples_with_matching_logprobs(tiny_model_and_tokenizer):
-    from seqpg.models import LoraArgs, apply_lora
+    from seqpg.model.loading import LoraArgs, apply_lora
 
     model, tok = tiny_model_and_tokenizer
     model = apply_lora(model, LoraArgs(r=4, target_modules=["q_proj", "v_proj"]))
@@ -194,7 +194,7 @@ def test_lora_model_samples_with_matching_logprobs(tiny_model_and_tokenizer):
 
 @pytest.mark.real_model
 def test_real_smollm2_greedy_answer_and_logprobs():
-    from seqpg.models import load_model_and_tokenizer, resolve_model
+    from seqpg.model.loading import load_model_and_tokenizer, resolve_model
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, tok = load_model_and_tokenizer(resolve_model("smollm2-135m-instruct"))

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from seqpg.batch import Prompt, RolloutBatch
-from seqpg.scorers import (SCORERS, PerSampleScorer, Scorer, ScorerError, completion_tokens, make_scorer,
+from seqpg.rewards.scorers import (SCORERS, PerSampleScorer, Scorer, ScorerError, completion_tokens, make_scorer,
                            score_batch)
-from seqpg.tasks import load_prompts
+from seqpg.rewards.tasks import load_prompts
 
 ARITH = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 
@@ -142,7 +142,7 @@ def tiny_classifier_dir(tmp_path_factory):
     """A randomly initialised 1-layer BERT classifier (labels bad/good) and char tokenizer, saved locally."""
     import transformers
 
-    from seqpg.models import build_tiny_tokenizer
+    from seqpg.model.loading import build_tiny_tokenizer
 
     path = tmp_path_factory.mktemp("rm")
     tok = build_tiny_tokenizer()
@@ -332,8 +332,8 @@ def test_score_batch_rejects_wrong_lengths_and_duplicate_names():
 
 
 def test_reasoning_gym_untagged_whole_gives_the_verifiers_partial_credit():
-    from seqpg.scorers import make_scorer
-    from seqpg.tasks import load_prompts
+    from seqpg.rewards.scorers import make_scorer
+    from seqpg.rewards.tasks import load_prompts
 
     prompt = load_prompts("reasoning_gym", "basic_arithmetic", size=1, seed=1,
                           params={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1,
@@ -353,7 +353,7 @@ def test_reasoning_gym_untagged_whole_gives_the_verifiers_partial_credit():
 
 def test_vader_positive_threshold_defines_correctness_for_evaluation(make_rollout):
     from seqpg.batch import Prompt
-    from seqpg.scorers import make_scorer, score_batch
+    from seqpg.rewards.scorers import make_scorer, score_batch
 
     plain = make_scorer("vader")
     thresholded = make_scorer("vader", positive_threshold=0.05)
@@ -442,7 +442,7 @@ def test_trl_reward_conversational_format_passes_message_lists():
 
 
 def test_trl_reward_none_is_left_out_of_the_weighted_sum_as_trl_does():
-    from seqpg.scorers import reward_metrics, sample_scores
+    from seqpg.rewards.scorers import reward_metrics, sample_scores
 
     tasks = ["math", "code", "math", "code"]
     comps = ["4", "def f(): pass", "5", "print(1)"]

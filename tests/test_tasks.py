@@ -8,7 +8,7 @@ import pickle
 import pytest
 
 from seqpg.batch import Prompt
-from seqpg.tasks import (ANSWER_INSTRUCTION, PROMPT_SOURCES, PromptStream, apply_instruction, load_prompts,
+from seqpg.rewards.tasks import (ANSWER_INSTRUCTION, PROMPT_SOURCES, PromptStream, apply_instruction, load_prompts,
                          make_reasoning_gym_dataset, normalise_prompt_text, split_prompts, train_eval_prompts)
 
 ARITH = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}

@@ -14,7 +14,7 @@ tries earn 0, so the reward is the last try's score).
 
 from __future__ import annotations
 
-from seqpg.tasks import ANSWER_INSTRUCTION, apply_instruction, make_reasoning_gym_dataset
+from seqpg.rewards.tasks import ANSWER_INSTRUCTION, apply_instruction, make_reasoning_gym_dataset
 
 
 class FeedbackEnv:

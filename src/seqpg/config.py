@@ -226,7 +226,7 @@ class TrainConfig:
     """torch intra-op threads (0: leave torch's default)."""
     keep_freed_memory: bool = True
     """glibc malloc keeps freed memory for reuse instead of returning it to the system each step
-    (``seqpg.memory``; 8-14% faster updates measured on 2 CPU cores, same peak memory)."""
+    (``seqpg.training.memory``; 8-14% faster updates measured on 2 CPU cores, same peak memory)."""
     on_scorer_error: str = "raise"
     """`raise`: a scorer that raises stops the run naming scorer and sample; `zero`: score 0, counted."""
     tensorboard: bool = True
@@ -262,7 +262,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     """Valid values of every key that names a choice, read from the registries that own the names."""
     from . import core
     from .algorithms import FAMILIES
-    from .tasks import PROMPT_SOURCES
+    from .rewards.tasks import PROMPT_SOURCES
 
     names = {
         "algo.name": tuple(FAMILIES),

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch.distributed as tdist
 
 from seqpg.config import load_config
-from seqpg.trainer import train
+from seqpg.training.trainer import train
 
 
 def main(jobs_path: str) -> None:

@@ -24,10 +24,10 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from dist_helpers import HERE, free_port, torchrun
-from seqpg.checkpoint import CheckpointDamaged, full_model_state, latest_checkpoint, load_checkpoint
+from seqpg.training.checkpoint import CheckpointDamaged, full_model_state, latest_checkpoint, load_checkpoint
 from seqpg.config import load_config
-from seqpg.runlog import read_jsonl
-from seqpg.trainer import train
+from seqpg.training.runlog import read_jsonl
+from seqpg.training.trainer import train
 from test_same_update import DENSE, _assert_same_metrics
 
 CASE = ["sampling.seed_per_prompt=true", DENSE, "algo.name=a2c", "parallel=fsdp2"]
@@ -107,7 +107,7 @@ def test_a_changed_file_is_refused_on_load(runs, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 1
     shard.write_bytes(bytes(data))
-    from seqpg.models import build_tiny_model, build_tiny_tokenizer
+    from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
 
     with pytest.raises(CheckpointDamaged, match=r"dcp/__1_0.distcp: sha256 differs"):
         load_checkpoint(ckpt, model=build_tiny_model(len(build_tiny_tokenizer())), restore_rng=False)
@@ -124,9 +124,9 @@ def _worker(rank: int, port: int, run: str, moment: str, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import seqpg.checkpoint_dcp as cd
-    from seqpg.distributed import DistContext, Parallel
-    from seqpg.models import build_tiny_model, build_tiny_tokenizer
+    import seqpg.training.checkpoint_dcp as cd
+    from seqpg.training.distributed import DistContext, Parallel
+    from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
 
     dist = DistContext.from_env("cpu", timeout_s=30)
     parallel = Parallel.wrap(build_tiny_model(len(build_tiny_tokenizer()), seed=0).train(), {}, dist, "fsdp2")
@@ -165,9 +165,9 @@ def _raise_disk_full(obj, path):
 
 @pytest.mark.parametrize("moment", ["shards", "rename"])
 def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(moment, tmp_path):
-    from seqpg.checkpoint_dcp import save_sharded_checkpoint
-    from seqpg.distributed import DistContext
-    from seqpg.models import build_tiny_model, build_tiny_tokenizer
+    from seqpg.training.checkpoint_dcp import save_sharded_checkpoint
+    from seqpg.training.distributed import DistContext
+    from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
 
     run = tmp_path / "run"
     run.mkdir()

@@ -22,7 +22,7 @@ PROMPTS = ["cat", "sunny sky"]
 
 def _generate(model, tokenizer, rank: int, round_: int):
     from seqpg.batch import Prompt
-    from seqpg.sampling import generate
+    from seqpg.rollout.sampling import generate
 
     gen = torch.Generator().manual_seed(100 * rank + round_)
     return generate(model, tokenizer, [Prompt(PROMPTS[rank], str(rank))], n=3, chat_template=False,
@@ -33,8 +33,8 @@ def _worker(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from seqpg.distributed import DistContext, Parallel
-    from seqpg.models import build_tiny_model, build_tiny_tokenizer
+    from seqpg.training.distributed import DistContext, Parallel
+    from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
 
     dist = DistContext.from_env("cpu", timeout_s=60)
     tok = build_tiny_tokenizer()

@@ -9,8 +9,8 @@ import pytest
 
 from dist_helpers import torchrun
 from seqpg.config import ConfigError, load_config, validate_for_processes
-from seqpg.runlog import read_jsonl
-from seqpg.trainer import train
+from seqpg.training.runlog import read_jsonl
+from seqpg.training.trainer import train
 
 
 def test_two_processes_learn_then_one_resumes_into_the_same_logs(overrides, dist_tmp):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from dist_helpers import torchrun
 from seqpg.config import load_config
-from seqpg.runlog import read_jsonl
-from seqpg.trainer import train
+from seqpg.training.runlog import read_jsonl
+from seqpg.training.trainer import train
 
 HERE = Path(__file__).parent
 EVAL = ["steps=2", "eval_every=2", "eval_prompts=4", "sampling.seed_per_prompt=true",

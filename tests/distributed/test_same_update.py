@@ -23,11 +23,11 @@ import pytest
 import torch
 
 from dist_helpers import HERE, torchrun
-from seqpg.checkpoint import full_model_state
+from seqpg.training.checkpoint import full_model_state
 from seqpg.config import load_config
-from seqpg.models import build_tiny_model, build_tiny_tokenizer
-from seqpg.runlog import read_jsonl
-from seqpg.trainer import train
+from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
+from seqpg.training.runlog import read_jsonl
+from seqpg.training.trainer import train
 
 # A dense reward, so that every group has non-zero advantages whatever the samples happen to be.
 DENSE = "rewards=[{kind: callable, params: {fn: 'dist_test_rewards:char_code_mean'}}]"

@@ -15,7 +15,7 @@ from fault_rewards import ARMED  # noqa: E402
 from faultkit import overrides  # noqa: E402
 
 from seqpg.config import load_config  # noqa: E402
-from seqpg.trainer import train  # noqa: E402
+from seqpg.training.trainer import train  # noqa: E402
 
 _WORDS = ["cat", "dog", "sun", "sea", "sky", "red", "big", "tea", "cup", "map", "owl", "fox"]
 

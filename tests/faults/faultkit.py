@@ -6,10 +6,10 @@ import json
 import os
 from pathlib import Path
 
-from seqpg.checkpoint import latest_checkpoint
+from seqpg.training.checkpoint import latest_checkpoint
 from seqpg.config import load_config
-from seqpg.runlog import read_jsonl
-from seqpg.trainer import train
+from seqpg.training.runlog import read_jsonl
+from seqpg.training.trainer import train
 
 HERE = Path(__file__).parent
 STEPS = 4

@@ -10,10 +10,10 @@ import pytest
 import torch
 from faultkit import maths, resume, weights_sha
 
-from seqpg.checkpoint import CheckpointDamaged, file_checksums, latest_checkpoint, load_checkpoint, verify_checkpoint
+from seqpg.training.checkpoint import CheckpointDamaged, file_checksums, latest_checkpoint, load_checkpoint, verify_checkpoint
 from safetensors import safe_open
 
-from seqpg.models import build_tiny_model
+from seqpg.model.loading import build_tiny_model
 
 
 def _tiny_model_of(ckpt):

@@ -11,12 +11,12 @@ import pytest
 from fault_rewards import ARMED
 from faultkit import maths, overrides, resume, weights_sha
 
-import seqpg.checkpoint as checkpoint_mod
-import seqpg.trainer as trainer_mod
-from seqpg.checkpoint import latest_checkpoint
+import seqpg.training.checkpoint as checkpoint_mod
+import seqpg.training.trainer as trainer_mod
+from seqpg.training.checkpoint import latest_checkpoint
 from seqpg.config import load_config
-from seqpg.scorers import ScorerError
-from seqpg.trainer import train
+from seqpg.rewards.scorers import ScorerError
+from seqpg.training.trainer import train
 
 _SAMPLES_PER_STEP = 16  # sampling.prompts_per_step=4 x samples_per_prompt=4
 

@@ -15,14 +15,15 @@ import pytest
 import torch
 from faultkit import STEPS, maths, overrides, resume, weights_sha
 
-import seqpg.checkpoint as ckpt_mod
-from seqpg.checkpoint import latest_checkpoint
+import seqpg.training.checkpoint as ckpt_mod
+import seqpg.training.checkpoint_files as files_mod
+from seqpg.training.checkpoint import latest_checkpoint
 from seqpg.config import load_config
-from seqpg.trainer import train
+from seqpg.training.trainer import train
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
-# stage -> (function in seqpg.checkpoint, which call of it while saving step 4 to die in)
+# stage -> (function in seqpg.training.checkpoint or .checkpoint_files, which call of it while saving step 4 to die in)
 _STAGES = {
     "weights": ("save_model", lambda *a: True),
     "optimizer": ("torch_save", lambda obj, path: Path(path).name == "optimizer.pt"),
@@ -57,8 +58,10 @@ def _die_in(stage: str) -> None:
     ckpt_mod.save_checkpoint = save_checkpoint  # what every whole-model save calls
     if name == "torch_save":
         torch.save = patched(torch.save)
-    else:
-        setattr(ckpt_mod, name, patched(getattr(ckpt_mod, name)))
+    else:  # where the save looks the name up: the whole-model writer, or the checkpoint-files helpers it calls
+        for module in (ckpt_mod, files_mod):
+            if hasattr(module, name):
+                setattr(module, name, patched(getattr(module, name)))
 
 
 @pytest.mark.parametrize("stage", list(_STAGES))

@@ -12,9 +12,9 @@ import time
 import pytest
 from faultkit import maths, overrides, subprocess_env
 
-from seqpg.checkpoint import latest_checkpoint, verify_checkpoint
-from seqpg.cli import main
-from seqpg.signals import EXIT_STOPPED
+from seqpg.training.checkpoint import latest_checkpoint, verify_checkpoint
+from seqpg.apps.cli import main
+from seqpg.training.signals import EXIT_STOPPED
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
 

@@ -15,7 +15,7 @@ from seqpg.rollout.environments import EpisodeLimits
 from seqpg.rollout.episodes import batch_episodes, episode_logprobs
 from seqpg.rollout.multiturn import KVRows, sample_episodes
 from seqpg.rollout.tools import ToolStats, load_tools
-from seqpg.sampling import SamplingArgs
+from seqpg.rollout.sampling import SamplingArgs
 
 sys.path.insert(0, os.path.dirname(__file__))
 from scripted import CountdownEnv, ScriptedModel, eos_prone  # noqa: E402

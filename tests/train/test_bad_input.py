@@ -13,9 +13,9 @@ import yaml
 
 from seqpg import config as C
 from seqpg.batch import Prompt
-from seqpg.cli import main, parse_args
-from seqpg.checkpoint import step_dir_name
-from seqpg.runlog import read_jsonl
+from seqpg.apps.cli import main, parse_args
+from seqpg.training.checkpoint import step_dir_name
+from seqpg.training.runlog import read_jsonl
 
 
 def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
@@ -157,9 +157,9 @@ def test_a_raising_or_non_numeric_reward_is_one_line_exit_1(tiny_overrides, tmp_
 
 
 def test_a_scorer_returning_a_string_or_bool_is_refused_even_with_on_error_zero():
-    from seqpg.models import build_tiny_model, build_tiny_tokenizer
-    from seqpg.sampling import generate
-    from seqpg.scorers import ScorerError, make_scorer, score_batch
+    from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
+    from seqpg.rollout.sampling import generate
+    from seqpg.rewards.scorers import ScorerError, make_scorer, score_batch
 
     tok = build_tiny_tokenizer()
     r = generate(build_tiny_model(len(tok)), tok, [Prompt("cat", "p0")], n=2, max_new_tokens=3,
@@ -185,7 +185,7 @@ def test_an_overlong_prompt_is_refused_truncated_or_dropped_by_config(tiny_overr
 
 
 def test_fit_prompts_truncates_to_the_longest_start_that_fits():
-    from seqpg.tasks import fit_prompts
+    from seqpg.rewards.tasks import fit_prompts
 
     words = lambda t: len(t.split()) + 3  # noqa: E731 - 3 template tokens
     prompts = [Prompt("a b c", "short"), Prompt("one two three four five six", "long")]
@@ -204,14 +204,14 @@ def test_fit_prompts_truncates_to_the_longest_start_that_fits():
     ("prompt,answer\nwhat is 1+1,2\nwhat is 2+2,4,5\n", "x.csv:3: 3 field(s)"),
 ])
 def test_malformed_csv_rows_are_refused_by_line_number(text, message, tmp_path):
-    from seqpg.tasks import load_prompts
+    from seqpg.rewards.tasks import load_prompts
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
         load_prompts("csv", str(write(tmp_path, "x.csv", text)))
 
 
 def test_csv_multiline_fields_when_asked_and_blank_lines_skipped(tmp_path):
-    from seqpg.tasks import load_prompts
+    from seqpg.rewards.tasks import load_prompts
 
     path = write(tmp_path, "x.csv", 'prompt,answer\n"two\nlines",2\n\nplain,"3"\n')
     prompts = load_prompts("csv", str(path), params={"multiline_fields": True})
@@ -224,9 +224,9 @@ def test_csv_multiline_fields_when_asked_and_blank_lines_skipped(tmp_path):
 
 def test_a_non_finite_loss_is_skipped_and_counted_or_stops_the_update():
     from seqpg import core
-    from seqpg.models import build_tiny_model, build_tiny_tokenizer
-    from seqpg.sampling import generate
-    from seqpg.update import NonFiniteError, TrainBatch, UpdateSettings, update
+    from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
+    from seqpg.rollout.sampling import generate
+    from seqpg.training.update import NonFiniteError, TrainBatch, UpdateSettings, update
 
     tok = build_tiny_tokenizer()
     model = build_tiny_model(len(tok), seed=3).train()
@@ -247,7 +247,7 @@ def test_a_non_finite_loss_is_skipped_and_counted_or_stops_the_update():
 
 
 def test_nan_weights_are_never_checkpointed(tiny_overrides, tmp_path, capsys, monkeypatch):
-    import seqpg.update as U
+    import seqpg.training.update as U
 
     real = U._clip_grad_norm
 
@@ -264,12 +264,12 @@ def test_nan_weights_are_never_checkpointed(tiny_overrides, tmp_path, capsys, mo
 
 
 def test_disk_full_is_one_line_exit_1(tiny_overrides, tmp_path, capsys, monkeypatch):
-    import seqpg.trainer as T
+    import seqpg.training.checkpoint as C
 
     def full(run_dir, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(Path(run_dir) / "checkpoints"))
 
-    monkeypatch.setattr(T, "save_checkpoint", full)
+    monkeypatch.setattr(C, "save_checkpoint", full)  # what every whole-model save calls
     code, line = run_cli(capsys, ["train", *tiny_overrides("steps=1"), "--no-progress"])
     assert code == 1 and line.startswith("seqpg: disk full writing") and "--resume" in line
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from seqpg import config as C
-from seqpg.cli import main
+from seqpg.apps.cli import main
 
 
 def test_defaults_validate_and_yaml_round_trips(tmp_path):

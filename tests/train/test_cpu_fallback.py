@@ -11,8 +11,8 @@ import torch
 
 from seqpg import cpu_caps
 from seqpg.config import load_config
-from seqpg.runlog import read_jsonl
-from seqpg.trainer import train
+from seqpg.training.runlog import read_jsonl
+from seqpg.training.trainer import train
 
 
 def test_bf16_trains_and_warns_once_on_a_cpu_without_bf16(tiny_overrides, monkeypatch):

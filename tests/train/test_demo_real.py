@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from seqpg.demo import run_demo
-from seqpg.runlog import read_jsonl
+from seqpg.apps.demo import run_demo
+from seqpg.training.runlog import read_jsonl
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ def test_demo_prints_before_after_table_and_writes_plots(tmp_path, capsys, monke
 @pytest.mark.real_model
 def test_real_model_trains_two_steps_of_the_demo_task(tmp_path, monkeypatch):
     from seqpg.config import load_config
-    from seqpg.trainer import train
+    from seqpg.training.trainer import train
     monkeypatch.chdir(ROOT)
     cfg = load_config("examples/demo.yaml", ["steps=2", "sampling.max_new_tokens=12", "task.eval_size=4",
                                              f"run_dir={tmp_path / 'run'}", "tensorboard=false", "max_minutes=null"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqpg.build import build_policy
+from seqpg.training.build import build_policy
 from seqpg.config import ModelConfig
 
 
@@ -24,7 +24,7 @@ def test_gradient_checkpointing_recomputes_the_tiny_models_activations_too():
                                                                             "--warmup, --dtypes"),
                                           (["--threads", "1", "2"], "--threads with several counts")])
 def test_bench_learning_refuses_the_options_it_does_not_use(argv, unused):
-    from seqpg.cli import main
+    from seqpg.apps.cli import main
 
     with pytest.raises(SystemExit, match=f"seqpg bench --learning: {unused} does not apply"):
         main(["bench", "--learning", *argv])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from seqpg.build import build_prompts, build_scorers
+from seqpg.training.build import build_prompts, build_scorers
 from seqpg.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,13 +17,14 @@ import torch
 from seqpg import core
 from seqpg.batch import Prompt
 from seqpg.config import load_config
-from seqpg.critic import build_critic
-from seqpg.models import ReferencePolicy, build_tiny_model, build_tiny_tokenizer
-from seqpg.policy import completion_logprobs
-from seqpg.runlog import read_jsonl
-from seqpg.sampling import generate, sample_categorical
-from seqpg.trainer import train
-from seqpg.update import TrainBatch, UpdateSettings, update
+from seqpg.training.critic import build_critic
+from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
+from seqpg.training.reference import ReferencePolicy
+from seqpg.model.policy import completion_logprobs
+from seqpg.training.runlog import read_jsonl
+from seqpg.rollout.sampling import generate, sample_categorical
+from seqpg.training.trainer import train
+from seqpg.training.update import TrainBatch, UpdateSettings, update
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -91,7 +92,7 @@ def test_decoding_through_the_cuda_graph_equals_decoding_without_it(bf16, monkey
 
 
 def test_the_gpu_matmul_peak_is_measured_on_the_gpu():
-    from seqpg.flops import matmul_peak
+    from seqpg.model.flops import matmul_peak
 
     r = matmul_peak(torch.bfloat16, sizes=(2048,), repeats=3, device="cuda")
     assert r["size"] == 2048 and r["flops_per_s"] > 5e12  # any datacentre GPU; a CPU core makes ~1e11

@@ -12,8 +12,8 @@ import statistics
 import pytest
 
 from seqpg.config import load_config
-from seqpg.runlog import read_jsonl
-from seqpg.trainer import train
+from seqpg.training.runlog import read_jsonl
+from seqpg.training.trainer import train
 
 FAMILY_SETTINGS = {
     "grpo": [],

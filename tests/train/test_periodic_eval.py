@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from seqpg.config import ConfigError, load_config
-from seqpg.periodic_eval import due, preserved_rng
-from seqpg.runlog import read_jsonl
-from seqpg.trainer import train
+from seqpg.training.periodic_eval import due, preserved_rng
+from seqpg.training.runlog import read_jsonl
+from seqpg.training.trainer import train
 
 TRL_REWARD = "rewards=[{kind: trl_reward, params: {fn: 'seqpg_test_rewards:trl_target_fraction'}}]"
 _TIMING = ("time/", "tokens_per_s", "wall_time")
@@ -76,16 +76,16 @@ def test_training_with_evaluation_equals_training_without_resumed_or_not(tiny_ov
 
 
 def test_evaluation_is_seqpg_evals_number_outside_the_step_and_in_logs_and_plots(tiny_overrides, monkeypatch):
-    import seqpg.session
-    from seqpg.session import eval_target
+    import seqpg.apps.session
+    from seqpg.apps.session import eval_target
 
-    real, pause = seqpg.session.evaluate_as_configured, 3.0
+    real, pause = seqpg.apps.session.evaluate_as_configured, 3.0
 
     def slow(*args, **kwargs):  # an evaluation that takes 3 s longer: no training step may show it
         time.sleep(pause)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(seqpg.session, "evaluate_as_configured", slow)
+    monkeypatch.setattr(seqpg.apps.session, "evaluate_as_configured", slow)
     cfg = load_config(None, tiny_overrides("steps=4", "eval_every=2", "eval_prompts=4", "tensorboard=true"))
     run = train(cfg, progress=False).run_dir
     monkeypatch.undo()

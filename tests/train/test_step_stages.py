@@ -1,4 +1,4 @@
-"""One step, decided once: the stages of ``seqpg.step`` are what the trainer and ``seqpg explain`` share."""
+"""One step, decided once: the stages of ``seqpg.training.step`` are what the trainer and ``seqpg explain`` share."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import shutil
 import pytest
 import torch
 
-import seqpg.trainer as trainer_mod
+import seqpg.training.trainer as trainer_mod
 from seqpg.algorithms import FAMILIES, NEEDS, Needs, needs_of
 from seqpg.config import ConfigError, load_config
-from seqpg.explain import RunJudge
-from seqpg.step import StepSettings
-from seqpg.trainer import train
+from seqpg.apps.explain import RunJudge
+from seqpg.training.step import StepSettings
+from seqpg.training.trainer import train
 
 
 def test_explain_reproduces_a_logged_steps_advantages_with_kl_in_the_reward(tiny_overrides, tmp_path, monkeypatch):
@@ -91,7 +91,7 @@ def test_family_needs_come_from_their_estimator():
 def test_choices_in_help_come_from_the_registries():
     from seqpg import core
     from seqpg.config import choices
-    from seqpg.tasks import PROMPT_SOURCES
+    from seqpg.rewards.tasks import PROMPT_SOURCES
 
     c = choices()
     assert c["algo.advantage"] == tuple(core.ADVANTAGE_ESTIMATORS) and "reinforce_baseline" in c["algo.advantage"]

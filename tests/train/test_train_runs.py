@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from seqpg.config import load_config
-from seqpg.runlog import read_jsonl
-from seqpg.scorers import ScorerError
-from seqpg.trainer import train
+from seqpg.training.runlog import read_jsonl
+from seqpg.rewards.scorers import ScorerError
+from seqpg.training.trainer import train
 
 # wall-clock fields legitimately differ between two runs of the same maths
 _TIMING = ("time/", "tokens_per_s", "wall_time")
@@ -120,15 +120,15 @@ def test_run_directory_holds_config_metrics_samples_plots_and_events(tiny_overri
 
 
 def test_bf16_autocast_and_micro_batches_run(tiny_overrides, monkeypatch):
-    import seqpg.sampling
+    import seqpg.rollout.sampling
     autocast_at_sampling = []
-    real_generate = seqpg.sampling.generate
+    real_generate = seqpg.rollout.sampling.generate
 
     def spy(*args, **kwargs):
         autocast_at_sampling.append(torch.is_autocast_enabled("cpu"))
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(seqpg.sampling, "generate", spy)  # what every stage samples through
+    monkeypatch.setattr(seqpg.rollout.sampling, "generate", spy)  # what every stage samples through
     cfg = load_config(None, tiny_overrides("steps=2", "bf16=true", "optim.micro_batch_size=5"))
     rows = read_jsonl(train(cfg, progress=False).run_dir / "metrics.jsonl")
     assert all(math.isfinite(r["loss"]) for r in rows)

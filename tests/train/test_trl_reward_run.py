@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from seqpg.config import load_config
-from seqpg.runlog import read_jsonl
-from seqpg.trainer import train
+from seqpg.training.runlog import read_jsonl
+from seqpg.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
 

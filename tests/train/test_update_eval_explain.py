@@ -9,14 +9,14 @@ import torch
 
 from seqpg import core
 from seqpg.batch import Prompt
-from seqpg.cli import main
+from seqpg.apps.cli import main
 from seqpg.config import load_config
-from seqpg.evaluate import evaluate, pass_at_k
-from seqpg.models import build_tiny_model, build_tiny_tokenizer
-from seqpg.sampling import SampleSettings, generate
-from seqpg.scorers import make_scorer
-from seqpg.trainer import train
-from seqpg.update import TrainBatch, UpdateSettings, update
+from seqpg.apps.evaluate import evaluate, pass_at_k
+from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
+from seqpg.rollout.sampling import SampleSettings, generate
+from seqpg.rewards.scorers import make_scorer
+from seqpg.training.trainer import train
+from seqpg.training.update import TrainBatch, UpdateSettings, update
 
 
 def _batch(model, tok):
@@ -49,7 +49,7 @@ def test_gradient_accumulation_does_not_change_the_update(agg, loss):
 @pytest.mark.parametrize("max_norm", [1e-3, 1e3])
 def test_clipping_equals_torch_clip_grad_norm(max_norm):
     """Below the threshold seqpg skips the scaling pass torch makes with a factor of exactly 1."""
-    from seqpg.update import _clip_grad_norm
+    from seqpg.training.update import _clip_grad_norm
 
     tok = build_tiny_tokenizer()
     model = build_tiny_model(len(tok), seed=3).train()
@@ -57,7 +57,7 @@ def test_clipping_equals_torch_clip_grad_norm(max_norm):
     grads = []
     for clip in (_clip_grad_norm, torch.nn.utils.clip_grad_norm_):
         model.zero_grad(set_to_none=True)
-        from seqpg.policy import completion_logprobs
+        from seqpg.model.policy import completion_logprobs
         completion_logprobs(model, batch.rollout).logprobs_BC.sum().backward()
         norm = float(clip(list(model.parameters()), max_norm))
         grads.append((norm, torch.cat([p.grad.flatten() for p in model.parameters()])))
@@ -116,7 +116,7 @@ def test_eval_and_explain_commands_on_a_trained_run(tiny_overrides, capsys):
 
 
 def test_explain_signs_follow_the_advantage(tiny_overrides):
-    from seqpg.explain import explain
+    from seqpg.apps.explain import explain
     run = train(load_config(None, tiny_overrides("steps=2")), progress=False).run_dir
     good = explain(str(run), "cat", "aaaa", seed=1)  # all target: best in its group
     assert good.reward == 1.0 and max(good.group_rewards[1:]) < 1.0

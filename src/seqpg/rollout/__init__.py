@@ -10,6 +10,9 @@ and the environment's tokens are context, never actions.
 
 Modules, one concern each:
 
+* :mod:`.sampling`     batched single-turn sampling with a KV cache -> ``RolloutBatch``
+* :mod:`.fastdecode`   the lean one-token decode step of Llama-family models
+* :mod:`.cpu_caps`     what the CPU and the torch build can do (the fast paths' fallbacks)
 * :mod:`.environments` the Environment protocol (reset / step), ``StepResult``, the
   ``module:Class`` loader, turn and token limits
 * :mod:`.tools`        tools from ``module:function``: JSON schemas, prompt rendering, the

@@ -33,7 +33,7 @@ from torch import nn
 from seqpg.batch import Prompt
 from seqpg.core.logprobs import token_logprobs_and_entropy
 from seqpg.core import token_logprobs
-from seqpg.policy import model_device
+from seqpg.model.policy import model_device
 
 from .tools import ToolResult
 

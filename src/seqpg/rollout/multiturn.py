@@ -7,7 +7,7 @@ Each turn has two phases, both batched over the episodes still running:
    cache of everything before, rows left-padded inside the chunk (padding masked out, positions
    counting each row's real tokens only, so a row computes exactly what it would alone).  The
    logits of the chunk's last column give each row's first token; decoding then runs one token
-   per row per step against the cache, like :mod:`seqpg.sampling`, until every row has ended its
+   per row per step against the cache, like :mod:`seqpg.rollout.sampling`, until every row has ended its
    turn (EOS, a stop string, or its token allowance).  Rows that ended early get padding
    columns, masked out.  Nothing is ever re-encoded: the cache only grows by the new tokens.
 2. **Environment**: each turn's text goes to the tool parser (when tools are configured and the
@@ -16,10 +16,10 @@ Each turn has two phases, both batched over the episodes still running:
    delta (:mod:`.chat`) and appended; episodes that are done or out of turns / tokens leave the
    batch and their rows leave the cache.
 
-Sampling is :func:`seqpg.sampling.choose_tokens` (the recorded log-prob is log softmax(z / T)
+Sampling is :func:`seqpg.rollout.sampling.choose_tokens` (the recorded log-prob is log softmax(z / T)
 of the chosen token), so sampler and trainer log-probs agree on every action token.
 
-Departures from :func:`seqpg.sampling.generate`: the cache is a ``DynamicCache`` (it grows by
+Departures from :func:`seqpg.rollout.sampling.generate`: the cache is a ``DynamicCache`` (it grows by
 concatenation; the deltas' lengths are not known in advance) and the fast decoder is not used.
 """
 
@@ -33,8 +33,8 @@ import transformers
 from torch import nn
 
 from seqpg.batch import Prompt
-from seqpg.policy import model_device
-from seqpg.sampling import _CACHE_KWARG, SamplingArgs, _eos_ids, choose_tokens
+from seqpg.model.policy import model_device
+from seqpg.rollout.sampling import _CACHE_KWARG, SamplingArgs, _eos_ids, choose_tokens
 
 from .chat import render_delta, render_start
 from .environments import EpisodeLimits, Message, as_messages, coerce_step_result

@@ -1,0 +1,113 @@
+"""Held-out evaluation: mean reward and accuracy with standard errors, and pass@k.
+
+Mean reward and accuracy come from one greedy completion per prompt (deterministic, so the
+standard error is over prompts only).  pass@k uses n >= k sampled completions per prompt and
+the unbiased estimator of Chen et al. 2021, pass@k = 1 - C(n - c, k) / C(n, k), averaged
+over prompts (c = correct samples of that prompt).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..batch import Prompt
+from ..rollout.sampling import SampleSettings
+from ..rewards.scorers import score_batch
+
+
+@dataclass
+class EvalResult:
+    n_prompts: int
+    mean_reward: float
+    se_reward: float
+    accuracy: float | None
+    se_accuracy: float | None
+    mean_length: float
+    seconds: float
+    per_scorer: dict[str, float] = field(default_factory=dict)
+    pass_at_k: dict[int, float] = field(default_factory=dict)
+    completions: list[dict] = field(default_factory=list)
+
+    def as_dict(self, with_completions: bool = False) -> dict:
+        d = asdict(self)
+        if not with_completions:
+            d.pop("completions")
+        d["pass_at_k"] = {str(k): v for k, v in self.pass_at_k.items()}
+        return d
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021, eq. 1)."""
+    if n < k:
+        raise ValueError(f"pass@{k} needs at least {k} samples per prompt, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, sampling: SampleSettings, batch_size: int = 32,
+             ks: tuple[int, ...] = (), samples: int = 0, seed: int = 0, progress=None,
+             on_error: str = "raise") -> EvalResult:
+    """Evaluate ``model`` on ``prompts`` with ``scorers`` (a list of (Scorer, weight)).
+
+    Greedy completions with the ``sampling`` settings (budget, chat template, system prompt, stop
+    strings); ``ks`` (e.g. (1, 4)) adds pass@k from ``samples`` (default max(ks)) completions per
+    prompt sampled with all of them (temperature, top-p, top-k).  Correctness comes from the scorers
+    that define it. ``on_error``: what a scorer that raises does, as in ``score_batch``.
+    """
+    if not prompts:
+        raise ValueError("evaluate: no prompts given")
+    t0 = time.monotonic()
+    was_training = model.training
+    model.eval()
+    rewards, correct, lengths, per_scorer, rows = [], [], [], {}, []
+    for lo in range(0, len(prompts), batch_size):
+        chunk = prompts[lo:lo + batch_size]
+        rollout = sampling.generate(model, tokenizer, chunk, n=1, greedy=True)
+        scored = score_batch(rollout, scorers, tokenizer=tokenizer, on_error=on_error)
+        rewards += scored.rewards_B.tolist()
+        lengths += rollout.completion_lengths_B.tolist()
+        if scored.correct_B is not None:
+            correct += scored.correct_B.float().tolist()
+        for name, v in scored.scores.items():  # over the samples a scorer applied to (None: it did not)
+            applies = scored.applies.get(name, torch.ones_like(v, dtype=torch.bool))
+            per_scorer.setdefault(name, []).extend(v[applies].tolist())
+        rows += [{"prompt": p.text, "completion": comp, "reward": r}
+                 for p, comp, r in zip(chunk, rollout.completions, scored.rewards_B.tolist())]
+        if progress is not None:
+            progress(len(chunk))
+    pk = _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, sampling, seed, batch_size,
+                    on_error) if ks else {}
+    model.train(was_training)
+    n = len(rewards)
+    r = torch.tensor(rewards, dtype=torch.float64)
+    se = float(r.std() / math.sqrt(n)) if n > 1 else float("nan")
+    acc = se_acc = None
+    if correct:
+        acc = sum(correct) / len(correct)
+        se_acc = math.sqrt(acc * (1 - acc) / len(correct)) if len(correct) > 1 else float("nan")
+    return EvalResult(n, float(r.mean()), se, acc, se_acc, sum(lengths) / n, time.monotonic() - t0,
+                      {k: sum(v) / len(v) if v else math.nan for k, v in per_scorer.items()}, pk, rows)
+
+
+def _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, sampling: SampleSettings, seed, batch_size,
+               on_error) -> dict[int, float]:
+    n = samples or max(ks)
+    gen = torch.Generator().manual_seed(seed)
+    per_prompt = max(1, batch_size // n)
+    totals = {k: 0.0 for k in ks}
+    for lo in range(0, len(prompts), per_prompt):
+        chunk = prompts[lo:lo + per_prompt]
+        rollout = sampling.generate(model, tokenizer, chunk, n=n, generator=gen)
+        scored = score_batch(rollout, scorers, tokenizer=tokenizer, on_error=on_error)
+        if scored.correct_B is None:
+            raise ValueError("pass@k needs a scorer that defines correctness (e.g. reasoning_gym or exact_match)")
+        for g in range(len(chunk)):
+            c = int(scored.correct_B[rollout.group_ids_B == g].sum())
+            for k in ks:
+                totals[k] += pass_at_k(n, c, k)
+    return {k: v / len(prompts) for k, v in totals.items()}

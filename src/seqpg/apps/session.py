@@ -1,0 +1,90 @@
+"""Loading what a user points at: a run directory (config + latest checkpoint) or a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..training.build import build_policy, build_prompts, build_scorers
+from ..training.checkpoint import latest_checkpoint, load_checkpoint
+from ..config import TrainConfig, load_config
+from ..training.distributed import resolve_device
+from .evaluate import EvalResult, evaluate
+from ..rollout.sampling import SampleSettings
+from .export import EXPORT_CONFIG, exported_step
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.yaml").is_file()
+
+
+def resolve_target_config(target: str, config: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The run's own configuration, or (for a model) the given/default one with model.name=target.
+
+    A model directory written by ``seqpg export`` carries its run's configuration: that is the
+    default there (adapters merged, so ``model.lora_r=0``)."""
+    overrides = list(overrides or [])
+    if is_run_dir(target):
+        return load_config(config or Path(target) / "config.yaml", overrides)
+    exported = Path(target) / EXPORT_CONFIG
+    if exported.is_file():
+        return load_config(config or exported, [f"model.name={target}", "model.lora_r=0"] + overrides)
+    return load_config(config, overrides + [f"model.name={target}"])
+
+
+def load_policy_for(target: str, cfg: TrainConfig, device: torch.device | None = None):
+    """(model, tokenizer, step): a run's latest checkpoint, or the model as it is (step 0, or the
+    step an exported model was taken at); on
+    ``device``, by default the configuration's (``device: auto`` is CUDA when visible)."""
+    device = device or resolve_device(cfg.device)
+    model, tok = build_policy(cfg.model, cfg.seed, device)
+    step = exported_step(target) or 0
+    if is_run_dir(target):
+        ckpt = latest_checkpoint(target)
+        if ckpt is None:
+            raise FileNotFoundError(f"{target}: a run directory without checkpoints (train it first, or pass "
+                                    f"the model instead)")
+        step = load_checkpoint(ckpt, model=model, restore_rng=False)["step"]
+    model.eval()
+    return model, tok, step
+
+
+@dataclass
+class EvalReport:
+    target: str
+    step: int
+    result: EvalResult
+
+    def table(self) -> str:
+        r = self.result
+        lines = [f"{self.target} (step {self.step}): {r.n_prompts} held-out prompts, {r.seconds:.0f} s",
+                 f"  mean reward  {r.mean_reward:+.3f} ± {r.se_reward:.3f} (s.e.)"]
+        if r.accuracy is not None:
+            lines.append(f"  accuracy     {100 * r.accuracy:5.1f}% ± {100 * r.se_accuracy:.1f}%")
+        for name, v in r.per_scorer.items():
+            lines.append(f"  {name:<12} {v:+.3f}")
+        for k, v in r.pass_at_k.items():
+            lines.append(f"  pass@{k:<7} {100 * v:5.1f}%")
+        lines.append(f"  mean length  {r.mean_length:.1f} tokens")
+        return "\n".join(lines)
+
+
+def eval_target(target: str, *, config: str | None = None, overrides: list[str] | None = None, n_prompts: int = 0,
+                ks: tuple[int, ...] = (), samples: int = 0) -> EvalReport:
+    cfg = resolve_target_config(target, config, overrides)
+    scorers = build_scorers(cfg.rewards)
+    _, held_out = build_prompts(cfg.task)
+    prompts = held_out[:n_prompts] if n_prompts else held_out
+    model, tok, step = load_policy_for(target, cfg)
+    return EvalReport(target, step, evaluate_as_configured(cfg, model, tok, prompts, scorers, ks=ks, samples=samples))
+
+
+def evaluate_as_configured(cfg: TrainConfig, model, tok, prompts, scorers, *, ks: tuple[int, ...] = (),
+                           samples: int = 0) -> EvalResult:
+    """`evaluate` with the run's sampling settings (budget, chat template, system prompt, stop strings) and
+    its `on_scorer_error`: what `seqpg eval`, the evaluation during training (`eval_every`) and the
+    benchmark's held-out reward all run."""
+    return evaluate(model, tok, prompts, scorers, sampling=SampleSettings.from_config(cfg.sampling), ks=ks,
+                    samples=samples, seed=cfg.seed, on_error=cfg.on_scorer_error)

@@ -1,0 +1,212 @@
+"""One training step as named stages, over settings decided once.
+
+    sample  ->  score  ->  judge (reference, KL shaping, advantages)  ->  update
+
+:class:`StepSettings` is built once from the configuration (:meth:`StepSettings.from_config`) and
+is immutable: the family's estimator and loss (or the ones ``algo.advantage`` / ``algo.loss``
+name), what the estimator needs, the estimator's parameters, the sampling settings, the precision
+and the update's arguments.  What changes between steps (the adaptive KL coefficient, the step
+number) is an argument of the stage that uses it.
+
+The training loop (:mod:`seqpg.training.trainer`), ``seqpg explain`` and the tests call these functions;
+there is one way to turn a scored batch into advantages (:func:`judge`), so what ``explain``
+shows is what the step trained on, KL penalty included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, ContextManager, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .. import core
+from ..algorithms import Family, Needs, resolve_family
+from ..batch import Prompt, RolloutBatch, ScoredBatch, total_rewards
+from ..config import TrainConfig
+from .precision import autocast
+from ..rollout.sampling import SampleSettings
+from ..rewards.scorers import score_batch
+from .update import TrainBatch, UpdateSettings
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """Everything a step decides, resolved once from a :class:`~seqpg.config.TrainConfig`."""
+
+    family: Family
+    """The family with ``algo.advantage`` / ``algo.loss`` applied: the estimator and loss trained with."""
+    advantage_params: Mapping[str, Any]
+    """Keyword arguments of the estimator: ``algo.advantage_params`` plus gamma / lam where it takes them."""
+    whiten: bool
+    sample: SampleSettings
+    samples_per_prompt: int
+    seed_per_prompt: bool
+    seed: int
+    kl_mode: str
+    """``reward``: the KL to the reference is a per-token reward penalty; ``loss``: a loss term."""
+    kl_estimator: str
+    uses_reference: bool
+    """``algo.kl_coef > 0``: the step computes reference log-probs."""
+    bf16: bool
+    """bfloat16 autocast for every forward pass (:func:`seqpg.training.precision.autocast`)."""
+    update: UpdateSettings
+    on_scorer_error: str
+
+    @property
+    def needs(self) -> Needs:
+        return self.family.needs
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "StepSettings":
+        a, o, s = cfg.algo, cfg.optim, cfg.sampling
+        family = resolve_family(a.name, a.advantage, a.loss)
+        accepted = core.advantage_params(family.advantage)
+        params = {k: v for k, v in (("gamma", a.gamma), ("lam", a.lam)) if k in accepted}
+        params.update(a.advantage_params)
+        update = UpdateSettings(loss=family.loss, agg=a.agg or family.agg, loss_params=dict(a.loss_params),
+                                epochs=a.epochs or family.epochs, minibatches=a.minibatches,
+                                micro_batch_size=o.micro_batch_size, max_grad_norm=o.max_grad_norm,
+                                temperature=s.temperature, kl_estimator=a.kl_estimator,
+                                entropy_coef=a.entropy_coef, vf_coef=a.vf_coef, vf_clip=a.vf_clip, bf16=cfg.bf16,
+                                on_nonfinite=o.on_nonfinite)
+        return cls(family=family, advantage_params=MappingProxyType(params), whiten=a.whiten,
+                   sample=SampleSettings.from_config(s), samples_per_prompt=s.samples_per_prompt,
+                   seed_per_prompt=s.seed_per_prompt, seed=cfg.seed, kl_mode=a.kl_mode, kl_estimator=a.kl_estimator,
+                   uses_reference=a.kl_coef > 0, bf16=cfg.bf16, update=update, on_scorer_error=cfg.on_scorer_error)
+
+    def autocast(self, device: torch.device | str) -> ContextManager:
+        """The step's precision on ``device`` (the only place a stage's autocast comes from)."""
+        return autocast(torch.device(device).type, self.bf16)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample
+# ---------------------------------------------------------------------------------------------
+
+def sample(model, tokenizer, prompts: list[Prompt], st: StepSettings, *, step: int, first: int = 0,
+           device: torch.device | str = "cpu", rank: int | None = None) -> RolloutBatch:
+    """``samples_per_prompt`` completions of each prompt, rows grouped by prompt.
+
+    With ``seed_per_prompt`` each prompt is sampled by its own generator, seeded by (seed, step, its
+    index ``first + i`` in the step's global batch): its samples do not depend on which process draws
+    them.  Otherwise all prompts go in one batched call that draws from the global RNG in one process
+    (``rank`` None), and from a generator of (seed, step, rank) in several (processes, whose global RNGs
+    are equal, must draw different streams).
+    """
+    n = st.samples_per_prompt
+    if st.seed_per_prompt:
+        parts = [st.sample.generate(model, tokenizer, [p], n=n,
+                                    generator=seeded_generator(device, st.seed, step, "prompt", first + i))
+                 for i, p in enumerate(prompts)]
+        return concat_rollouts(parts, tokenizer.pad_token_id)
+    gen = seeded_generator(device, st.seed, step, "rank", rank) if rank is not None else None
+    return st.sample.generate(model, tokenizer, prompts, n=n, generator=gen)
+
+
+def seeded_generator(device: torch.device | str, *key) -> torch.Generator:
+    """A generator seeded by a hash of ``key`` (independent streams for distinct keys)."""
+    seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") & (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def concat_rollouts(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """One rollout from several: prompts left-padded, completions right-padded to common widths."""
+    P = max(r.prompt_ids_BP.shape[1] for r in parts)
+    C = max(r.completion_ids_BC.shape[1] for r in parts)
+
+    def cat(name: str, width: int, left: bool, fill) -> torch.Tensor:
+        ts = [getattr(r, name) for r in parts]
+        return torch.cat([F.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=fill)
+                          for t in ts])
+
+    return RolloutBatch(
+        prompts=[p for r in parts for p in r.prompts], completions=[t for r in parts for t in r.completions],
+        prompt_ids_BP=cat("prompt_ids_BP", P, True, pad_id), prompt_mask_BP=cat("prompt_mask_BP", P, True, False),
+        completion_ids_BC=cat("completion_ids_BC", C, False, pad_id),
+        completion_mask_BC=cat("completion_mask_BC", C, False, False),
+        sample_logprobs_BC=cat("sample_logprobs_BC", C, False, 0.0),
+        group_ids_B=torch.cat([r.group_ids_B + i for i, r in enumerate(parts)]),
+        finished_B=torch.cat([r.finished_B for r in parts]))
+
+
+# ---------------------------------------------------------------------------------------------
+# score
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Scored:
+    """The scorers' verdict on a rollout, and what the estimator needs from scoring besides it."""
+
+    batch: ScoredBatch
+    baseline_B: torch.Tensor | None = None  # (B,) ReMax: the reward of the greedy completion of each row's prompt
+
+
+def score(model, tokenizer, rollout: RolloutBatch, prompts: list[Prompt], scorers, st: StepSettings) -> Scored:
+    """Score ``rollout`` (``prompts``: its distinct prompts, in group order); with an estimator that needs
+    a greedy baseline, also sample and score one greedy completion per prompt."""
+    scored = score_batch(rollout, scorers, on_error=st.on_scorer_error, tokenizer=tokenizer)
+    baseline_B = None
+    if st.needs.greedy_baseline:
+        greedy = st.sample.generate(model, tokenizer, prompts, n=1, greedy=True)
+        baseline_B = score_batch(greedy, scorers, on_error="zero", tokenizer=tokenizer).rewards_B[rollout.group_ids_B]
+    return Scored(scored, baseline_B)
+
+
+# ---------------------------------------------------------------------------------------------
+# judge: reference and critic passes, KL shaping, advantages
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Judged:
+    """Everything the update and the logs need from a scored rollout."""
+
+    rewards: Any  # the rewards the estimator saw: (B,) sequence rewards or (B, C) token rewards, KL shaped
+    advantages_BC: torch.Tensor  # (B, C)
+    returns_BC: torch.Tensor  # (B, C)
+    kl_BC: torch.Tensor | None  # (B, C) estimated KL(sampler || reference) per token, None without a reference
+    ref_logprobs_BC: torch.Tensor | None  # (B, C)
+    old_values_BC: torch.Tensor | None  # (B, C) critic values at sampling time
+    kl_coef: float  # the KL coefficient this step used
+
+    def train_batch(self, rollout: RolloutBatch, st: StepSettings) -> TrainBatch:
+        """What :func:`seqpg.training.update.update` trains on (reference log-probs only when KL is a loss term)."""
+        return TrainBatch(rollout, self.advantages_BC, self.returns_BC, rollout.sample_logprobs_BC,
+                          self.ref_logprobs_BC if st.kl_mode == "loss" else None, self.old_values_BC)
+
+    def kl_loss_coef(self, st: StepSettings) -> float:
+        """The weight of the update's KL loss term (0 unless KL is a loss term with a reference)."""
+        return self.kl_coef if st.kl_mode == "loss" and self.ref_logprobs_BC is not None else 0.0
+
+
+def judge(rollout: RolloutBatch, scored: Scored, st: StepSettings, *, kl_coef: float, reference=None, critic=None,
+          all_reduce: Callable | None = None, timer: Callable[[str], ContextManager] | None = None) -> Judged:
+    """Reference and critic passes, the KL penalty (``kl_mode=reward``) and the advantages of ``rollout``.
+
+    ``kl_coef`` is this step's coefficient (the KL controller's value); ``all_reduce`` sums over
+    processes (group statistics and whitening see the global batch); ``timer(name)`` (optional) times
+    the ``reference`` and ``advantages`` parts.
+    """
+    time = timer or (lambda _name: nullcontext())
+    mask_BC = rollout.completion_mask_BC
+    with time("reference"):
+        ref_BC = reference.logprobs(rollout, temperature=st.sample.temperature) if reference is not None else None
+        values_BC = critic.values_of(rollout) if critic is not None else None
+    rewards = total_rewards(scored.batch)
+    kl_BC = core.kl_estimate(st.kl_estimator, rollout.sample_logprobs_BC, ref_BC) if ref_BC is not None else None
+    if kl_BC is not None and st.kl_mode == "reward":
+        rewards = core.kl_penalty(rewards, kl_BC, kl_coef, mask_BC)
+    params = dict(st.advantage_params)
+    if scored.baseline_B is not None:
+        params["baseline"] = scored.baseline_B
+    with time("advantages"):
+        adv_BC, ret_BC = core.compute_advantages(st.family.advantage, rewards, mask_BC, group_ids=rollout.group_ids_B,
+                                                 values=values_BC, all_reduce=all_reduce, **params)
+        if st.whiten:
+            adv_BC = core.whiten(adv_BC, mask_BC, all_reduce=all_reduce)
+    return Judged(rewards, adv_BC, ret_BC, kl_BC, ref_BC, values_BC, kl_coef)

@@ -1,0 +1,84 @@
+"""The package layout: stage packages, the 0.1 module names still importable, no import cycles."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+import seqpg
+from seqpg._moved import MOVED
+
+SRC = Path(seqpg.__file__).parent
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_a_moved_module_is_the_same_object_under_its_old_name(old):
+    assert importlib.import_module(old) is importlib.import_module(MOVED[old])
+
+
+def test_from_imports_and_submodules_of_moved_packages():
+    from seqpg.sampling import generate
+    from seqpg.rollout.sampling import generate as new_generate
+    import seqpg.bench.report
+    import seqpg.apps.bench.report
+
+    assert generate is new_generate and seqpg.bench.report is seqpg.apps.bench.report
+
+
+def _imports(path: Path) -> set[str]:
+    """seqpg modules ``path`` imports at module level or in functions (relative imports resolved)."""
+    mod = ".".join(path.relative_to(SRC.parent).with_suffix("").parts)
+    pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    if path.name == "__init__.py":
+        mod = pkg
+    out = set()
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:  # annotations only: not an import when the program runs
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            if name.startswith("seqpg"):
+                out.add(name)
+                out |= {f"{name}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("seqpg")}
+    return out
+
+
+def test_no_import_cycles_between_modules():
+    modules = {".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in SRC.rglob("*.py")}
+    graph = {m: {i for i in _imports(p) if i in modules and i != m and not m.startswith(i + ".")
+                 and not i.startswith(m + ".")} for m, p in modules.items()}
+    seen, stack, cycles = set(), [], []
+
+    def visit(m):
+        if m in stack:
+            cycles.append(stack[stack.index(m):] + [m])
+            return
+        if m in seen:
+            return
+        seen.add(m)
+        stack.append(m)
+        for n in sorted(graph[m]):
+            visit(n)
+        stack.pop()
+
+    for m in sorted(graph):
+        visit(m)
+    assert cycles == [], "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_core_imports_nothing_else_of_seqpg():
+    for p in (SRC / "core").rglob("*.py"):
+        assert all(i.startswith("seqpg.core") for i in _imports(p)), p
