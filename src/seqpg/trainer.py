@@ -26,6 +26,7 @@ from . import core
 from .batch import Prompt, RolloutBatch, total_rewards
 from .build import Components, build_components
 from .checkpoint import StopFlag, latest_checkpoint, save_checkpoint
+from .collapse import CollapseWatch, collapse_metrics
 from .config import TrainConfig, to_dict
 from .distributed import DistContext
 from .runlog import RunLogger, Timer, progress_bar
@@ -73,10 +74,15 @@ def _train(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool) ->
     stop = StopFlag()
     t_start, metrics, step = time.monotonic(), {}, start
     bar = progress_bar(total=cfg.steps, initial=start, enabled=progress and dist.is_main)
+    watch = CollapseWatch(cfg.collapse_steps, cfg.collapse_min_distinct)
     with stop:
         for step in range(start + 1, cfg.steps + 1):
             metrics = train_step(cfg, c, dist, step, log)
             bar.update(metrics)
+            warning = watch.update(step, metrics)
+            if warning and dist.is_main:
+                bar.warn(warning)
+                log.log_warning(step, warning)
             out_of_time = cfg.max_minutes is not None and time.monotonic() - t_start > 60 * cfg.max_minutes
             halt = dist.any(stop.is_set() or out_of_time)  # every process stops after the same step
             if step % cfg.save_every == 0 or step == cfg.steps or halt:
@@ -210,6 +216,8 @@ def _metrics(scored, adv_BC, kl_mean, ustats, timer, c: Components, dist: DistCo
     m["truncated_frac"] = float(dist.gather_cat((~r.finished_B).float()).mean())
     m["scorer_errors"] = float(dist.all_reduce_sum(torch.tensor(float(scored.num_scorer_errors))))
     m["lr"] = c.optimizer.param_groups[0]["lr"]
+    local = collapse_metrics(scored.rewards_B, r.group_ids_B, r.completions)  # mean over processes
+    m.update(zip(local, (dist.all_reduce_sum(torch.tensor(list(local.values()))) / dist.world_size).tolist()))
     seconds = dist.all_reduce_max(torch.tensor(list(timer.seconds.values()), dtype=torch.float64)).tolist()
     m.update({f"time/{k}": v for k, v in zip(timer.seconds, seconds)})  # the slowest process's
     total = sum(seconds)

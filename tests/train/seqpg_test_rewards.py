@@ -13,3 +13,8 @@ def raises_on_b(prompt: str, completion: str, meta: dict) -> float:
     if "b" in prompt:
         raise RuntimeError("this scorer cannot judge prompts with b")
     return 0.0
+
+
+def constant(prompt: str, completion: str, meta: dict) -> float:
+    """The same reward for everything: no group has any spread (a collapsed run's signal)."""
+    return 1.0

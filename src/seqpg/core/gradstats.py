@@ -36,8 +36,9 @@ the expectations; r^ = r / ||r||). Standard errors are the delete-one-unit jackk
 1982), vectorised over units; paired ratios (``variance_ratio``) get the correlation between
 estimators on the same samples for free.
 
-Departures: the reference r is taken as fixed (its own noise is reported separately by the
-caller, e.g. as its expected cosine to the truth); GAE, which needs critic values, is the
+Departures: the reference r is taken as fixed: the standard errors leave out its own noise (the
+caller reports it, e.g. as its expected cosine to the truth), though an unbiased ||grad E[R]||^2
+(``ref_sq``) keeps that noise from biasing the figures; GAE, which needs critic values, is the
 caller's to pass or to skip.
 """
 
@@ -135,16 +136,23 @@ class Moments:
         return cls(mean_ED, var_E, sq_E - var_E / units, float(units))
 
 
-def figures(m: Moments, ref_D: torch.Tensor, *, base: int = 0, cosine: float = 0.5) -> dict[str, torch.Tensor]:
+def figures(m: Moments, ref_D: torch.Tensor, *, base: int = 0, cosine: float = 0.5,
+            ref_sq: float | None = None) -> dict[str, torch.Tensor]:
     """The table of the module docstring, each (..., E), from moments and the reference direction.
 
     base: the index of REINFORCE without baseline among the E estimators (``variance_ratio``'s unit);
-    cosine: the target c of ``units_to_cosine``.
+    cosine: the target c of ``units_to_cosine``; ref_sq: when ``ref_D`` is itself an estimate of
+    grad E[R] (independent of the units), an unbiased estimate of ||grad E[R]||^2 to use for ||r||^2:
+    then mu . r / ref_sq is unbiased in the numerator and denominator alike, where ||r||^2 would
+    carry the reference's own variance and shrink every bias factor and cosine towards 0.
     """
     check_rank("ref_D", ref_D, 1, "(D,)")
     if not 0 < cosine < 1:
         raise ValueError(f"cosine must be in (0, 1), got {cosine}")
-    rnorm = ref_D.norm()
+    if ref_sq is not None and not ref_sq > 0:
+        raise ValueError(f"the reference's squared norm estimate is {ref_sq:.3g} <= 0: the reference has no "
+                         "measurable signal; use more reference groups")
+    rnorm = ref_D.norm() if ref_sq is None else torch.tensor(ref_sq, dtype=ref_D.dtype).sqrt()
     if rnorm == 0:
         raise ValueError("the reference gradient is 0: no direction to compare with")
     along_E = m.mean_ED @ (ref_D / rnorm)  # mu . r^
@@ -177,11 +185,13 @@ def exact_stats(g_EUD: torch.Tensor, prob_U: torch.Tensor, ref_D: torch.Tensor, 
     return GradStats(value, {k: torch.zeros_like(v) for k, v in value.items()})
 
 
-def sample_stats(g_EUD: torch.Tensor, ref_D: torch.Tensor, *, base: int = 0, cosine: float = 0.5) -> GradStats:
+def sample_stats(g_EUD: torch.Tensor, ref_D: torch.Tensor, *, base: int = 0, cosine: float = 0.5,
+                 ref_sq: float | None = None) -> GradStats:
     """The figures from U sampled units (E estimators on the same units), with jackknife standard errors.
 
     se^2 = (U - 1)/U sum_u (f_(-u) - mean f_(-.))^2, f_(-u) the figure without unit u. A figure that is
     infinite in some leave-one-out copy (``units_to_cosine`` near unreachable) gets se = inf.
+    ``ref_sq``: see :func:`figures`.
     """
     check_rank("g_EUD", g_EUD, 3, "(E, U, D)")
     U = g_EUD.shape[1]
@@ -189,9 +199,10 @@ def sample_stats(g_EUD: torch.Tensor, ref_D: torch.Tensor, *, base: int = 0, cos
         raise ValueError(f"need at least 3 units for jackknife standard errors, got {U}")
     g = g_EUD.double()
     sum_ED, sumsq_EU = g.sum(1), g.pow(2).sum(-1)
-    full = figures(Moments.from_sums(sum_ED, sumsq_EU.sum(1), U), ref_D.double(), base=base, cosine=cosine)
+    kw = dict(base=base, cosine=cosine, ref_sq=ref_sq)
+    full = figures(Moments.from_sums(sum_ED, sumsq_EU.sum(1), U), ref_D.double(), **kw)
     loo = Moments.from_sums(sum_ED[None] - g.transpose(0, 1), sumsq_EU.sum(1)[None] - sumsq_EU.T, U - 1)  # (U, E, ...)
-    jack = figures(loo, ref_D.double(), base=base, cosine=cosine)
+    jack = figures(loo, ref_D.double(), **kw)
     se = {}
     for k, f_UE in jack.items():
         finite_E = torch.isfinite(f_UE).all(0)
