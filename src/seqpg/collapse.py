@@ -61,7 +61,8 @@ def distinct_n(completions: Sequence[str], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def collapse_metrics(rewards_B: torch.Tensor, group_ids_B: torch.Tensor, completions: Sequence[str]) -> dict[str, float]:
+def collapse_metrics(rewards_B: torch.Tensor, group_ids_B: torch.Tensor,
+                     completions: Sequence[str]) -> dict[str, float]:
     """The module's three metrics for one step."""
     return {"collapse/flat_groups": flat_group_fraction(rewards_B, group_ids_B),
             "collapse/distinct_in_group": distinct_in_group(completions, group_ids_B),

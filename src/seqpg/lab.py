@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 
 from . import core
-from .batch import total_rewards
+from .batch import RolloutBatch, total_rewards
 from .build import build_policy, build_prompts, build_scorers, sampling_kwargs, seed_everything
 from .config import ConfigError, TrainConfig
 from .distributed import resolve_device
-from .policy import completion_logprobs, model_device
+from .policy import completion_logprobs, model_device, position_ids_from_mask
 from .sampling import generate
 from .scorers import score_batch
 from .session import load_policy_for
@@ -133,21 +133,40 @@ class HeadSketch:
         self.U_VK = torch.randn(V, directions, generator=g).to(dev)
         self.Wd_HK = torch.randn(H, directions, generator=g).to(dev) / math.sqrt(directions)
 
-    def __call__(self, hidden_BCH: torch.Tensor, tokens_BC: torch.Tensor, mask_BC: torch.Tensor,
-                 temperature: float, logprobs_BC: torch.Tensor) -> torch.Tensor:
-        h_NH = hidden_BCH[mask_BC].float()  # (N, H) real tokens only
-        logits_NV = h_NH @ self.W_VH.T / temperature
-        lp_NV = logits_NV.log_softmax(-1)
-        y_N = tokens_BC[mask_BC].to(h_NH.device)
-        check = lp_NV.gather(1, y_N[:, None]).squeeze(1)
-        if not torch.allclose(check.cpu(), logprobs_BC[mask_BC].float().cpu(), atol=1e-3, rtol=1e-3):
-            raise RuntimeError("the model's last hidden state is not its output layer's input (log-probs differ); "
-                               "the lab's sketch does not apply to this model")
+    def __call__(self, model: torch.nn.Module, rollout: RolloutBatch, temperature: float,
+                 check: bool = False) -> torch.Tensor:
+        """(B, C, K) float64 on the CPU, 0 on padding. ``check``: compare the head's log-probs with the policy's."""
+        mask_BC = rollout.completion_mask_BC
+        h_NH = head_inputs(model, rollout)[mask_BC.to(self.W_VH.device)].float()  # (N, H) real tokens only
+        lp_NV = (h_NH @ self.W_VH.T / temperature).log_softmax(-1)
+        y_N = rollout.completion_ids_BC[mask_BC].to(h_NH.device)
+        if check:
+            mine = lp_NV.gather(1, y_N[:, None]).squeeze(1).cpu()
+            theirs = completion_logprobs(model, rollout, temperature=temperature).logprobs_BC[mask_BC].float().cpu()
+            if not torch.allclose(mine, theirs, atol=1e-3, rtol=1e-3):
+                raise RuntimeError("the model's last hidden state is not its output layer's input (log-probs "
+                                   "differ); the lab's sketch does not apply to this model")
         a_NK = (self.U_VK[y_N] - lp_NV.exp() @ self.U_VK) / temperature
         s_NK = a_NK * (h_NH @ self.Wd_HK)
-        out = torch.zeros(*mask_BC.shape, s_NK.shape[1], dtype=torch.float64)
+        out = torch.zeros(*mask_BC.shape, s_NK.shape[1], dtype=torch.float64)  # (B, C, K)
         out[mask_BC] = s_NK.double().cpu()
         return out
+
+
+def head_inputs(model: torch.nn.Module, rollout: RolloutBatch) -> torch.Tensor:
+    """(B, C, H) the output layer's input before each completion token (the trunk's last, normed state).
+
+    The trunk is called directly: asking the whole model for ``output_hidden_states`` makes
+    transformers install output-capturing hooks that stay, after which the fast decoder declines
+    the model (``fastdecode.supports``) and every later sampling call runs ~5x slower.
+    """
+    C = rollout.completion_ids_BC.shape[1]
+    batch = rollout.to(model_device(model))
+    mask_BL = batch.attention_mask_BL
+    with torch.no_grad():
+        out = model.get_decoder()(input_ids=batch.input_ids_BL, attention_mask=mask_BL.long(),
+                                  position_ids=position_ids_from_mask(mask_BL), use_cache=False)
+    return out.last_hidden_state[:, -(C + 1):-1]
 
 
 def run_lab(cfg: TrainConfig, settings: LabSettings, *, checkpoint: str | None = None,
@@ -181,9 +200,7 @@ def run_lab(cfg: TrainConfig, settings: LabSettings, *, checkpoint: str | None =
         rollout = generate(model, tok, prompts, n=n, generator=gen, **sampling_kwargs(s))
         rewards = total_rewards(score_batch(rollout, scorers, on_error=cfg.on_scorer_error, tokenizer=tok))
         with torch.no_grad():
-            out = completion_logprobs(model, rollout, temperature=s.temperature, with_hidden=True)
-            score_BCK = sketch(out.hidden_BCH, rollout.completion_ids_BC, rollout.completion_mask_BC,
-                               s.temperature, out.logprobs_BC)
+            score_BCK = sketch(model, rollout, s.temperature, check=u == 0)
         unit_B = torch.zeros(rollout.batch_size, dtype=torch.long)
         fill = {}
         if "remax" in names and u < units:

@@ -18,3 +18,8 @@ def raises_on_b(prompt: str, completion: str, meta: dict) -> float:
 def constant(prompt: str, completion: str, meta: dict) -> float:
     """The same reward for everything: no group has any spread (a collapsed run's signal)."""
     return 1.0
+
+
+def vowel_count(prompt: str, completion: str, meta: dict) -> float:
+    """Vowels in the completion: a reward that varies between a random model's samples."""
+    return float(sum(completion.count(v) for v in "aeiou"))
