@@ -229,6 +229,11 @@ class TrainConfig:
     (``seqpg.training.memory``; 8-14% faster updates measured on 2 CPU cores, same peak memory)."""
     on_scorer_error: str = "raise"
     """`raise`: a scorer that raises stops the run naming scorer and sample; `zero`: score 0, counted."""
+    collapse_steps: int = 5
+    """Collapse watch: warn once (progress bar, stderr, RUN/warnings.jsonl) after this many consecutive steps
+    in which every group's rewards are equal or the completions are near-identical (see seqpg.training.collapse); 0: off."""
+    collapse_min_distinct: float = 0.2
+    """Collapse watch: a step whose completions have fewer distinct word bigrams than this fraction is collapsed."""
     tensorboard: bool = True
     """Write TensorBoard event files."""
     device: str = "auto"

@@ -32,3 +32,13 @@ def trl_target_fraction_or_none(completions, **kwargs):
     """`trl_target_fraction`, but None ("does not apply") for completions without the letter `e`."""
     return [None if "e" not in completion else completion.count(TARGET) / len(completion)
             for completion in completions]
+
+
+def constant(prompt: str, completion: str, meta: dict) -> float:
+    """The same reward for everything: no group has any spread (a collapsed run's signal)."""
+    return 1.0
+
+
+def vowel_count(prompt: str, completion: str, meta: dict) -> float:
+    """Vowels in the completion: a reward that varies between a random model's samples."""
+    return float(sum(completion.count(v) for v in "aeiou"))

@@ -80,7 +80,7 @@ def test_train_help_explains_every_key():
     assert "--resume" in out and "Sample -> score" in out
 
 
-@pytest.mark.parametrize("command", ["eval", "explain", "demo", "bench", "config"])
+@pytest.mark.parametrize("command", ["eval", "explain", "lab", "demo", "bench", "config"])
 def test_every_subcommand_has_help(command):
     out = subprocess.run([sys.executable, "-m", "seqpg", command, "--help"], capture_output=True, text=True,
                          check=True).stdout

@@ -1,10 +1,11 @@
-"""`seqpg` command line: train, eval, explain, export, demo, bench, config.
+"""`seqpg` command line: train, eval, explain, export, lab, demo, bench, config.
 
     seqpg train [-c CONFIG.yaml] [key=value ...]      # fine-tune as configured
     seqpg train --resume RUN [key=value ...]          # continue a run exactly where it stopped
     seqpg eval RUN_OR_MODEL [--k 1 4] [key=value ...] # held-out reward, accuracy, pass@k
     seqpg explain RUN --prompt TEXT [--completion TEXT] [--html PAGE]
     seqpg export RUN_OR_CHECKPOINT OUT [--format hf|gguf] # a model other tools load (HF dir, GGUF file)
+    seqpg lab -c CONFIG.yaml [--checkpoint RUN]       # which advantage estimator the task needs
     seqpg demo                                        # what `make demo` runs
     seqpg config [-c CONFIG.yaml] [key=value ...]     # print the resolved configuration
 
@@ -100,6 +101,22 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight type (default: the run's for hf, f16 for gguf; gguf takes f32 or f16)")
     o.add_argument("-c", "--config", help="the run's configuration, when the checkpoint is not inside its run")
     o.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    lb = sub.add_parser("lab", help="measure which advantage estimator a task needs (gradient SNR, bias, cosine)",
+                        formatter_class=fmt,
+                        description="Draws units of one training step's prompts x samples, scores them once and "
+                                    "compares every advantage estimator's gradient on the same samples: bias along a "
+                                    "reference gradient, variance relative to REINFORCE, SNR, samples to reach a "
+                                    "cosine. Writes OUT/lab.md, lab.json and plots/.")
+    lb.add_argument("-c", "--config", help="task, rewards, sampling and model (default: the run's, or the defaults)")
+    lb.add_argument("--checkpoint", metavar="RUN", help="measure at RUN's latest checkpoint instead of the model")
+    lb.add_argument("--groups", type=int, default=32, help="prompt groups compared (in units of prompts_per_step)")
+    lb.add_argument("--reference-groups", type=int, default=32, help="held-apart groups for the reference gradient")
+    lb.add_argument("--estimators", nargs="*", help="advantage estimators (default: all the task can use)")
+    lb.add_argument("--directions", type=int, default=128, help="random directions of the gradient sketch")
+    lb.add_argument("--cosine", type=float, default=0.5, help="target cosine of 'samples to reach cosine c'")
+    lb.add_argument("--seed", type=int, default=0)
+    lb.add_argument("--out", default="lab", help="output directory")
+    lb.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
 
     d = sub.add_parser("demo", help="the README's demo: evaluate, fine-tune, evaluate again", formatter_class=fmt,
                        description="Fine-tunes SmolLM2-135M-Instruct on the default task (examples/demo.yaml) and "
@@ -295,6 +312,18 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_lab(args) -> int:
+    from .lab import LabSettings, render_markdown, run_lab
+    config = args.config or (Path(args.checkpoint) / "config.yaml" if args.checkpoint else None)
+    cfg = load_config(config, args.overrides)
+    settings = LabSettings(groups=args.groups, reference_groups=args.reference_groups, estimators=args.estimators,
+                           directions=args.directions, cosine=args.cosine, seed=args.seed, out_dir=args.out)
+    res = run_lab(cfg, settings, checkpoint=args.checkpoint, log=lambda m: print(m, file=sys.stderr))
+    print(render_markdown(res))
+    print(f"seqpg lab: {args.out}/lab.md, lab.json, plots/")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(args.config, args.overrides)
@@ -307,8 +336,8 @@ def _cmd_bench(args) -> int:
                      learning_steps=args.learning_steps, device=args.device)
 
 
-_COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "explain": _cmd_explain, "demo": _cmd_demo,
-             "bench": _cmd_bench, "config": _cmd_config, "export": _cmd_export}
+_COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "explain": _cmd_explain, "export": _cmd_export, "lab": _cmd_lab,
+             "demo": _cmd_demo, "bench": _cmd_bench, "config": _cmd_config}
 
 if __name__ == "__main__":
     sys.exit(main())

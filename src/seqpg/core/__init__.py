@@ -9,6 +9,7 @@ Modules, one concern each:
 * :mod:`.losses`     policy losses by name (``POLICY_LOSSES``) and the value loss
 * :mod:`.aggregate`  the one loss-aggregation function (verl's four modes)
 * :mod:`.kl`         KL estimators by name (``KL_ESTIMATORS``), penalty, loss, controllers
+* :mod:`.gradstats`  paired gradient statistics of estimators (SNR, variance, bias, cosine), for the lab
 * :mod:`.masked`     masked sum / mean / var and whitening, with cross-process statistics
 * :mod:`.registry`   the name -> function registry every family uses
 
@@ -18,6 +19,7 @@ Shapes: B sequences, T tokens, V vocabulary; names carry them (``adv_BT``).
 from .advantages import (ADVANTAGE_ESTIMATORS, advantage_params, compute_advantages, register_advantage,
                          returns_to_go)
 from .aggregate import AGG_MODES, aggregate_loss
+from .gradstats import GradStats, Moments, exact_stats, sample_stats, unit_gradients
 from .kl import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate, kl_loss, kl_penalty,
                  register_kl)
 from .logprobs import entropy_from_logits, token_logprobs
@@ -30,10 +32,12 @@ from .utility import TokenContributions, token_contributions, utility
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "AGG_MODES", "KL_ESTIMATORS", "POLICY_LOSSES", "REQUIRED",
-    "AdaptiveKLController", "FixedKLController", "PolicyLossStats", "Registry", "RewardStats", "ScorerStats",
-    "TokenContributions", "TokenLoss", "ValueLossStats",
+    "AdaptiveKLController", "FixedKLController", "GradStats", "Moments", "PolicyLossStats", "Registry",
+    "RewardStats", "ScorerStats", "TokenContributions", "TokenLoss", "ValueLossStats",
     "advantage_params", "aggregate_loss", "combine_rewards", "compute_advantages", "entropy_from_logits",
+    "exact_stats",
     "kl_estimate", "kl_loss", "kl_penalty", "masked_mean", "masked_sum", "masked_var", "policy_loss",
-    "register_advantage", "register_kl", "register_policy_loss", "returns_to_go", "to_token_rewards",
-    "token_contributions", "token_logprobs", "utility", "value_loss", "whiten",
+    "register_advantage", "register_kl", "register_policy_loss", "returns_to_go", "sample_stats",
+    "to_token_rewards", "token_contributions", "token_logprobs", "unit_gradients", "utility", "value_loss",
+    "whiten",
 ]

@@ -192,6 +192,34 @@ def _eval(records: list[dict]):
 # Helpers
 # ---------------------------------------------------------------------------------------------
 
+LAB_PLOTS = (("variance_ratio", "gradient variance / REINFORCE without baseline", "ratio"),
+             ("bias_factor", "expected gradient along the reference (1 = unbiased)", "factor"),
+             ("samples", "samples to reach the target cosine to the reference", "samples"))
+
+
+def plot_lab(table: Mapping[str, Mapping[str, tuple[float, float]]], out_dir: str | os.PathLike) -> list[Path]:
+    """``out_dir/{variance_ratio,bias_factor,samples}.png``: one bar per estimator, ± its standard error
+    (``table``: estimator -> figure -> (value, se), as :func:`seqpg.apps.lab.table` gives; infinite bars omitted)."""
+    written = []
+    names = list(table)
+    for key, title, ylabel in LAB_PLOTS:
+        vals = [table[n][key][0] for n in names]
+        errs = [table[n][key][1] if math.isfinite(table[n][key][1]) else 0.0 for n in names]
+        fig = _figure()
+        ax = fig.add_subplot()
+        ok = [i for i, v in enumerate(vals) if math.isfinite(v)]
+        ax.bar([names[i] for i in ok], [vals[i] for i in ok], yerr=[errs[i] for i in ok], capsize=4,
+               color="#1f77b4", alpha=0.8)
+        if key != "samples":
+            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis="y")
+        ax.tick_params(axis="x", labelrotation=30)
+        written.append(_save(fig, Path(out_dir) / f"{key}.png"))
+    return written
+
+
 def _first(d: Mapping[str, Any], keys: Sequence[str]) -> float | None:
     for k in keys:
         v = d.get(k)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, TextIO
 import yaml
 
 from .runfiles import CONFIG_FILE, METRICS_FILE, SAMPLES_FILE, read_jsonl  # noqa: F401 (re-exported)
-
+WARNINGS_FILE = "warnings.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 _RESERVED = ("step", "wall_time")
 
@@ -127,6 +127,13 @@ class RunLogger:
                 raise ValueError("log_samples: a sample has its own 'step'; the step is the first argument")
             self._append(SAMPLES_FILE, {"step": int(step), **_plain(dict(row), "sample")}, sync=False)
         self._sync(SAMPLES_FILE)
+
+    def log_warning(self, step: int, message: str) -> None:
+        """Append ``{"step", "wall_time", "warning"}`` to RUN/warnings.jsonl (a rare event: opened each time)."""
+        if not self.enabled:
+            return
+        with open(self.run_dir / WARNINGS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": int(step), "wall_time": round(time.time(), 3), "warning": message}) + "\n")
 
     def plot(self) -> list[Path]:
         """Write the PNG plots now; a failure is reported as a warning, never ends the run."""
@@ -296,6 +303,7 @@ class ProgressBar:
         from tqdm import tqdm
 
         file = sys.stderr if file is None else file
+        self._file = file
         self.disabled = not enabled or not (hasattr(file, "isatty") and file.isatty())
         self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=file, dynamic_ncols=True,
                          disable=self.disabled)
@@ -316,6 +324,12 @@ class ProgressBar:
         if postfix:
             self._bar.set_postfix(postfix, refresh=False)
         self._bar.update(n)
+
+    def warn(self, message: str) -> None:
+        """Print ``message`` to the bar's stream (above the bar, or alone when the bar is off) and keep a mark."""
+        if not self.disabled:
+            self._bar.set_postfix_str("COLLAPSED? see warning", refresh=False)
+        self._bar.write(f"seqpg: warning: {message}", file=self._file)
 
     def close(self) -> None:
         self._bar.close()

@@ -28,6 +28,7 @@ from ..batch import Prompt
 from .build import Components, build_components
 from .checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state
 from ..config import TrainConfig, to_dict
+from .collapse import CollapseWatch, collapse_metrics
 from .distributed import DistContext, failed_together
 from .periodic_eval import evaluate_held_out
 from .resume import apply_resume_changes, record_resume_changes, resume_changes
@@ -90,6 +91,7 @@ def _run(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool, run_
     stop = StopFlag()
     t_start, metrics, step, saved = time.monotonic(), {}, start, start
     bar = progress_bar(total=cfg.steps, initial=start, enabled=progress and dist.is_main)
+    watch = CollapseWatch(cfg.collapse_steps, cfg.collapse_min_distinct)
     try:
         with stop:
             if start == 0:
@@ -103,6 +105,10 @@ def _run(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool, run_
                     raise
                 evaluate_held_out(cfg, c, dist, step, log)  # when due; outside the step's timers and RNG streams
                 bar.update(metrics)
+                warning = watch.update(step, metrics)
+                if warning and dist.is_main:
+                    bar.warn(warning)
+                    log.log_warning(step, warning)
                 out_of_time = cfg.max_minutes is not None and time.monotonic() - t_start > 60 * cfg.max_minutes
                 asked = torch.tensor([stop.is_set() or out_of_time, stop.take_checkpoint_request()], dtype=torch.int64)
                 halt, save_now = dist.all_reduce_max(asked).tolist()  # every process stops / saves after this step
@@ -226,6 +232,8 @@ def _metrics(scored, adv_BC, kl_mean, ustats, timer, c: Components, dist: DistCo
     m["truncated_frac"] = float(dist.gather_cat((~r.finished_B).float()).mean())
     m["scorer_errors"] = float(dist.all_reduce_sum(torch.tensor(float(scored.num_scorer_errors))))
     m["lr"] = c.optimizer.param_groups[0]["lr"]
+    local = collapse_metrics(scored.rewards_B, r.group_ids_B, r.completions)  # mean over processes
+    m.update(zip(local, (dist.all_reduce_sum(torch.tensor(list(local.values()))) / dist.world_size).tolist()))
     seconds = dist.all_reduce_max(torch.tensor(list(timer.seconds.values()), dtype=torch.float64)).tolist()
     m.update({f"time/{k}": v for k, v in zip(timer.seconds, seconds)})  # the slowest process's
     total = sum(seconds)

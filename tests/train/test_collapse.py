@@ -1,0 +1,55 @@
+"""Collapse watch: the metrics on hand-made steps, the warning once after K collapsed steps, and in a run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from seqpg.training.collapse import CollapseWatch, collapse_metrics, distinct_in_group, distinct_n, flat_group_fraction
+
+GROUPS = torch.tensor([0, 0, 1, 1, 2, 2])
+
+
+def test_flat_group_fraction():
+    assert flat_group_fraction(torch.tensor([1.0, 1.0, 0.0, 0.5, 2.0, 2.0]), GROUPS) == pytest.approx(2 / 3)
+    assert flat_group_fraction(torch.zeros(6), GROUPS) == 1.0
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        flat_group_fraction(torch.zeros(6, 1), GROUPS)
+
+
+def test_distinct_metrics():
+    texts = ["a b c", "a  b c", "x y", "x z", "", ""]
+    assert distinct_in_group(texts, GROUPS) == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)  # whitespace-normalised
+    assert distinct_n(texts, 2) == pytest.approx(4 / 6)  # (a b), (b c) twice; (x y), (x z)
+    assert distinct_n(["", ""], 2) == 0.0  # empty answers: no diversity at all
+    assert distinct_n(["amazing amazing amazing amazing amazing"], 2) == pytest.approx(1 / 4)
+
+
+def test_watch_warns_once_after_k_consecutive_collapsed_steps():
+    watch = CollapseWatch(steps=3, min_distinct=0.2)
+    healthy = collapse_metrics(torch.tensor([0.0, 1.0, 0.5, 0.2, 0.1, 0.9]), GROUPS,
+                               ["the sun is warm", "cats sleep all day", "tea is hot today", "red maps fold",
+                                "owls fly at night", "big fox runs fast"])
+    flat = collapse_metrics(torch.zeros(6), GROUPS, [""] * 6)
+    seq = [flat, flat, healthy, flat, flat, flat, flat, flat]
+    notes = [watch.update(i + 1, m) for i, m in enumerate(seq)]
+    assert [i + 1 for i, n in enumerate(notes) if n] == [6]  # the run restarts after the healthy step 3
+    assert "every advantage is 0" in notes[5] and "kl_coef" in notes[5]
+    repeated = collapse_metrics(torch.tensor([0.0, 1.0] * 3), GROUPS, ["so amazing amazing amazing amazing"] * 6)
+    assert "near-identical" in CollapseWatch().collapsed(repeated)
+    assert CollapseWatch(steps=0).update(1, flat) is None  # off
+
+
+def test_a_run_with_no_signal_warns(tiny_overrides, tmp_path, capsys):
+    from seqpg.config import load_config
+    from seqpg.training.trainer import train
+    cfg = load_config(None, tiny_overrides("steps=4", "collapse_steps=3",
+                                           "rewards=[{kind: callable, params: {fn: 'seqpg_test_rewards:constant'}}]"))
+    train(cfg, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["collapse/flat_groups"] == 1.0 for r in lines)
+    warnings = [json.loads(x) for x in (tmp_path / "run" / "warnings.jsonl").read_text().splitlines()]
+    assert [w["step"] for w in warnings] == [3]
+    assert "looks collapsed" in capsys.readouterr().err
