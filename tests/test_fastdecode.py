@@ -238,3 +238,26 @@ def test_fast_decode_of_one_token_prompts_starts_an_empty_cache(tiny_tokenizer):
     assert fast.prompt_ids_BP.shape == (2, 1)
     assert torch.equal(fast.completion_ids_BC, slow.completion_ids_BC)
     torch.testing.assert_close(fast.sample_logprobs_BC, slow.sample_logprobs_BC, atol=1e-5, rtol=0)
+
+
+def test_hidden_state_capture_hooks_left_by_a_shared_critic_keep_the_fast_path():
+    """A forward with ``output_hidden_states`` (the shared critic's) leaves transformers' capture hooks on the
+    model; they are inert outside that forward, so decoding stays on the fast path and gives the same tokens."""
+    from seqpg.batch import Prompt
+    from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
+    from seqpg.model.policy import completion_logprobs
+    from seqpg.rollout import fastdecode
+    from seqpg.rollout.sampling import generate
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(len(tok), seed=3)
+    prompts = [Prompt("cat", "cat"), Prompt("dog", "dog")]
+    kw = dict(n=3, max_new_tokens=5, chat_template=False)
+    before = generate(model, tok, prompts, generator=torch.Generator().manual_seed(0), **kw)
+    completion_logprobs(model, before, with_hidden=True)
+    assert any(m._forward_hooks for m in model.modules())  # the capture hooks are there now
+    assert fastdecode.supports(model)
+    again = generate(model, tok, prompts, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(again.completion_ids_BC, before.completion_ids_BC)
+    model.lm_head.register_forward_hook(lambda mod, args, out: out)  # a hook of the user's still counts
+    assert not fastdecode.supports(model)

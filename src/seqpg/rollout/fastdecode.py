@@ -89,11 +89,22 @@ def supports(model: nn.Module) -> bool:
 
 
 def _has_hooks(model: nn.Module) -> bool:
+    """Forward hooks that could change or observe a decode step.  transformers' output-capturing hooks
+    (installed for good by the first forward that asks for hidden states, e.g. a shared critic's) do
+    nothing outside that model's own forward call, so they do not count."""
     from torch.nn.modules import module as torch_module
 
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    return any(m._forward_pre_hooks or any(not _inert_capture_hook(h) for h in m._forward_hooks.values())
+               for m in model.modules())
+
+
+def _inert_capture_hook(hook) -> bool:
+    """transformers' ``output_capturing_hook``: it records outputs only while the model's own forward has a
+    collector active, and returns them unchanged."""
+    return getattr(hook, "__qualname__", "").endswith("install_output_capuring_hook.<locals>.output_capturing_hook") \
+        and getattr(hook, "__module__", "") == "transformers.utils.output_capturing"
 
 
 def can_pack(device: str, dtype: torch.dtype) -> bool:
