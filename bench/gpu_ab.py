@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from contextlib import contextmanager
@@ -100,13 +101,25 @@ def main() -> None:
             results[f"{dtype} {label}"] = {
                 k: {"median_s": statistics.median(v), "ratio_to_first": statistics.median(v) / statistics.median(
                     times[first]), "agrees": _agree(outs[first], outs[k], label)} for k, v in times.items()}
-    for key, rows in results.items():
-        if isinstance(rows, dict):
-            print(key)
-            for k, v in rows.items():
-                print(f"  {k:34s} {v['median_s'] * 1e3:8.1f} ms  x{v['ratio_to_first']:.2f}  agrees: {v['agrees']}")
+    page = render_markdown(results)
+    print(page)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(page)
+
+
+def render_markdown(results: dict) -> str:
+    """The A/B as tables (medians; ratio to the first variant; whether its output agrees with the first's)."""
+    lines = [f"GPU A/B of the decoder's and the update's code paths: {results.get('gpu')}, torch {results.get('torch')}",
+             "(`python bench/gpu_ab.py`; medians of interleaved rounds).", ""]
+    for key, rows in results.items():
+        if not isinstance(rows, dict):
+            continue
+        lines += [f"**{key}**", "", "| variant | median ms | x first | agrees with the first |", "|---|---:|---:|---|"]
+        lines += [f"| {k} | {v['median_s'] * 1e3:.1f} | {v['ratio_to_first']:.2f} | {v['agrees']} |" for k, v in rows.items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _segments_on(model) -> bool:

@@ -82,3 +82,30 @@ def test_no_import_cycles_between_modules():
 def test_the_core_imports_nothing_else_of_seqpg():
     for p in (SRC / "core").rglob("*.py"):
         assert all(i.startswith("seqpg.core") for i in _imports(p)), p
+
+
+def test_the_readme_code_layout_names_every_module_and_nothing_gone():
+    readme = (SRC.parent.parent / "README.md").read_text()
+    block = readme.split("## Code layout", 1)[1].split("```", 2)[1]
+    named, folder_stack = set(), []
+    for line in block.splitlines()[2:]:
+        indent = len(line) - len(line.lstrip())
+        words = line.split()
+        if not words:
+            continue
+        depth = (indent - 2) // 2
+        folder_stack = folder_stack[:depth]
+        if words[0].endswith("/"):
+            folder_stack.append(words[0])
+            named.add("".join(folder_stack))
+            continue
+        for w in words:
+            if w.endswith(".py"):
+                named.add("".join(folder_stack) + w)
+            else:
+                break
+    modules = {p.relative_to(SRC).as_posix() for p in SRC.rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py") and "bench/" not in p.relative_to(SRC).as_posix()}
+    assert sorted(modules - named) == [], "modules missing from the README's code layout"
+    gone = sorted(n for n in named if not (SRC / n).exists())
+    assert gone == [], "the README's code layout names what does not exist"

@@ -119,9 +119,6 @@ class DistContext:
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         return self._all_reduce(t, tdist.ReduceOp.MAX)
 
-    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        return self.all_reduce_sum(t) / self.world_size
-
     def any(self, flag: bool) -> bool:
         """True on every process when ``flag`` is True on any (so all take the same branch)."""
         return bool(self.all_reduce_max(torch.tensor(int(flag))))

@@ -42,14 +42,13 @@ Modules: :mod:`.common` (settings, task, clocks, memory), :mod:`.workers` (the t
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
 
 from .common import DTYPES, BenchSetup, quiet
 from .compare import headline, machine_info, measure_peak, run_pair, summarise
-from .report import markdown
+from .report import markdown, to_json
 
 
 def _check_trl() -> None:
@@ -120,7 +119,7 @@ def run_bench(steps: int | None = None, out_dir: str = "bench", dtypes=None, thr
     report["machine"]["load_average_at_end"] = os.getloadavg()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.json").write_text(json.dumps(report, indent=2))
+    (out / "latest.json").write_text(to_json(report))
     (out / "latest.md").write_text(markdown(report))
     print("\n" + markdown(report))
     print(f"wrote {out / 'latest.json'} and {out / 'latest.md'}")

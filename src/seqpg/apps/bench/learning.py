@@ -16,7 +16,6 @@ a common target, the best held-out reward both reached (when it is above the sta
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from .common import BenchSetup
 from .compare import machine_info, run_pair
+from .report import to_json
 
 
 def curve_difference(seqpg: list[float], trl: list[float]) -> dict:
@@ -82,7 +82,7 @@ def run_learning(config: str = "examples/demo.yaml", overrides: list[str] | None
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "learning.json").write_text(json.dumps(report, indent=2))
+    (out / "learning.json").write_text(to_json(report))
     (out / "learning.md").write_text(markdown(report))
     print("\n" + markdown(report))
     print(f"wrote {out / 'learning.json'} and {out / 'learning.md'}")

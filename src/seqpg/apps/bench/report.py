@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 from .common import PHASE_LABELS, PHASES
+
+
+def to_json(report: dict) -> str:
+    """The report as JSON with one line per top-level key and per run: every raw step record is kept
+    (for re-rendering and re-analysis) without the indentation that made it ~80 KB."""
+    lines = []
+    for key, value in report.items():
+        if key == "runs" and isinstance(value, list):
+            runs = ",\n".join("    " + json.dumps(r, separators=(",", ":")) for r in value)
+            lines.append(f'  "runs": [\n{runs}\n  ]')
+        else:
+            lines.append(f"  {json.dumps(key)}: {json.dumps(value, separators=(',', ':'))}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def _s(v: float) -> str:
