@@ -232,8 +232,8 @@ def _metrics(scored, adv_BC, kl_mean, ustats, timer, c: Components, dist: DistCo
     m["truncated_frac"] = float(dist.gather_cat((~r.finished_B).float()).mean())
     m["scorer_errors"] = float(dist.all_reduce_sum(torch.tensor(float(scored.num_scorer_errors))))
     m["lr"] = c.optimizer.param_groups[0]["lr"]
-    local = collapse_metrics(scored.rewards_B, r.group_ids_B, r.completions)  # mean over processes
-    m.update(zip(local, (dist.all_reduce_sum(torch.tensor(list(local.values()))) / dist.world_size).tolist()))
+    groups = dist.gather_cat(r.group_ids_B + dist.rank * (int(r.group_ids_B.max()) + 1))  # distinct across processes
+    m.update(collapse_metrics(rewards, groups, [c for cs in dist.gather_objects(r.completions) for c in cs]))
     seconds = dist.all_reduce_max(torch.tensor(list(timer.seconds.values()), dtype=torch.float64)).tolist()
     m.update({f"time/{k}": v for k, v in zip(timer.seconds, seconds)})  # the slowest process's
     total = sum(seconds)
