@@ -25,6 +25,8 @@ def test_distinct_metrics():
     assert distinct_n(texts, 2) == pytest.approx(4 / 6)  # (a b), (b c) twice; (x y), (x z)
     assert distinct_n(["", ""], 2) == 0.0  # empty answers: no diversity at all
     assert distinct_n(["amazing amazing amazing amazing amazing"], 2) == pytest.approx(1 / 4)
+    assert distinct_n(["42", "17"], 2) == 1.0  # one-word answers: character bigrams, not "empty"
+    assert distinct_n(["aaaa", "aaa"], 2) == pytest.approx(1 / 5)  # a repeated character is still collapse
 
 
 def test_watch_warns_once_after_k_consecutive_collapsed_steps():

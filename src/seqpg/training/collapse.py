@@ -14,7 +14,8 @@ Metrics (pure functions of one step's rewards, group ids and completion texts):
 ``collapse/flat_groups``   fraction of prompt groups whose rewards are all equal (max - min <= tol)
 ``collapse/distinct_in_group``  mean over groups of (distinct completions) / (group size)
 ``collapse/distinct_2``    distinct word bigrams / all word bigrams over the step's completions
-                           ("distinct-2", Li et al. 2016); 0 when there is none (empty answers)
+                           ("distinct-2", Li et al. 2016); character bigrams where no completion
+                           has two words; 0 when there is none (empty answers)
 =========================  ===================================================================
 
 A step is *collapsed* when ``flat_groups`` is 1 or ``distinct_2`` is below ``min_distinct``;
@@ -56,8 +57,14 @@ def distinct_in_group(completions: Sequence[str], group_ids_B: torch.Tensor) -> 
 
 
 def distinct_n(completions: Sequence[str], n: int = 2) -> float:
-    """Distinct word n-grams / all word n-grams over the completions (Li et al. 2016); 0 if there are none."""
+    """Distinct word n-grams / all word n-grams over the completions (Li et al. 2016).
+
+    Completions too short for a word n-gram (single words, digits, code without spaces) are measured by
+    character n-grams instead, so that a one-word answer is not mistaken for an empty one; 0 when there
+    is no n-gram of either kind (empty answers)."""
     grams = [tuple(w[i:i + n]) for w in (t.lower().split() for t in completions) for i in range(len(w) - n + 1)]
+    if not grams:
+        grams = [t[i:i + n] for t in ("".join(c.lower().split()) for c in completions) for i in range(len(t) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
