@@ -60,6 +60,20 @@ def _base_logits():
 
 # --- Hugging Face directory ------------------------------------------------------------------
 
+def test_a_sharded_fsdp2_checkpoint_is_reassembled_into_a_whole_model(tmp_path):
+    """parallel=fsdp2 writes each process's shards (torch.distributed.checkpoint); export reassembles them."""
+    from seqpg.training.checkpoint import latest_checkpoint
+    from seqpg.training.checkpoint_files import META_FILE
+
+    run = _train_run(tmp_path, "parallel=fsdp2")
+    assert json.loads((latest_checkpoint(run) / META_FILE).read_text())["weights"] == "dcp"
+    out = export(run, tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(_logits(model), _seqpg_logits(run))
+    assert not torch.allclose(_logits(model), _base_logits())  # trained, not the base model
+
+
+
 def test_hf_export_of_a_full_run_loads_with_from_pretrained_and_equal_logits(full_run, tmp_path):
     out = export(full_run, tmp_path / "hf")
     names = {p.name for p in out.iterdir()}
