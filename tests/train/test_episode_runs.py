@@ -206,3 +206,25 @@ def test_bad_episode_input_is_refused_before_any_model_loads(episode_overrides, 
     monkeypatch.setattr(build_mod, "build_policy", lambda *a, **k: pytest.fail("a model loaded"))
     with pytest.raises(ConfigError, match=message):  # the context check reads the model's config only
         build_components(load_config(None, episode_overrides(override)), DistContext.from_env("cpu", "auto", 60))
+
+
+def test_explain_shows_an_episode_with_environment_tokens_as_context(episode_overrides, capsys):
+    from seqpg.apps.cli import main
+    from seqpg.apps.explain import explain, render_html, render_table
+
+    run = train(load_config(None, episode_overrides("steps=1", "save_every=1")), progress=False).run_dir
+    e = explain(str(run), "cat", seed=3)
+    assert e.actions is not None and not all(e.actions) and any(e.actions)
+    ctx = [t for t, a in enumerate(e.actions) if not a]
+    c = e.contributions
+    assert all(float(c.contribution_BT[0, t]) == 0 and float(c.logprob_BT[0, t]) == 0 for t in ctx)
+    assert e.utility == pytest.approx(float(c.contribution_BT[0, :len(e.tokens)][torch.tensor(e.actions)].sum()))
+    table = render_table(e).splitlines()
+    token_rows = table[5:5 + len(e.tokens)]
+    assert [r.endswith("context") for r in token_rows] == [not a for a in e.actions]
+    page = render_html(e)
+    assert page.count('class="tok ctx"') == len(ctx) and page.count('<tr class="ctx">') == len(ctx)
+    assert "".join(e.tokens) in e.completion  # the whole episode after the prompt, environment included
+    assert main(["explain", str(run), "--prompt", "cat"]) == 0 and "context" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--completion cannot be given for a multi-turn run"):
+        explain(str(run), "cat", "aab")
