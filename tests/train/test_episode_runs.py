@@ -228,3 +228,18 @@ def test_explain_shows_an_episode_with_environment_tokens_as_context(episode_ove
     assert main(["explain", str(run), "--prompt", "cat"]) == 0 and "context" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--completion cannot be given for a multi-turn run"):
         explain(str(run), "cat", "aab")
+
+
+def test_held_out_evaluation_runs_whole_episodes(episode_overrides):
+    """eval_every evaluates greedy episodes on held-out prompts; each prompt's environment is reset the same
+    way at every evaluation, so an unchanged policy scores the same."""
+    from seqpg.apps.session import evaluate_as_configured
+
+    cfg = load_config(None, episode_overrides("steps=1", "eval_every=1", "eval_prompts=2", "optim.lr=1e-12"))
+    rows = [r for r in read_jsonl(train(cfg, progress=False).run_dir / "metrics.jsonl") if "eval/reward_mean" in r]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert rows[0]["eval/reward_mean"] == pytest.approx(rows[1]["eval/reward_mean"], abs=1e-6)
+    assert rows[0]["eval/reward_mean"] == pytest.approx(rows[0]["eval/scorer/env"]) and rows[0]["eval/reward_mean"] > 0
+    _, c = _components(episode_overrides)
+    result = evaluate_as_configured(cfg, c.policy, c.tokenizer, c.eval_prompts[:2], c.scorers)
+    assert len(result.completions) == 2 and result.mean_length > 6  # several turns' tokens
