@@ -243,3 +243,10 @@ def test_held_out_evaluation_runs_whole_episodes(episode_overrides):
     _, c = _components(episode_overrides)
     result = evaluate_as_configured(cfg, c.policy, c.tokenizer, c.eval_prompts[:2], c.scorers)
     assert len(result.completions) == 2 and result.mean_length > 6  # several turns' tokens
+
+
+def test_lab_refuses_a_multi_turn_configuration(episode_overrides, tmp_path):
+    from seqpg.apps.lab import LabSettings, run_lab
+
+    with pytest.raises(ConfigError, match="multi-turn"):
+        run_lab(load_config(None, episode_overrides()), LabSettings(out_dir=str(tmp_path / "lab")), log=lambda m: None)
