@@ -606,8 +606,33 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.dist_timeout_s <= 0:
         raise ConfigError(f"dist_timeout_s must be > 0, got {cfg.dist_timeout_s}")
     if cfg.episode.enabled:
-        from .rollout.episode_stage import check_episode_config
-        check_episode_config(cfg)
+        _check_episode(cfg)
+
+
+def _check_episode(cfg: TrainConfig) -> None:
+    """The episode section: numbers, the environment class (exists, has reset and step, takes ``env_params``)
+    and the tools (plain functions with a schema), loaded here so that a bad one fails before any model."""
+    from .rollout.environments import ENV_SCORE, load_environment, make_environment
+    from .rollout.tools import load_tools
+
+    e = cfg.episode
+    for key in ("max_turns", "max_episode_tokens", "tool_max_chars"):
+        if getattr(e, key) < 1:
+            raise ConfigError(f"episode.{key} must be at least 1, got {getattr(e, key)}")
+    if e.tool_timeout_s <= 0:
+        raise ConfigError(f"episode.tool_timeout_s must be > 0, got {e.tool_timeout_s}")
+    if e.max_episode_tokens <= cfg.sampling.max_new_tokens and e.max_turns > 1:
+        raise ConfigError(f"episode.max_episode_tokens={e.max_episode_tokens} leaves no room for a second turn of "
+                          f"sampling.max_new_tokens={cfg.sampling.max_new_tokens}; raise it")
+    if any((r.name or r.kind) == ENV_SCORE for r in cfg.rewards):
+        raise ConfigError(f"rewards: the name {ENV_SCORE!r} is the environment's (reward/{ENV_SCORE}); "
+                          "give that scorer another `name`")
+    try:
+        if e.env is not None:
+            make_environment(load_environment(e.env), dict(e.env_params), spec=e.env)
+        load_tools(list(e.tools))
+    except (ValueError, TypeError, AttributeError, ImportError, OSError, SyntaxError) as err:
+        raise ConfigError(f"episode: {err}") from err
 
 
 def validate_for_processes(cfg: TrainConfig, world_size: int) -> None:

@@ -29,19 +29,17 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from ..batch import Prompt, RolloutBatch, ScoredBatch
-from .environments import EpisodeLimits, load_environment, make_environment
+from .environments import ENV_SCORE, EpisodeLimits, load_environment, make_environment
 from .episodes import Episode
 from .multiturn import sample_episodes
 from .sampling import SamplingArgs, SampleSettings, left_pad
 from .tools import Tool, ToolLimits, ToolStats, load_tools
 
-ENV_SCORE = "env"
-"""The name of the environment's rewards in ``ScoredBatch.scores`` and the logs (``reward/env``)."""
 
 
 class QuestionEnv:
@@ -65,29 +63,6 @@ class EpisodeRollout(RolloutBatch):
     episodes: list[Episode] = field(default_factory=list)
     tool_calls: int = 0  # tool calls run while sampling this batch
     tool_errors: dict[str, int] = field(default_factory=dict)  # error kind -> count
-
-
-def check_episode_config(cfg) -> None:
-    """Refuse a bad ``episode`` section before any model loads: numbers, the environment class (exists, has
-    reset and step, takes ``env_params``), the tools (plain functions with a schema).  Raises ConfigError."""
-    from ..config import ConfigError
-
-    e = cfg.episode
-    for key in ("max_turns", "max_episode_tokens", "tool_max_chars"):
-        if getattr(e, key) < 1:
-            raise ConfigError(f"episode.{key} must be at least 1, got {getattr(e, key)}")
-    if e.tool_timeout_s <= 0:
-        raise ConfigError(f"episode.tool_timeout_s must be > 0, got {e.tool_timeout_s}")
-    if e.max_episode_tokens <= cfg.sampling.max_new_tokens and e.max_turns > 1:
-        raise ConfigError(f"episode.max_episode_tokens={e.max_episode_tokens} leaves no room for a second turn of "
-                          f"sampling.max_new_tokens={cfg.sampling.max_new_tokens}; raise it")
-    if any((r.name or r.kind) == ENV_SCORE for r in cfg.rewards):
-        raise ConfigError(f"rewards: the name {ENV_SCORE!r} is the environment's (reward/{ENV_SCORE}); "
-                          "give that scorer another `name`")
-    try:
-        EpisodeSettings.from_config(cfg)
-    except (ValueError, TypeError, AttributeError, ImportError, OSError, SyntaxError) as err:
-        raise ConfigError(f"episode: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -180,22 +155,21 @@ def concat_episode_rollouts(parts: list[EpisodeRollout], pad_id: int, n: int) ->
 
 
 def sample_episode_step(model, tokenizer, prompts: list[Prompt], st, *, step: int, first: int = 0,
-                        device: torch.device | str = "cpu", rank: int | None = None) -> EpisodeRollout:
-    """The step's sample stage for episodes (``st``: the step's ``StepSettings``), as
-    :func:`seqpg.training.step.sample` samples completions: with ``seed_per_prompt`` each prompt's episodes
-    by their own generator of (seed, step, its index ``first + i``), so they do not depend on which process
-    samples them; else all together from the global RNG (one process) or a generator of (seed, step, rank).
-    Environments are reset with :func:`env_seed` of the prompt's global index either way."""
-    from ..training.step import seeded_generator
-
+                        rank: int | None = None, seeded: Callable[..., torch.Generator]) -> EpisodeRollout:
+    """The step's sample stage for episodes (``st``: the step's ``StepSettings``; ``seeded(*key)``: a
+    generator seeded by (seed, step, *key)), as :func:`seqpg.training.step.sample` samples completions:
+    with ``seed_per_prompt`` each prompt's episodes by their own generator of ("prompt", its index
+    ``first + i``), so they do not depend on which process samples them; else all together from the global
+    RNG (one process) or a generator of ("rank", rank).  Environments are reset with :func:`env_seed` of
+    the prompt's global index either way."""
     ep, n = st.episode, st.samples_per_prompt
     seeds = [env_seed(st.seed, step, first + i) for i in range(len(prompts))]
     if st.seed_per_prompt:
         parts = [ep.sample(model, tokenizer, [p], st.sample, n=n, env_seeds=[seeds[i]],
-                           generator=seeded_generator(device, st.seed, step, "prompt", first + i))
+                           generator=seeded("prompt", first + i))
                  for i, p in enumerate(prompts)]
         return concat_episode_rollouts(parts, tokenizer.pad_token_id, n)
-    gen = seeded_generator(device, st.seed, step, "rank", rank) if rank is not None else None
+    gen = seeded("rank", rank) if rank is not None else None
     return ep.sample(model, tokenizer, prompts, st.sample, n=n, env_seeds=seeds, generator=gen)
 
 

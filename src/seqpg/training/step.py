@@ -110,7 +110,8 @@ def sample(model, tokenizer, prompts: list[Prompt], st: StepSettings, *, step: i
     """
     n = st.samples_per_prompt
     if st.episode is not None:
-        return sample_episode_step(model, tokenizer, prompts, st, step=step, first=first, device=device, rank=rank)
+        return sample_episode_step(model, tokenizer, prompts, st, step=step, first=first, rank=rank,
+                                   seeded=lambda *key: seeded_generator(device, st.seed, step, *key))
     if st.seed_per_prompt:
         parts = [st.sample.generate(model, tokenizer, [p], n=n,
                                     generator=seeded_generator(device, st.seed, step, "prompt", first + i))
