@@ -51,7 +51,7 @@ class RolloutBatch:
     prompt_ids_BP: torch.Tensor  # (B, P) long, left-padded
     prompt_mask_BP: torch.Tensor  # (B, P) bool, True on real prompt tokens
     completion_ids_BC: torch.Tensor  # (B, C) long, right-padded
-    completion_mask_BC: torch.Tensor  # (B, C) bool, True on real completion tokens (EOS included)
+    completion_mask_BC: torch.Tensor  # (B, C) bool, True on the tokens trained on (the actions; EOS included)
     sample_logprobs_BC: torch.Tensor  # (B, C) float32, log pi_sample(token) at the sampling temperature, 0 on padding
     group_ids_B: torch.Tensor  # (B,) long
     finished_B: torch.Tensor  # (B,) bool, True when the sample stopped on EOS or a stop string (not truncated)
@@ -85,12 +85,30 @@ class RolloutBatch:
 
     @property
     def attention_mask_BL(self) -> torch.Tensor:
-        """(B, P + C) True on every real token, prompt or completion."""
-        return torch.cat([self.prompt_mask_BP, self.completion_mask_BC], dim=1)
+        """(B, P + C) True on every real token, prompt or completion (the context tokens inside a
+        multi-turn episode's completion included: see :attr:`span_mask_BC`)."""
+        return torch.cat([self.prompt_mask_BP, self.span_mask_BC], dim=1)
+
+    @property
+    def span_mask_BC(self) -> torch.Tensor:
+        """(B, C) bool, True on every completion column up to the row's last action token.
+
+        A single-turn completion's actions are a prefix of its row, and this is ``completion_mask_BC``.
+        A multi-turn episode's completion holds the model's turns AND the environment's tokens between
+        them (context: fed to the model, never trained on), so its action mask has holes; the span is
+        what the model reads.  Tokens after the last action predict nothing that is trained on."""
+        m_BC = self.completion_mask_BC
+        return m_BC.flip(1).long().cumsum(dim=1).flip(1) > 0
 
     @property
     def completion_lengths_B(self) -> torch.Tensor:
+        """(B,) the number of action tokens of each row (for single-turn rows, the completion's length)."""
         return self.completion_mask_BC.sum(dim=1)
+
+    @property
+    def span_lengths_B(self) -> torch.Tensor:
+        """(B,) the number of completion columns up to each row's last action (:attr:`span_mask_BC`)."""
+        return self.span_mask_BC.sum(dim=1)
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
         """The batch with its tensors on ``device`` (itself when they are all there already)."""

@@ -119,6 +119,39 @@ class SamplingConfig:
 
 
 @dataclass
+class EpisodeConfig:
+    env: str | None = None
+    """Multi-turn episodes: the environment class, `module:Class` or `path/to/file.py:Class`, with
+    reset(prompt, seed) -> first observation and step(model_text) -> (observation or None, reward, done,
+    info). The model writes, the environment answers, the model writes again; only the model's tokens are
+    trained on. null with `tools` set: the task's prompt is the question and the first turn without a
+    tool call ends the episode. null without tools: single-turn training."""
+    env_params: dict[str, Any] = field(default_factory=dict)
+    """Constructor arguments of the environment class."""
+    env_weight: float = 1.0
+    """Weight of the environment's per-turn rewards (each on the last token of its model turn) in the
+    total reward; the scorers in `rewards` score the final model turn's text as today."""
+    tools: list[str] = field(default_factory=list)
+    """Tools the model may call, each a plain Python function `module:function` or `file.py:function`,
+    described to the model from its signature and docstring; a turn's <tool_call>{json}</tool_call>s
+    are run and their results appended as tool messages."""
+    max_turns: int = 4
+    """Model turns per episode; an episode still running after them is truncated. Each turn may write
+    up to sampling.max_new_tokens tokens."""
+    max_episode_tokens: int = 1024
+    """Token budget of a whole episode (prompt, model turns and observations); reaching it truncates."""
+    tool_timeout_s: float = 5.0
+    """Wall-clock seconds a tool call may run before it is killed (the model sees an error)."""
+    tool_max_chars: int = 2000
+    """Characters of a tool's result the model sees; longer results are cut and marked truncated."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run samples multi-turn episodes."""
+        return self.env is not None or bool(self.tools)
+
+
+@dataclass
 class AlgoConfig:
     name: str = "grpo"
     """Algorithm family: a2c, ppo, grpo, dr_grpo, rloo, reinforce, reinforce_pp, remax."""
@@ -197,6 +230,8 @@ class TrainConfig:
     """How completions are sampled."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     """The RL algorithm."""
+    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    """Multi-turn episodes with an environment and/or tools (off unless `episode.env` or `episode.tools` is set)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """The optimizer."""
     steps: int = 100
@@ -552,8 +587,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"algo.kl_coef must be >= 0, got {a.kl_coef}")
     if a.kl_target is not None and a.kl_coef == 0:
         raise ConfigError("algo.kl_target (adaptive KL) needs an initial algo.kl_coef > 0")
-    if not cfg.rewards:
-        raise ConfigError("rewards is empty: give at least one scorer, e.g. rewards: [{kind: vader}]")
+    if not cfg.rewards and cfg.episode.env is None:
+        raise ConfigError("rewards is empty: give at least one scorer, e.g. rewards: [{kind: vader}] (or an "
+                          "environment whose rewards train the model: episode.env)")
     names = [r.name or r.kind for r in cfg.rewards]
     if len(set(names)) != len(names):
         raise ConfigError(f"rewards: two scorers share a name ({names}); give them distinct `name`s")
@@ -569,6 +605,34 @@ def validate(cfg: TrainConfig) -> None:
                           "task.eval_size")
     if cfg.dist_timeout_s <= 0:
         raise ConfigError(f"dist_timeout_s must be > 0, got {cfg.dist_timeout_s}")
+    if cfg.episode.enabled:
+        _check_episode(cfg)
+
+
+def _check_episode(cfg: TrainConfig) -> None:
+    """The episode section: numbers, the environment class (exists, has reset and step, takes ``env_params``)
+    and the tools (plain functions with a schema), loaded here so that a bad one fails before any model."""
+    from .rollout.environments import ENV_SCORE, load_environment, make_environment
+    from .rollout.tools import load_tools
+
+    e = cfg.episode
+    for key in ("max_turns", "max_episode_tokens", "tool_max_chars"):
+        if getattr(e, key) < 1:
+            raise ConfigError(f"episode.{key} must be at least 1, got {getattr(e, key)}")
+    if e.tool_timeout_s <= 0:
+        raise ConfigError(f"episode.tool_timeout_s must be > 0, got {e.tool_timeout_s}")
+    if e.max_episode_tokens <= cfg.sampling.max_new_tokens and e.max_turns > 1:
+        raise ConfigError(f"episode.max_episode_tokens={e.max_episode_tokens} leaves no room for a second turn of "
+                          f"sampling.max_new_tokens={cfg.sampling.max_new_tokens}; raise it")
+    if any((r.name or r.kind) == ENV_SCORE for r in cfg.rewards):
+        raise ConfigError(f"rewards: the name {ENV_SCORE!r} is the environment's (reward/{ENV_SCORE}); "
+                          "give that scorer another `name`")
+    try:
+        if e.env is not None:
+            make_environment(load_environment(e.env), dict(e.env_params), spec=e.env)
+        load_tools(list(e.tools))
+    except (ValueError, TypeError, AttributeError, ImportError, OSError, SyntaxError) as err:
+        raise ConfigError(f"episode: {err}") from err
 
 
 def validate_for_processes(cfg: TrainConfig, world_size: int) -> None:

@@ -1,4 +1,4 @@
-"""Every shipped example configuration is valid, and its scorers and prompts build (no model load)."""
+"""Every shipped example configuration is valid, and its scorers, prompts and environment build (no model load)."""
 
 from __future__ import annotations
 
@@ -25,5 +25,12 @@ def test_example_config_is_valid_and_builds(path, monkeypatch):
     cfg = load_config(path)
     scorers = build_scorers(cfg.rewards)
     train, held_out = build_prompts(cfg.task)
-    assert scorers and train and held_out
+    assert (scorers or cfg.episode.env) and train and held_out  # an environment may give the only reward
     assert not {p.text for p in train} & {p.text for p in held_out}
+
+
+def test_there_is_an_example_per_built_in_environment(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    envs = {load_config(p).episode.env for p in EXAMPLES}
+    for name in ("calculator.py:CalculatorEnv", "feedback.py:FeedbackEnv", "simulated_user.py:SimulatedUserEnv"):
+        assert f"examples/envs/{name}" in envs

@@ -4,6 +4,11 @@ Mean reward and accuracy come from one greedy completion per prompt (determinist
 standard error is over prompts only).  pass@k uses n >= k sampled completions per prompt and
 the unbiased estimator of Chen et al. 2021, pass@k = 1 - C(n - c, k) / C(n, k), averaged
 over prompts (c = correct samples of that prompt).
+
+Multi-turn runs (``episodes``) are evaluated on whole episodes: the reward is the episode's return
+(the scorers on its final turn plus the environment's rewards, weighted as in training), the length
+its model tokens; held-out prompt i's environments are reset with the same seed at every evaluation
+(:func:`seqpg.rollout.episode_stage.env_seed` of (seed, -1, i)), so evaluations differ by the policy only.
 """
 
 from __future__ import annotations
@@ -49,15 +54,32 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def _rollout_scored(model, tokenizer, chunk: list[Prompt], first: int, scorers, sampling: SampleSettings, *, n: int,
+                    greedy: bool, generator, on_error: str, episodes, seed: int):
+    """(rollout, scored, (B,) rewards) of ``n`` completions (or episodes) of each prompt of ``chunk``."""
+    if episodes is None:
+        rollout = sampling.generate(model, tokenizer, chunk, n=n, greedy=greedy, generator=generator)
+        scored = score_batch(rollout, scorers, tokenizer=tokenizer, on_error=on_error)
+        return rollout, scored, scored.rewards_B
+    from ..rollout.episode_stage import env_seed, episode_returns, score_episodes
+
+    seeds = [env_seed(seed, -1, first + i) for i in range(len(chunk))]
+    rollout = episodes.sample(model, tokenizer, chunk, sampling, n=n, env_seeds=seeds, generator=generator,
+                              greedy=greedy)
+    scored = score_episodes(rollout, scorers, env_weight=episodes.env_weight, on_error=on_error, tokenizer=tokenizer)
+    return rollout, scored, episode_returns(scored)
+
+
 def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, sampling: SampleSettings, batch_size: int = 32,
              ks: tuple[int, ...] = (), samples: int = 0, seed: int = 0, progress=None,
-             on_error: str = "raise") -> EvalResult:
+             on_error: str = "raise", episodes=None) -> EvalResult:
     """Evaluate ``model`` on ``prompts`` with ``scorers`` (a list of (Scorer, weight)).
 
     Greedy completions with the ``sampling`` settings (budget, chat template, system prompt, stop
     strings); ``ks`` (e.g. (1, 4)) adds pass@k from ``samples`` (default max(ks)) completions per
     prompt sampled with all of them (temperature, top-p, top-k).  Correctness comes from the scorers
-    that define it. ``on_error``: what a scorer that raises does, as in ``score_batch``.
+    that define it. ``on_error``: what a scorer that raises does, as in ``score_batch``. ``episodes``
+    (a :class:`seqpg.rollout.episode_stage.EpisodeSettings`): evaluate multi-turn episodes instead.
     """
     if not prompts:
         raise ValueError("evaluate: no prompts given")
@@ -67,9 +89,9 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, sampling: Samp
     rewards, correct, lengths, per_scorer, rows = [], [], [], {}, []
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo:lo + batch_size]
-        rollout = sampling.generate(model, tokenizer, chunk, n=1, greedy=True)
-        scored = score_batch(rollout, scorers, tokenizer=tokenizer, on_error=on_error)
-        rewards += scored.rewards_B.tolist()
+        rollout, scored, rewards_B = _rollout_scored(model, tokenizer, chunk, lo, scorers, sampling, n=1, greedy=True,
+                                                     generator=None, on_error=on_error, episodes=episodes, seed=seed)
+        rewards += rewards_B.tolist()
         lengths += rollout.completion_lengths_B.tolist()
         if scored.correct_B is not None:
             correct += scored.correct_B.float().tolist()
@@ -77,11 +99,11 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, sampling: Samp
             applies = scored.applies.get(name, torch.ones_like(v, dtype=torch.bool))
             per_scorer.setdefault(name, []).extend(v[applies].tolist())
         rows += [{"prompt": p.text, "completion": comp, "reward": r}
-                 for p, comp, r in zip(chunk, rollout.completions, scored.rewards_B.tolist())]
+                 for p, comp, r in zip(chunk, rollout.completions, rewards_B.tolist())]
         if progress is not None:
             progress(len(chunk))
     pk = _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, sampling, seed, batch_size,
-                    on_error) if ks else {}
+                    on_error, episodes) if ks else {}
     model.train(was_training)
     n = len(rewards)
     r = torch.tensor(rewards, dtype=torch.float64)
@@ -95,15 +117,15 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, sampling: Samp
 
 
 def _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, sampling: SampleSettings, seed, batch_size,
-               on_error) -> dict[int, float]:
+               on_error, episodes=None) -> dict[int, float]:
     n = samples or max(ks)
     gen = torch.Generator().manual_seed(seed)
     per_prompt = max(1, batch_size // n)
     totals = {k: 0.0 for k in ks}
     for lo in range(0, len(prompts), per_prompt):
         chunk = prompts[lo:lo + per_prompt]
-        rollout = sampling.generate(model, tokenizer, chunk, n=n, generator=gen)
-        scored = score_batch(rollout, scorers, tokenizer=tokenizer, on_error=on_error)
+        rollout, scored, _ = _rollout_scored(model, tokenizer, chunk, lo, scorers, sampling, n=n, greedy=False,
+                                             generator=gen, on_error=on_error, episodes=episodes, seed=seed)
         if scored.correct_B is None:
             raise ValueError("pass@k needs a scorer that defines correctness (e.g. reasoning_gym or exact_match)")
         for g in range(len(chunk)):

@@ -9,6 +9,10 @@ The advantage is estimated the way the run estimates it, by the training step's 
 fresh group of samples for the same prompt (its baseline for group estimators, or the run's
 critic for actor-critic runs), and a KL penalty to the reference is applied with the coefficient
 of the checkpoint's step.
+
+A multi-turn run (``episode.env`` / ``episode.tools``) is explained on a sampled episode: every token of
+it is listed, the environment's (tool results, feedback, the user's replies, template tokens) greyed
+out as context: they are read by the model, never trained on, and have no log pi * A.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ class Explanation:
     tokens: list[str]
     contributions: core.TokenContributions  # rows of a (1, C) batch
     step: int
+    actions: list[bool] | None = None
+    """Per token: written by the model (True) or context from the environment (False); None: all actions."""
+
+    def is_action(self, t: int) -> bool:
+        return self.actions is None or self.actions[t]
 
     @property
     def utility(self) -> float:
@@ -138,8 +147,14 @@ def explain(target: str, prompt_text: str, completion: str | None = None, *, rew
     known = {normalise_prompt_text(p.text): p for p in train_p + eval_p}
     prompt = known.get(normalise_prompt_text(prompt_text), Prompt(text=prompt_text, id="explain"))
     n = max(2, j.settings.samples_per_prompt)
+    episodes = j.settings.episode
+    if episodes is not None and completion is not None:
+        raise ValueError("--completion cannot be given for a multi-turn run (episode.env / episode.tools): the "
+                         "environment answers each turn; leave it out to explain a sampled episode")
     with j.settings.autocast(j.model.device):
-        rollout = s.generate(j.model, j.tokenizer, [prompt], n=n, generator=torch.Generator().manual_seed(seed))
+        gen = torch.Generator().manual_seed(seed)
+        rollout = (episodes.sample(j.model, j.tokenizer, [prompt], s, n=n, env_seeds=[seed], generator=gen)
+                   if episodes is not None else s.generate(j.model, j.tokenizer, [prompt], n=n, generator=gen))
     if completion is not None:
         ids = encode_prompt(j.tokenizer, prompt.text, chat_template=s.chat_template, system_prompt=s.system_prompt)
         rollout = _with_completion(rollout, j.tokenizer, completion, ids)
@@ -148,11 +163,17 @@ def explain(target: str, prompt_text: str, completion: str | None = None, *, rew
     with torch.no_grad():
         lp = completion_logprobs(j.model, row, temperature=s.temperature).logprobs_BC
     contrib = core.token_contributions(lp, judged.advantages_BC[:1], row.completion_mask_BC)
-    L = int(row.completion_mask_BC.sum())
+    L = int(row.span_lengths_B[0])  # through the last action: an episode's environment tokens included
     tokens = [j.tokenizer.decode([i]) for i in row.completion_ids_BC[0, :L].tolist()]
     rewards_B = scored.batch.rewards_B
-    return Explanation(prompt.text, rollout.completions[0], float(rewards_B[0]), rewards_B.tolist(), tokens,
-                       contrib, j.step)
+    actions = None
+    if episodes is not None:
+        from ..rollout.episode_stage import episode_returns
+        rewards_B = episode_returns(scored.batch)
+        actions = row.completion_mask_BC[0, :L].tolist()
+        completion = j.tokenizer.decode(row.completion_ids_BC[0, :L].tolist())
+    return Explanation(prompt.text, completion if episodes is not None else rollout.completions[0],
+                       float(rewards_B[0]), rewards_B.tolist(), tokens, contrib, j.step, actions)
 
 
 _ARROW = {1: "raises", -1: "lowers", 0: "-"}
@@ -165,6 +186,9 @@ def render_table(e: Explanation) -> str:
              f"checkpoint step {e.step}", "",
              f"{'t':>3}  {'token':<16} {'log pi':>8} {'A':>8} {'log pi*A':>9}  update"]
     for t, token in enumerate(e.tokens):
+        if not e.is_action(t):
+            lines.append(f"{t:>3}  {repr(token)[:16]:<16} {'':>8} {'':>8} {'':>9}  context")
+            continue
         lines.append(f"{t:>3}  {repr(token)[:16]:<16} {float(c.logprob_BT[0, t]):8.3f} "
                      f"{float(c.advantage_BT[0, t]):8.3f} {float(c.contribution_BT[0, t]):9.3f}  "
                      f"{_ARROW[int(c.direction_BT[0, t])]}")
@@ -178,6 +202,12 @@ def render_html(e: Explanation) -> str:
     scale = max(float(c.contribution_BT.abs().max()), 1e-9)
     spans, rows = [], []
     for t, token in enumerate(e.tokens):
+        if not e.is_action(t):  # the environment's tokens: read by the model, never trained on
+            spans.append(f'<span class="tok ctx" title="t={t} context from the environment (not trained on)">'
+                         f"{html.escape(token)}</span>")
+            rows.append(f'<tr class="ctx"><td>{t}</td><td><code>{html.escape(repr(token))}</code></td>'
+                        "<td></td><td></td><td></td><td>context</td></tr>")
+            continue
         lp, a, k = float(c.logprob_BT[0, t]), float(c.advantage_BT[0, t]), float(c.contribution_BT[0, t])
         d = int(c.direction_BT[0, t])
         alpha = 0.15 + 0.75 * abs(k) / scale if d else 0.0
@@ -191,13 +221,15 @@ def render_html(e: Explanation) -> str:
 <style>body{{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;line-height:1.5}}
 .tok{{white-space:pre-wrap;border-radius:3px;padding:1px 0;font-family:monospace}}
 table{{border-collapse:collapse}}td,th{{padding:2px 10px;border-bottom:1px solid #ddd;text-align:right}}
-.legend span{{padding:2px 6px;border-radius:3px}}</style></head><body>
+.legend span{{padding:2px 6px;border-radius:3px}}
+.ctx{{color:#999;background:#f0f0f0}}</style></head><body>
 <h1>seqpg explain</h1>
 <p><b>Prompt</b>: {html.escape(e.prompt)}</p>
 <p><b>Reward</b> {e.reward:+.3f} (group: {', '.join(f'{r:+.2f}' for r in e.group_rewards)}), checkpoint step {e.step};
 <b>U</b> = &Sigma;<sub>t</sub> log &pi; &middot; A = {e.utility:.4f}</p>
 <p class="legend"><span style="background:rgba(34,160,70,.6)">raised by the update (A &gt; 0)</span>
-<span style="background:rgba(210,50,50,.6)">lowered (A &lt; 0)</span> &mdash; deeper colour: larger |log &pi; &middot; A|.
+<span style="background:rgba(210,50,50,.6)">lowered (A &lt; 0)</span>
+<span class="ctx">context from the environment (not trained on)</span> &mdash; deeper colour: larger |log &pi; &middot; A|.
 Hover a token for its numbers.</p>
 <div style="border:1px solid #ccc;padding:1em;border-radius:6px">{''.join(spans)}</div>
 <h2>Per token</h2><table><tr><th>t</th><th>token</th><th>log &pi;</th><th>A</th><th>log &pi; &middot; A</th>

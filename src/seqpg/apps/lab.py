@@ -178,6 +178,9 @@ def run_lab(cfg: TrainConfig, settings: LabSettings, *, checkpoint: str | None =
     units, ref_units = max(settings.groups // P, 3), max(settings.reference_groups // P, 2)
     if not 0 < settings.cosine < 1:
         raise ConfigError(f"--cosine must be in (0, 1), got {settings.cosine}")
+    if cfg.episode.enabled:
+        raise ConfigError("seqpg lab measures single-turn completions; this configuration samples multi-turn "
+                          "episodes (episode.env / episode.tools): run it without them")
     scorers = build_scorers(cfg.rewards)
     train_prompts, _ = build_prompts(cfg.task)
     t0 = time.monotonic()

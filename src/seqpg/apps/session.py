@@ -86,5 +86,8 @@ def evaluate_as_configured(cfg: TrainConfig, model, tok, prompts, scorers, *, ks
     """`evaluate` with the run's sampling settings (budget, chat template, system prompt, stop strings) and
     its `on_scorer_error`: what `seqpg eval`, the evaluation during training (`eval_every`) and the
     benchmark's held-out reward all run."""
+    from ..rollout.episode_stage import EpisodeSettings
+
     return evaluate(model, tok, prompts, scorers, sampling=SampleSettings.from_config(cfg.sampling), ks=ks,
-                    samples=samples, seed=cfg.seed, on_error=cfg.on_scorer_error)
+                    samples=samples, seed=cfg.seed, on_error=cfg.on_scorer_error,
+                    episodes=EpisodeSettings.from_config(cfg))

@@ -27,6 +27,11 @@ one pass for both), which never copy them whole.  The shared-prompt layout needs
 implementation that takes a 4D mask as given (sdpa, eager) and transformers >= 5 (per-row
 ``logits_to_keep``); otherwise the padded layout runs.  Position ids are counted over real tokens only, so a left-padded
 row sees the same positions as it would unpadded.
+
+Multi-turn episodes: a row's completion holds the model's turns and the environment's tokens between
+them; ``completion_mask_BC`` is True on the model's tokens only (the actions).  Both layouts feed every
+completion column up to the last action (``RolloutBatch.span_mask_BC``: the environment's tokens are
+context) and return log-probs at the actions only (0 elsewhere).
 """
 
 from __future__ import annotations
@@ -202,7 +207,7 @@ def _pack(batch: RolloutBatch, g: PromptGroups, with_segments: bool = False) -> 
     ``with_segments``: also the block layout that ``seqpg.model.segment_attention`` computes with."""
     B, C = batch.completion_ids_BC.shape
     prompt_len_G = batch.prompt_mask_BP[g.first_row_G].sum(dim=1)
-    seg_len_B = (batch.completion_mask_BC.sum(dim=1) - 1).clamp(min=0)  # a completion's last token is no input
+    seg_len_B = (batch.span_lengths_B - 1).clamp(min=0)  # a completion's last token is no input
     order_B = torch.argsort(g.group_B * g.max_members + g.member_B)  # rows by (group, member)
     seg_start_B = torch.empty_like(seg_len_B)
     seg_start_B[order_B] = _exclusive_cumsum_per_group(seg_len_B[order_B], g.group_B[order_B])
@@ -282,7 +287,7 @@ def _shared_prompt_logprobs(model: nn.Module, host: RolloutBatch, g: PromptGroup
         out = model(**kwargs)
     logits_GNV = out.logits  # (G, N, V)
     first_B1V = logits_GNV[group_B, :1]  # (B, 1, V) the prompt's last column, once per row
-    mask_BS = batch.completion_mask_BC[:, 1:]
+    mask_BS = batch.span_mask_BC[:, 1:]  # columns fed to the model (context inside an episode included)
 
     def per_row(first_B1: torch.Tensor, kept_GN: torch.Tensor) -> torch.Tensor:
         rest_BS = kept_GN.reshape(-1)[pk.flat_BS].masked_fill(~mask_BS, 0.0)

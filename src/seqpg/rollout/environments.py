@@ -60,6 +60,10 @@ class StepResult:
     """Anything to log (kept per turn in the episode)."""
 
 
+ENV_SCORE = "env"
+"""The name of the environment's rewards among a run's scores and in its logs (``reward/env``)."""
+
+
 @dataclass(frozen=True)
 class EpisodeLimits:
     """When an episode is cut short (``truncated``) although its environment is not done."""

@@ -118,9 +118,12 @@ def sample_episodes(
     seed: int = 0,
     generator: torch.Generator | None = None,
     env_name: str = "",
+    env_seeds: Sequence[int] | None = None,
 ) -> list[Episode]:
     """``n`` episodes per prompt (episode ``i*n + j`` is prompt ``i``'s j-th, its environment reset
-    with ``seed + i*n + j``), sampled together turn by turn.  ``make_env()`` builds one environment.
+    with ``seed + i*n + j``, or with ``env_seeds[i]`` when given: one seed per prompt, so a prompt's
+    episodes start from the same state), sampled together turn by turn.  ``make_env()`` builds one
+    environment.
 
     A turn ends on EOS, on a stop string (the turn's text keeps it) or at its token allowance
     (``limits``); an episode ends when its environment says done, or is truncated at
@@ -134,7 +137,11 @@ def sample_episodes(
     tools = tools or {}
     tool_kwargs = with_tools([], tools, template_takes_tools(tokenizer, tools))[1] if chat_template else {}
     eos_ids = set(_eos_ids(model, tokenizer))
-    running = [_start(p, i, seed + i * n + j, make_env(), tokenizer, tools, tool_kwargs, system_prompt,
+    if env_seeds is not None and len(env_seeds) != len(prompts):
+        raise ValueError(f"sample_episodes: {len(env_seeds)} env_seeds for {len(prompts)} prompts")
+    seeds = [[env_seeds[i]] * n if env_seeds is not None else [seed + i * n + j for j in range(n)]
+             for i in range(len(prompts))]
+    running = [_start(p, i, seeds[i][j], make_env(), tokenizer, tools, tool_kwargs, system_prompt,
                       chat_template, limits, env_name) for i, p in enumerate(prompts) for j in range(n)]
     episodes = [r.episode for r in running]
     was_training = model.training

@@ -91,6 +91,9 @@ def fit_to_context(cfg: TrainConfig, *prompt_lists: list) -> tuple[list, ...]:
         tok, n_ctx = load_tokenizer(path), context_length(path)
     if n_ctx is None:
         return prompt_lists
+    if cfg.episode.enabled and cfg.episode.max_episode_tokens > n_ctx:
+        raise ConfigError(f"episode.max_episode_tokens={cfg.episode.max_episode_tokens} exceeds the model's context "
+                          f"of {n_ctx} positions; lower it")
     s = cfg.sampling
     limit = n_ctx - s.max_new_tokens
     if limit < 1:

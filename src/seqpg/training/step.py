@@ -30,6 +30,7 @@ from ..algorithms import Family, Needs, resolve_family
 from ..batch import Prompt, RolloutBatch, ScoredBatch, total_rewards
 from ..config import TrainConfig
 from .precision import autocast
+from ..rollout.episode_stage import EpisodeSettings, sample_episode_step, score_episodes
 from ..rollout.sampling import SampleSettings
 from ..rewards.scorers import score_batch
 from .update import TrainBatch, UpdateSettings
@@ -57,6 +58,8 @@ class StepSettings:
     """bfloat16 autocast for every forward pass (:func:`seqpg.training.precision.autocast`)."""
     update: UpdateSettings
     on_scorer_error: str
+    episode: EpisodeSettings | None = None
+    """Multi-turn episodes (the ``episode`` section), None for single-turn training."""
 
     @property
     def needs(self) -> Needs:
@@ -78,7 +81,13 @@ class StepSettings:
         return cls(family=family, advantage_params=MappingProxyType(params), whiten=a.whiten,
                    sample=SampleSettings.from_config(s), samples_per_prompt=s.samples_per_prompt,
                    seed_per_prompt=s.seed_per_prompt, seed=cfg.seed, kl_mode=a.kl_mode, kl_estimator=a.kl_estimator,
-                   uses_reference=a.kl_coef > 0, bf16=cfg.bf16, update=update, on_scorer_error=cfg.on_scorer_error)
+                   uses_reference=a.kl_coef > 0, bf16=cfg.bf16, update=update, on_scorer_error=cfg.on_scorer_error,
+                   episode=EpisodeSettings.from_config(cfg))
+
+    @property
+    def max_completion_tokens(self) -> int:
+        """The most completion columns a row can have (the Dr. GRPO loss's constant normaliser)."""
+        return self.episode.limits.max_tokens if self.episode is not None else self.sample.max_new_tokens
 
     def autocast(self, device: torch.device | str) -> ContextManager:
         """The step's precision on ``device`` (the only place a stage's autocast comes from)."""
@@ -100,6 +109,9 @@ def sample(model, tokenizer, prompts: list[Prompt], st: StepSettings, *, step: i
     are equal, must draw different streams).
     """
     n = st.samples_per_prompt
+    if st.episode is not None:
+        return sample_episode_step(model, tokenizer, prompts, st, step=step, first=first, rank=rank,
+                                   seeded=lambda *key: seeded_generator(device, st.seed, step, *key))
     if st.seed_per_prompt:
         parts = [st.sample.generate(model, tokenizer, [p], n=n,
                                     generator=seeded_generator(device, st.seed, step, "prompt", first + i))
@@ -150,11 +162,30 @@ class Scored:
 def score(model, tokenizer, rollout: RolloutBatch, prompts: list[Prompt], scorers, st: StepSettings) -> Scored:
     """Score ``rollout`` (``prompts``: its distinct prompts, in group order); with an estimator that needs
     a greedy baseline, also sample and score one greedy completion per prompt."""
+    if st.episode is not None:
+        return _score_episodes(model, tokenizer, rollout, prompts, scorers, st)
     scored = score_batch(rollout, scorers, on_error=st.on_scorer_error, tokenizer=tokenizer)
     baseline_B = None
     if st.needs.greedy_baseline:
         greedy = st.sample.generate(model, tokenizer, prompts, n=1, greedy=True)
         baseline_B = score_batch(greedy, scorers, on_error="zero", tokenizer=tokenizer).rewards_B[rollout.group_ids_B]
+    return Scored(scored, baseline_B)
+
+
+def _score_episodes(model, tokenizer, rollout, prompts: list[Prompt], scorers, st: StepSettings) -> Scored:
+    """The scorers on the final turns plus the environment's rewards; ReMax: a greedy episode per prompt
+    (its environment reset as the prompt's sampled episodes were), its whole return the baseline."""
+    from ..rollout.episode_stage import episode_returns
+
+    ep = st.episode
+    scored = score_episodes(rollout, scorers, env_weight=ep.env_weight, on_error=st.on_scorer_error,
+                            tokenizer=tokenizer)
+    baseline_B = None
+    if st.needs.greedy_baseline:
+        seeds = [e.seed for e in rollout.episodes[::st.samples_per_prompt]]
+        greedy = ep.sample(model, tokenizer, prompts, st.sample, n=1, env_seeds=seeds, greedy=True)
+        greedy_scored = score_episodes(greedy, scorers, env_weight=ep.env_weight, on_error="zero", tokenizer=tokenizer)
+        baseline_B = episode_returns(greedy_scored)[rollout.group_ids_B]
     return Scored(scored, baseline_B)
 
 

@@ -35,6 +35,7 @@ from .resume import apply_resume_changes, record_resume_changes, resume_changes
 from .runlock import RunLock
 from .runlog import RunLogger, Timer, progress_bar
 from ..rewards.scorers import reward_metrics, sample_scores
+from ..rollout.episode_stage import EpisodeRollout, episode_metrics, episode_returns
 from .signals import StopFlag
 from .step import judge, sample, score
 from .update import refuse_nonfinite_parameters, update
@@ -194,7 +195,7 @@ def train_step(cfg: TrainConfig, c: Components, dist: DistContext, step: int, lo
     with timer("update"):
         ustats = update(c.policy, c.optimizer, judged.train_batch(rollout, st), st.update,
                         kl_loss_coef=judged.kl_loss_coef(st), critic=c.critic, all_reduce=dist.all_reduce_sum,
-                        max_len=st.sample.max_new_tokens, grad_sync=c.parallel)
+                        max_len=st.max_completion_tokens, grad_sync=c.parallel)
     c.scheduler.step()
     mask_BC, kl_BC = rollout.completion_mask_BC, judged.kl_BC
     kl_mean = float(core.masked_mean(kl_BC, mask_BC, all_reduce=dist.all_reduce_sum)) if kl_BC is not None else 0.0
@@ -217,7 +218,9 @@ def _metrics(scored, adv_BC, kl_mean, ustats, timer, c: Components, dist: DistCo
     """The step's metrics over all processes (``ustats`` come global from ``update``)."""
     r = scored.rollout
     mask = r.completion_mask_BC
-    rewards = dist.gather_cat(scored.rewards_B)
+    episodes = isinstance(r, EpisodeRollout)
+    returns_B = episode_returns(scored) if episodes else scored.rewards_B  # episodes: the environment's rewards too
+    rewards = dist.gather_cat(returns_B)
     lengths = dist.gather_cat(r.completion_lengths_B.float())
     m = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0}
     m.update(reward_metrics(scored, dist.gather_cat))
@@ -232,8 +235,10 @@ def _metrics(scored, adv_BC, kl_mean, ustats, timer, c: Components, dist: DistCo
     m["truncated_frac"] = float(dist.gather_cat((~r.finished_B).float()).mean())
     m["scorer_errors"] = float(dist.all_reduce_sum(torch.tensor(float(scored.num_scorer_errors))))
     m["lr"] = c.optimizer.param_groups[0]["lr"]
+    if episodes:
+        m.update(episode_metrics(r, dist.gather_cat, dist.all_reduce_sum))
     groups = dist.gather_cat(r.group_ids_B + dist.rank * (int(r.group_ids_B.max()) + 1))  # distinct across processes
-    m.update(collapse_metrics(rewards, groups, [c for cs in dist.gather_objects(r.completions) for c in cs]))
+    m.update(collapse_metrics(rewards, groups, [t for ts in dist.gather_objects(r.completions) for t in ts]))
     seconds = dist.all_reduce_max(torch.tensor(list(timer.seconds.values()), dtype=torch.float64)).tolist()
     m.update({f"time/{k}": v for k, v in zip(timer.seconds, seconds)})  # the slowest process's
     total = sum(seconds)
@@ -244,13 +249,19 @@ def _metrics(scored, adv_BC, kl_mean, ustats, timer, c: Components, dist: DistCo
 
 def _sample_rows(scored, adv_BC) -> list[dict]:
     r = scored.rollout
+    episodes = isinstance(r, EpisodeRollout)
+    returns_B = episode_returns(scored) if episodes else scored.rewards_B
     rows = []
     for i in range(r.batch_size):
-        n = int(r.completion_mask_BC[i].sum())
+        mask_C = r.completion_mask_BC[i]
+        n = int(mask_C.sum())
         rows.append({"prompt_id": r.prompts[i].id, "prompt": r.prompts[i].text, "completion": r.completions[i],
-                     "reward": float(scored.rewards_B[i]),
+                     "reward": float(returns_B[i]),
                      "scores": sample_scores(scored, i),
-                     "advantage": float(adv_BC[i, :n].mean()) if n else 0.0, "length": n})
+                     "advantage": float(adv_BC[i][mask_C].mean()) if n else 0.0, "length": n})
+        if episodes:  # every model turn, what answered it, and the environment's reward for it
+            rows[-1]["turns"] = [{"text": t.text, "reward": t.reward,
+                                  "tools": [res.content for res in t.tool_results]} for t in r.episodes[i].turns]
     return rows
 
 

@@ -85,7 +85,7 @@ class SeqpgRunner:
         marks["end"] = now()
         marks["backward_begin"], marks["backward_end"] = clock.spans[0][0], clock.spans[-1][1]
         g = shared_prompt_groups(rollout)
-        lengths_B, prompt_len_B = rollout.completion_lengths_B, rollout.prompt_mask_BP.sum(1)
+        lengths_B, prompt_len_B = rollout.span_lengths_B, rollout.prompt_mask_BP.sum(1)  # the tokens run
         counts = shared_prompt_counts(prompt_len_B[g.first_row_G].tolist(),
                                       [lengths_B[g.group_B == i].tolist() for i in range(g.num_groups)])
         times = phase_times(marks, SEQPG_PHASES)
