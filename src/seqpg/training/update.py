@@ -13,6 +13,9 @@ A mini-batch whose loss or global gradient norm is not finite takes no optimizer
 and the optimizer's moments stay as they were; ``on_nonfinite="skip"``): ``skipped_steps`` reports
 the fraction skipped and ``nonfinite_steps`` their number.  With ``on_nonfinite="stop"`` it raises
 :class:`NonFiniteError` instead, before the optimizer touches the weights.
+With two or more micro-batches per mini-batch the update also reports the gradient noise scale
+(``gns/b_simple``, ``gns/grad_sq``, ``gns/trace_cov``; :mod:`seqpg.training.gradnoise`) from the
+accumulated gradient's norm after each micro-batch: no extra backward, no copy of the gradients.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from .. import core
 from ..batch import RolloutBatch
 from ..model.policy import completion_logprobs, model_device
+from .gradnoise import GradientNoiseProbe
 from .precision import autocast
 
 
@@ -121,6 +125,7 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
     totals: dict[str, float] = {}
     n_steps = 0
     device = model_device(policy)
+    noise = GradientNoiseProbe()
     for _epoch in range(s.epochs):
         order = torch.randperm(B, generator=generator) if s.minibatches > 1 else torch.arange(B)
         for rows in order.chunk(s.minibatches):
@@ -138,6 +143,8 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
                         loss, st = _micro_loss(policy, critic, micro, s, kl_loss_coef, num_tokens, num_seqs,
                                                max_len)
                     loss.backward()
+                if not last:
+                    noise.after_partial_backward(params, rows_done=lo + micro.mask_BC.shape[0])
                 share = float(micro.mask_BC.sum()) / max(num_tokens, 1.0)  # of the global mini-batch
                 for k, v in st.items():
                     mb_stats[k] = mb_stats.get(k, 0.0) + (v if k.endswith("loss") else v * share)
@@ -146,6 +153,7 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
             grad_norm = _clip_grad_norm(params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf"))
             loss_finite = _all_finite([mb_stats.get("loss", 0.0)], all_reduce)
             finite = math.isfinite(grad_norm) and loss_finite
+            noise.end_minibatch(grad_norm, len(rows), keep=finite)
             if finite:  # an inf/nan gradient would corrupt every weight and the optimizer's moments
                 optimizer.step()
             else:
@@ -161,7 +169,7 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
             totals["skipped_steps"] = totals.get("skipped_steps", 0.0) + (0.0 if finite else 1.0)
             totals["nonfinite_steps"] = totals.get("nonfinite_steps", 0.0) + (0.0 if finite else 1.0)
             n_steps += 1
-    return _global_means(totals, n_steps, all_reduce)
+    return {**_global_means(totals, n_steps, all_reduce), **noise.metrics(all_reduce)}
 
 
 def _clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
