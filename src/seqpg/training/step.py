@@ -57,6 +57,11 @@ class StepSettings:
     """bfloat16 autocast for every forward pass (:func:`seqpg.training.precision.autocast`)."""
     update: UpdateSettings
     on_scorer_error: str
+    sample_rounds: int = 1
+    """Draws of prompts a step may make: 1, or ``sampling.max_sample_rounds`` with dynamic sampling
+    (:mod:`seqpg.training.dynamic`)."""
+    overlong_filter: bool = False
+    """Truncated completions are masked out of the loss (``algo.overlong_filter``)."""
 
     @property
     def needs(self) -> Needs:
@@ -78,7 +83,8 @@ class StepSettings:
         return cls(family=family, advantage_params=MappingProxyType(params), whiten=a.whiten,
                    sample=SampleSettings.from_config(s), samples_per_prompt=s.samples_per_prompt,
                    seed_per_prompt=s.seed_per_prompt, seed=cfg.seed, kl_mode=a.kl_mode, kl_estimator=a.kl_estimator,
-                   uses_reference=a.kl_coef > 0, bf16=cfg.bf16, update=update, on_scorer_error=cfg.on_scorer_error)
+                   uses_reference=a.kl_coef > 0, bf16=cfg.bf16, update=update, on_scorer_error=cfg.on_scorer_error,
+                   sample_rounds=s.max_sample_rounds if s.dynamic_sampling else 1, overlong_filter=a.overlong_filter)
 
     def autocast(self, device: torch.device | str) -> ContextManager:
         """The step's precision on ``device`` (the only place a stage's autocast comes from)."""
@@ -173,11 +179,13 @@ class Judged:
     ref_logprobs_BC: torch.Tensor | None  # (B, C)
     old_values_BC: torch.Tensor | None  # (B, C) critic values at sampling time
     kl_coef: float  # the KL coefficient this step used
+    in_loss_B: torch.Tensor | None = None  # (B,) bool, rows the loss sees (overlong filtering); None: all
 
     def train_batch(self, rollout: RolloutBatch, st: StepSettings) -> TrainBatch:
         """What :func:`seqpg.training.update.update` trains on (reference log-probs only when KL is a loss term)."""
         return TrainBatch(rollout, self.advantages_BC, self.returns_BC, rollout.sample_logprobs_BC,
-                          self.ref_logprobs_BC if st.kl_mode == "loss" else None, self.old_values_BC)
+                          self.ref_logprobs_BC if st.kl_mode == "loss" else None, self.old_values_BC,
+                          in_loss_B=self.in_loss_B)
 
     def kl_loss_coef(self, st: StepSettings) -> float:
         """The weight of the update's KL loss term (0 unless KL is a loss term with a reference)."""
@@ -209,4 +217,8 @@ def judge(rollout: RolloutBatch, scored: Scored, st: StepSettings, *, kl_coef: f
                                                  values=values_BC, all_reduce=all_reduce, **params)
         if st.whiten:
             adv_BC = core.whiten(adv_BC, mask_BC, all_reduce=all_reduce)
-    return Judged(rewards, adv_BC, ret_BC, kl_BC, ref_BC, values_BC, kl_coef)
+    in_loss_B = None
+    if st.overlong_filter:  # DAPO: a truncated completion's reward judges an unfinished answer; it gets no loss
+        in_loss_B = rollout.finished_B.clone()
+        adv_BC = adv_BC * in_loss_B[:, None]
+    return Judged(rewards, adv_BC, ret_BC, kl_BC, ref_BC, values_BC, kl_coef, in_loss_B)

@@ -45,21 +45,26 @@ class TrainBatch:
     old_logprobs_BC: torch.Tensor  # (B, C) log-probs of the policy that sampled (behaviour policy)
     ref_logprobs_BC: torch.Tensor | None = None  # (B, C) reference-policy log-probs (KL as a loss term)
     old_values_BC: torch.Tensor | None = None  # (B, C) critic values at sampling time
+    in_loss_B: torch.Tensor | None = None  # (B,) bool, False: the row is masked out of the loss (overlong filtering)
 
     @property
     def mask_BC(self) -> torch.Tensor:
-        return self.rollout.completion_mask_BC
+        """(B, C) the tokens the loss sees: the completions' real tokens, of the rows ``in_loss_B`` keeps."""
+        mask_BC = self.rollout.completion_mask_BC
+        return mask_BC if self.in_loss_B is None else mask_BC & self.in_loss_B.to(mask_BC.device)[:, None]
 
     def select(self, rows: torch.Tensor) -> "TrainBatch":
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return TrainBatch(self.rollout.select(rows), self.advantages_BC[rows], self.returns_BC[rows],
-                          self.old_logprobs_BC[rows], pick(self.ref_logprobs_BC), pick(self.old_values_BC))
+                          self.old_logprobs_BC[rows], pick(self.ref_logprobs_BC), pick(self.old_values_BC),
+                          pick(self.in_loss_B))
 
     def to(self, device: torch.device) -> "TrainBatch":
         """The batch with its tensors on ``device``."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return TrainBatch(self.rollout.to(device), self.advantages_BC.to(device), self.returns_BC.to(device),
-                          self.old_logprobs_BC.to(device), move(self.ref_logprobs_BC), move(self.old_values_BC))
+                          self.old_logprobs_BC.to(device), move(self.ref_logprobs_BC), move(self.old_values_BC),
+                          move(self.in_loss_B))
 
 
 class NonFiniteError(RuntimeError):
@@ -99,10 +104,12 @@ class GradSync(Protocol):
 
 
 def _sum_counts(mask_BC: torch.Tensor, all_reduce: Callable | None) -> tuple[float, float]:
-    counts = torch.stack([mask_BC.sum().float(), torch.tensor(float(mask_BC.shape[0]))])
+    """(tokens, rows) the loss sees, over all processes; each at least 1 (a mini-batch that overlong
+    filtering emptied has a loss of 0, not 0 / 0)."""
+    counts = torch.stack([mask_BC.sum().float(), mask_BC.any(dim=1).sum().float()])
     if all_reduce is not None:
         counts = all_reduce(counts)
-    return float(counts[0]), float(counts[1])
+    return max(float(counts[0]), 1.0), max(float(counts[1]), 1.0)
 
 
 def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch, s: UpdateSettings, *,
@@ -235,7 +242,7 @@ def _micro_loss(policy, critic, micro: TrainBatch, s: UpdateSettings, kl_loss_co
                                     old_logprobs=micro.old_logprobs_BC, agg=s.agg, **counts, **s.loss_params)
     loss = pg_loss
     stats = {"pg_loss": float(pg_loss.detach()), "clip_frac": float(pst.clip_frac), "approx_kl_old": float(pst.approx_kl)}
-    stats["entropy"] = float(core.masked_mean(out.entropy_BC.detach(), mask))
+    stats["entropy"] = float(core.masked_mean(out.entropy_BC.detach(), mask)) if bool(mask.any()) else 0.0
     if s.entropy_coef:
         loss = loss - s.entropy_coef * core.aggregate_loss(out.entropy_BC, mask, s.agg, **counts)
     if kl_loss_coef and micro.ref_logprobs_BC is not None:
