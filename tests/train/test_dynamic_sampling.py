@@ -141,7 +141,8 @@ def test_masked_rows_contribute_no_gradient(agg):
     keep_B = torch.tensor([True, False, True, True, False, True, True, True, False, False, True, True])
     masked = TrainBatch(batch.rollout, batch.advantages_BC, batch.returns_BC, batch.old_logprobs_BC, in_loss_B=keep_B)
     params = {}
-    for name, b, micro in (("masked", masked, 0), ("masked_micro", masked, 5), ("kept_only", batch.select(keep_B.nonzero().squeeze(1)), 0),
+    kept_only = batch.select(keep_B.nonzero().squeeze(1))
+    for name, b, micro in (("masked", masked, 0), ("masked_micro", masked, 5), ("kept_only", kept_only, 0),
                            ("all", batch, 0)):
         model = copy.deepcopy(base).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -160,7 +161,8 @@ def test_a_batch_masked_entirely_takes_a_zero_step():
     none = TrainBatch(batch.rollout, batch.advantages_BC, batch.returns_BC, batch.old_logprobs_BC,
                       in_loss_B=torch.zeros(12, dtype=torch.bool))
     before = [p.detach().clone() for p in model.parameters()]
-    stats = update(model, torch.optim.SGD(model.parameters(), lr=0.5), none, UpdateSettings(loss="ppo", agg="token-mean"))
+    stats = update(model, torch.optim.SGD(model.parameters(), lr=0.5), none,
+                   UpdateSettings(loss="ppo", agg="token-mean"))
     assert stats["loss"] == 0.0 and stats["grad_norm"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
