@@ -28,7 +28,7 @@ from ..batch import Prompt
 from .build import Components, build_components
 from .checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state
 from ..config import TrainConfig, to_dict
-from .collapse import CollapseWatch, collapse_metrics
+from .collapse import CollapseWatch, collapse_metrics, distinct_n
 from .dynamic import Draw, fill_batch
 from .distributed import DistContext, failed_together
 from .periodic_eval import evaluate_held_out
@@ -242,6 +242,8 @@ def _metrics(scored, adv_BC, kl_mean, ustats, timer, c: Components, dist: DistCo
     m["scorer_errors"] = float(dist.all_reduce_sum(torch.tensor(float(scored.num_scorer_errors))))
     m["lr"] = c.optimizer.param_groups[0]["lr"]
     local = collapse_metrics(scored.rewards_B, r.group_ids_B, r.completions)  # mean over processes
+    if dist.enabled:  # distinct-2 counts bigrams over the whole step's completions, not each process's share
+        local["collapse/distinct_2"] = distinct_n([t for ts in dist.gather_objects(r.completions) for t in ts])
     m.update(zip(local, (dist.all_reduce_sum(torch.tensor(list(local.values()))) / dist.world_size).tolist()))
     seconds = dist.all_reduce_max(torch.tensor(list(timer.seconds.values()), dtype=torch.float64)).tolist()
     m.update({f"time/{k}": v for k, v in zip(timer.seconds, seconds)})  # the slowest process's
