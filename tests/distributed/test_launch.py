@@ -27,8 +27,9 @@ def test_two_processes_learn_then_one_resumes_into_the_same_logs(overrides, dist
     assert gain > 0.3 and gain > 6 * se, rewards  # the criterion of tests/train/test_learning.py
     assert len(read_jsonl(run / "samples.jsonl")) == 30 * 16  # both processes' samples, once each
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-000020", "step-000030"]
-    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl", "plots",
-                                                     "samples.jsonl"]
+    # warnings.jsonl: the collapse watch may rightly warn, as the optimum (all `a`) makes every completion alike
+    assert sorted(p.name for p in run.iterdir() if p.name != "warnings.jsonl") == [
+        ".lock", "checkpoints", "config.yaml", "metrics.jsonl", "plots", "samples.jsonl"]
 
     resumed = train(load_config(run / "config.yaml", ["steps=36"]), resume=True, progress=False)
     assert resumed.steps_done == 36
