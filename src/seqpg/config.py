@@ -113,6 +113,13 @@ class SamplingConfig:
     """Sample each prompt with its own random generator, seeded by (seed, step, the prompt's place in
     the step's batch): the samples, and so the whole run, are then the same with any number of
     processes, at the cost of one `generate` call per prompt (no batching across prompts)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (Yu et al. 2025): drop the prompts whose samples all got the same reward (no
+    signal under a group baseline) and draw more prompts until prompts_per_step prompts with different
+    rewards are collected, or sampling.max_sample_rounds draws were made (the batch is then filled with
+    dropped prompts). Needs a group estimator (grpo, dr_grpo, rloo, ...) and one process."""
+    max_sample_rounds: int = 4
+    """Dynamic sampling: at most this many draws of prompts_per_step prompts per step (the first included)."""
     fast_decode: bool = True
     """Decode Llama-family models (Llama, SmolLM2, Mistral, Qwen2/3) with seqpg's lean one-token step
     (same maths as the model's forward, tested equal); false: always the model's own forward."""
@@ -176,6 +183,10 @@ class AlgoConfig:
     """GAE lambda (a2c/ppo); 0 gives the one-step TD error."""
     whiten: bool = False
     """Whiten advantages over the batch after estimating them (reinforce_pp always does)."""
+    overlong_filter: bool = False
+    """DAPO's overlong filtering (Yu et al. 2025): completions cut at sampling.max_new_tokens (no EOS or stop
+    string) are masked out of the loss (advantage 0, no loss term, not counted in its normaliser); the
+    fraction masked is logged as `overlong_masked`."""
     kl_coef: float = 0.0
     """Coefficient of the KL to the reference (initial model); 0 disables the reference."""
     kl_mode: str = "reward"
@@ -583,6 +594,14 @@ def validate(cfg: TrainConfig) -> None:
     if family.needs.groups and s.samples_per_prompt < 2:
         raise ConfigError(f"the advantage estimator {family.advantage!r} (algo.name={a.name}) compares samples of "
                           "the same prompt: set sampling.samples_per_prompt to 2 or more")
+    _check_estimator_params(family, a)
+    if s.max_sample_rounds < 1:
+        raise ConfigError(f"sampling.max_sample_rounds must be at least 1, got {s.max_sample_rounds}")
+    if s.dynamic_sampling and not (family.needs.groups and s.samples_per_prompt >= 2):
+        raise ConfigError(f"sampling.dynamic_sampling drops prompts whose samples' rewards are all equal, which teach "
+                          f"nothing only under a group baseline; the advantage estimator {family.advantage!r} "
+                          f"(algo.name={a.name}) has none: use a group estimator (grpo, dr_grpo, rloo, "
+                          "reinforce_baseline) or set sampling.dynamic_sampling=false")
     if a.kl_coef < 0:
         raise ConfigError(f"algo.kl_coef must be >= 0, got {a.kl_coef}")
     if a.kl_target is not None and a.kl_coef == 0:
@@ -635,9 +654,30 @@ def _check_episode(cfg: TrainConfig) -> None:
         raise ConfigError(f"episode: {err}") from err
 
 
+def _check_estimator_params(family, a: AlgoConfig) -> None:
+    """Refuse parameters the estimator or the loss does not take, by name, before any model loads."""
+    from . import core
+
+    supplied = {"baseline"}  # given by the step (ReMax's greedy rewards), never by the config
+    accepted = set(core.advantage_params(family.advantage)) - supplied
+    unknown = sorted(set(a.advantage_params) - accepted)
+    if unknown:
+        raise ConfigError(f"algo.advantage_params: the advantage estimator {family.advantage!r} does not take "
+                          f"{unknown}; it takes: {', '.join(sorted(accepted)) or 'nothing'}")
+    accepted = set(core.POLICY_LOSSES.params(family.loss))
+    unknown = sorted(set(a.loss_params) - accepted)
+    if unknown:
+        raise ConfigError(f"algo.loss_params: the policy loss {family.loss!r} does not take {unknown}; it takes: "
+                          f"{', '.join(sorted(accepted)) or 'nothing'}")
+
+
 def validate_for_processes(cfg: TrainConfig, world_size: int) -> None:
     """Refuse a configuration that cannot be split over ``world_size`` processes."""
     s, a = cfg.sampling, cfg.algo
+    if s.dynamic_sampling and world_size > 1:
+        raise ConfigError(f"sampling.dynamic_sampling runs in one process only (processes would need different "
+                          f"numbers of draws); set sampling.dynamic_sampling=false or run without torchrun "
+                          f"({world_size} processes here)")
     if s.prompts_per_step % world_size:
         raise ConfigError(f"sampling.prompts_per_step={s.prompts_per_step} cannot be split over {world_size} "
                           f"processes; make it a multiple of {world_size}")

@@ -17,6 +17,7 @@ All 2-process runs share one ``torchrun`` launch (``run_configs.py``) to pay sta
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -47,6 +48,10 @@ CASES = {
 }
 RESUMED = ("a2c_fsdp2", "lora_fsdp2")  # continued for a second step by 2 processes from a 1-process (sharded) checkpoint
 TIMING = ("time/", "tokens_per_s", "wall_time")
+NOISE = "gns/"
+"""The gradient noise scale fits the norms of the gradients each process accumulates over its own micro-batches
+(seqpg.training.gradnoise): an unbiased estimate either way, but of other partial batches with 2 processes, so
+not equal to 1 process's; and none under FSDP2. Checked apart (``test_ddp_logs_the_gradient_noise_scale``)."""
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +95,8 @@ def _assert_same_weights(a: dict, b: dict, atol: float = 1e-3) -> None:
 def _assert_same_metrics(rows_a: list[dict], rows_b: list[dict]) -> None:
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
     for ra, rb in zip(rows_a, rows_b):
-        keys = {k for k in ra if not k.startswith(TIMING)}
-        assert keys == {k for k in rb if not k.startswith(TIMING)}
+        keys = {k for k in ra if not k.startswith((*TIMING, NOISE))}
+        assert keys == {k for k in rb if not k.startswith((*TIMING, NOISE))}
         for k in sorted(keys):
             assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), (ra["step"], k, ra[k], rb[k])
 
@@ -118,3 +123,14 @@ def test_fsdp2_resumes_a_one_process_checkpoint_exactly(case, runs):
     one, two = runs / "one" / f"{case}_2", runs / "two" / f"{case}_resumed"
     _assert_same_weights(_weights(one, 2), _weights(two, 2))  # a lost or misplaced Adam state: O(lr)
     _assert_same_metrics(read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("case", ["reinforce_pp", "a2c"])
+def test_ddp_logs_the_gradient_noise_scale(case, runs):
+    """With micro-batches, both runs log it, and the global |G|^2 part agrees in scale (within a factor 3:
+    the two fits use different partial batches of the same 16 samples)."""
+    (a,), (b,) = read_jsonl(runs / "one" / case / "metrics.jsonl"), read_jsonl(runs / "two" / case / "metrics.jsonl")
+    for m in (a, b):
+        assert all(math.isfinite(m[f"gns/{k}"]) for k in ("b_simple", "grad_sq", "trace_cov")), m
+        assert m["gns/trace_cov"] > 0
+    assert "gns/b_simple" not in read_jsonl(runs / "two" / "grpo_fsdp2" / "metrics.jsonl")[0]  # FSDP2: none

@@ -42,3 +42,9 @@ def constant(prompt: str, completion: str, meta: dict) -> float:
 def vowel_count(prompt: str, completion: str, meta: dict) -> float:
     """Vowels in the completion: a reward that varies between a random model's samples."""
     return float(sum(completion.count(v) for v in "aeiou"))
+
+
+def flat_before_n(prompt: str, completion: str, meta: dict) -> float:
+    """0 for every completion of a prompt before `n` in the alphabet (a group without spread), else
+    `target_fraction`: dynamic sampling must never train on the first kind while the second is at hand."""
+    return 0.0 if prompt.strip()[:1] < "n" else target_fraction(prompt, completion, meta)

@@ -90,3 +90,25 @@ def test_every_subcommand_has_help(command):
 def test_config_command_prints_resolved_yaml(capsys):
     assert main(["config", "algo.name=ppo"]) == 0
     assert "name: ppo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["algo.advantage_params={foo: 1}"], r"advantage estimator 'grpo' does not take \['foo'\]; it takes: eps, gamma"),
+    (["algo.name=rloo", "algo.loss_params={clip_low: 0.1}"], r"policy loss 'pg' does not take \['clip_low'\]"),
+    (["algo.name=remax", "algo.advantage_params={baseline: 1}"], r"'remax' does not take \['baseline'\]"),
+    (["algo.advantage=gae", "algo.advantage_params={scale_by_std: false}"], r"'gae' does not take"),
+])
+def test_parameters_an_estimator_or_loss_does_not_take_are_refused_before_any_model(overrides, message, capsys):
+    with pytest.raises(C.ConfigError, match=message):
+        C.load_config(None, overrides)
+    code = main(["train", "model.name=/nonexistent/model", *overrides])  # refused before the model is looked for
+    assert code == 2 and "does not take" in capsys.readouterr().err
+    C.load_config(None, ["algo.advantage_params={scale_by_std: false}", "algo.loss_params={dual_clip: 3}"])
+
+
+def test_an_estimator_with_a_critic_gets_one_whatever_the_family():
+    """GAE named over a critic-free family: the critic follows the estimator (no GAE without a critic)."""
+    from seqpg.training.step import StepSettings
+
+    st = StepSettings.from_config(C.load_config(None, ["algo.name=grpo", "algo.advantage=gae"]))
+    assert st.needs.critic and st.family.advantage == "gae"

@@ -10,6 +10,7 @@ Modules, one concern each:
 * :mod:`.aggregate`  the one loss-aggregation function (verl's four modes)
 * :mod:`.kl`         KL estimators by name (``KL_ESTIMATORS``), penalty, loss, controllers
 * :mod:`.gradstats`  paired gradient statistics of estimators (SNR, variance, bias, cosine), for the lab
+* :mod:`.gradnoise`  the gradient noise scale (McCandlish et al. 2018) from mean-gradient norms
 * :mod:`.masked`     masked sum / mean / var and whitening, with cross-process statistics
 * :mod:`.registry`   the name -> function registry every family uses
 
@@ -19,6 +20,7 @@ Shapes: B sequences, T tokens, V vocabulary; names carry them (``adv_BT``).
 from .advantages import (ADVANTAGE_ESTIMATORS, advantage_params, compute_advantages, register_advantage,
                          returns_to_go)
 from .aggregate import AGG_MODES, aggregate_loss
+from .gradnoise import GradientNoise, gradient_noise_scale
 from .gradstats import GradStats, Moments, exact_stats, sample_stats, unit_gradients
 from .kl import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate, kl_loss, kl_penalty,
                  register_kl)
@@ -32,10 +34,10 @@ from .utility import TokenContributions, token_contributions, utility
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "AGG_MODES", "KL_ESTIMATORS", "POLICY_LOSSES", "REQUIRED",
-    "AdaptiveKLController", "FixedKLController", "GradStats", "Moments", "PolicyLossStats", "Registry",
+    "AdaptiveKLController", "FixedKLController", "GradStats", "GradientNoise", "Moments", "PolicyLossStats", "Registry",
     "RewardStats", "ScorerStats", "TokenContributions", "TokenLoss", "ValueLossStats",
     "advantage_params", "aggregate_loss", "combine_rewards", "compute_advantages", "entropy_from_logits",
-    "exact_stats",
+    "exact_stats", "gradient_noise_scale",
     "kl_estimate", "kl_loss", "kl_penalty", "masked_mean", "masked_sum", "masked_var", "policy_loss",
     "register_advantage", "register_kl", "register_policy_loss", "returns_to_go", "sample_stats",
     "to_token_rewards", "token_contributions", "token_logprobs", "unit_gradients", "utility", "value_loss",

@@ -35,8 +35,9 @@ REMEDIES = ("KL to the reference model (algo.kl_coef, e.g. 0.05), a lower learni
             "that does not pay for emptiness or repetition")
 
 
-def flat_group_fraction(rewards_B: torch.Tensor, group_ids_B: torch.Tensor, tol: float = 1e-6) -> float:
-    """Fraction of groups whose rewards span at most ``tol`` (no signal for a group baseline). (B,), (B,)."""
+def flat_groups(rewards_B: torch.Tensor, group_ids_B: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+    """(G,) bool: whether each group's rewards span at most ``tol``, groups in the order of their sorted ids.
+    (B,), (B,) -> (G,)."""
     if rewards_B.shape != group_ids_B.shape or rewards_B.dim() != 1:
         raise ValueError(f"rewards_B and group_ids_B must both be (B,), got {tuple(rewards_B.shape)} and "
                          f"{tuple(group_ids_B.shape)}")
@@ -45,7 +46,12 @@ def flat_group_fraction(rewards_B: torch.Tensor, group_ids_B: torch.Tensor, tol:
     r = rewards_B.double()
     hi = torch.full((G,), -torch.inf, dtype=r.dtype).scatter_reduce(0, inv_B, r, "amax")
     lo = torch.full((G,), torch.inf, dtype=r.dtype).scatter_reduce(0, inv_B, r, "amin")
-    return float(((hi - lo) <= tol).double().mean())
+    return (hi - lo) <= tol
+
+
+def flat_group_fraction(rewards_B: torch.Tensor, group_ids_B: torch.Tensor, tol: float = 1e-6) -> float:
+    """Fraction of groups whose rewards span at most ``tol`` (no signal for a group baseline). (B,), (B,)."""
+    return float(flat_groups(rewards_B, group_ids_B, tol).double().mean())
 
 
 def distinct_in_group(completions: Sequence[str], group_ids_B: torch.Tensor) -> float:

@@ -14,6 +14,8 @@ plot whose data is absent is skipped):
 * evaluation: ``eval/mean_reward`` ± ``eval/se_reward``, ``eval/accuracy`` ± ``eval/se_accuracy``
   (also ``eval/reward_mean`` / ``eval/reward_se``, ``eval/accuracy_se``: what training with ``eval_every``
   logs, see :mod:`seqpg.training.periodic_eval`)
+* gradient noise scale: ``gns/b_simple`` per step, and the ratio of the moving means of ``gns/trace_cov`` and
+  ``gns/grad_sq`` over ``GNS_WINDOW`` steps (McCandlish et al. average numerator and denominator apart)
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ EVAL_REWARD = ("eval/mean_reward", "eval/reward_mean", "eval/reward/mean")
 EVAL_REWARD_SE = ("eval/se_reward", "eval/reward_se", "eval/reward/se")
 EVAL_ACCURACY = ("eval/accuracy", "eval/accuracy/mean")
 EVAL_ACCURACY_SE = ("eval/se_accuracy", "eval/accuracy_se", "eval/accuracy/se")
+GNS_B_SIMPLE, GNS_TRACE, GNS_GRAD_SQ = ("gns/b_simple",), ("gns/trace_cov",), ("gns/grad_sq",)
+GNS_WINDOW = 10
 _NOT_SCORERS = {"mean", "std", "se", "sem", "min", "max"}
 _SCORER_COLORS = ("#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 
 
 def plot_run(run_dir: str | os.PathLike) -> list[Path]:
-    """Write ``run_dir/plots/{reward,kl,response_length,eval}.png`` from ``metrics.jsonl``; return the files written."""
+    """Write ``run_dir/plots/{reward,kl,response_length,eval,gradient_noise}.png`` from ``metrics.jsonl``; return the files written."""
     run_dir = Path(run_dir)
     path = run_dir / METRICS_FILE
     if not path.is_file():
@@ -52,7 +56,8 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     records = [r for r in read_jsonl(path) if isinstance(r.get("step"), (int, float))]
     out = run_dir / PLOTS_DIR
     written = []
-    for name, draw in (("reward", _reward), ("kl", _kl), ("response_length", _length), ("eval", _eval)):
+    for name, draw in (("reward", _reward), ("kl", _kl), ("response_length", _length), ("eval", _eval),
+                        ("gradient_noise", _gradient_noise)):
         fig = draw(records)
         if fig is not None:
             out.mkdir(exist_ok=True)
@@ -185,6 +190,30 @@ def _eval(records: list[dict]):
         if "accuracy" in label:
             ax.set_ylim(0, 1.05)
     fig.suptitle("Held-out evaluation", fontsize=11)
+    return fig
+
+
+def _gradient_noise(records: list[dict]):
+    steps, b_simple = _series(records, GNS_B_SIMPLE)
+    if not steps:
+        return None
+    pairs = [(r["step"], _first(r, GNS_TRACE), _first(r, GNS_GRAD_SQ)) for r in records]
+    pairs = [(st, t, g) for st, t, g in pairs if t is not None and g is not None]
+    smooth_steps, smooth = [], []
+    for i in range(len(pairs)):
+        window = pairs[max(0, i + 1 - GNS_WINDOW):i + 1]
+        g = sum(p[2] for p in window)
+        if g > 0:
+            smooth_steps.append(pairs[i][0])
+            smooth.append(sum(p[1] for p in window) / g)
+    fig = _figure()
+    ax = fig.subplots()
+    ax.plot(steps, b_simple, "o", color="#1f77b4", markersize=3, alpha=0.5, label="B_simple of the step")
+    if smooth:
+        ax.plot(smooth_steps, smooth, color="#1f77b4", linewidth=1.8,
+                label=f"mean tr(Σ) / mean |G|² over {GNS_WINDOW} steps")
+    ax.set_yscale("symlog", linthresh=1.0)
+    _finish(ax, "Gradient noise scale (McCandlish et al. 2018)", "B_simple (samples)")
     return fig
 
 

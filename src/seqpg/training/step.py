@@ -60,6 +60,11 @@ class StepSettings:
     on_scorer_error: str
     episode: EpisodeSettings | None = None
     """Multi-turn episodes (the ``episode`` section), None for single-turn training."""
+    sample_rounds: int = 1
+    """Draws of prompts a step may make: 1, or ``sampling.max_sample_rounds`` with dynamic sampling
+    (:mod:`seqpg.training.dynamic`)."""
+    overlong_filter: bool = False
+    """Truncated completions are masked out of the loss (``algo.overlong_filter``)."""
 
     @property
     def needs(self) -> Needs:
@@ -82,7 +87,8 @@ class StepSettings:
                    sample=SampleSettings.from_config(s), samples_per_prompt=s.samples_per_prompt,
                    seed_per_prompt=s.seed_per_prompt, seed=cfg.seed, kl_mode=a.kl_mode, kl_estimator=a.kl_estimator,
                    uses_reference=a.kl_coef > 0, bf16=cfg.bf16, update=update, on_scorer_error=cfg.on_scorer_error,
-                   episode=EpisodeSettings.from_config(cfg))
+                   episode=EpisodeSettings.from_config(cfg),
+                   sample_rounds=s.max_sample_rounds if s.dynamic_sampling else 1, overlong_filter=a.overlong_filter)
 
     @property
     def max_completion_tokens(self) -> int:
@@ -204,11 +210,13 @@ class Judged:
     ref_logprobs_BC: torch.Tensor | None  # (B, C)
     old_values_BC: torch.Tensor | None  # (B, C) critic values at sampling time
     kl_coef: float  # the KL coefficient this step used
+    in_loss_B: torch.Tensor | None = None  # (B,) bool, rows the loss sees (overlong filtering); None: all
 
     def train_batch(self, rollout: RolloutBatch, st: StepSettings) -> TrainBatch:
         """What :func:`seqpg.training.update.update` trains on (reference log-probs only when KL is a loss term)."""
         return TrainBatch(rollout, self.advantages_BC, self.returns_BC, rollout.sample_logprobs_BC,
-                          self.ref_logprobs_BC if st.kl_mode == "loss" else None, self.old_values_BC)
+                          self.ref_logprobs_BC if st.kl_mode == "loss" else None, self.old_values_BC,
+                          in_loss_B=self.in_loss_B)
 
     def kl_loss_coef(self, st: StepSettings) -> float:
         """The weight of the update's KL loss term (0 unless KL is a loss term with a reference)."""
@@ -240,4 +248,8 @@ def judge(rollout: RolloutBatch, scored: Scored, st: StepSettings, *, kl_coef: f
                                                  values=values_BC, all_reduce=all_reduce, **params)
         if st.whiten:
             adv_BC = core.whiten(adv_BC, mask_BC, all_reduce=all_reduce)
-    return Judged(rewards, adv_BC, ret_BC, kl_BC, ref_BC, values_BC, kl_coef)
+    in_loss_B = None
+    if st.overlong_filter:  # DAPO: a truncated completion's reward judges an unfinished answer; it gets no loss
+        in_loss_B = rollout.finished_B.clone()
+        adv_BC = adv_BC * in_loss_B[:, None]
+    return Judged(rewards, adv_BC, ret_BC, kl_BC, ref_BC, values_BC, kl_coef, in_loss_B)

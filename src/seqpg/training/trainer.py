@@ -28,7 +28,8 @@ from ..batch import Prompt
 from .build import Components, build_components
 from .checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state
 from ..config import TrainConfig, to_dict
-from .collapse import CollapseWatch, collapse_metrics
+from .collapse import CollapseWatch, collapse_metrics, distinct_n
+from .dynamic import Draw, fill_batch
 from .distributed import DistContext, failed_together
 from .periodic_eval import evaluate_held_out
 from .resume import apply_resume_changes, record_resume_changes, resume_changes
@@ -179,14 +180,20 @@ def train_step(cfg: TrainConfig, c: Components, dist: DistContext, step: int, lo
     The stages are :mod:`seqpg.training.step`'s, over the settings decided once (``c.settings``).
     ``start`` (if given) is told when the update begins (``start.updating``).
     """
-    st, timer = c.settings, Timer()
-    prompts, first = _my_share(c.stream.take(cfg.sampling.prompts_per_step), dist)
-    with c.parallel.full_params() as model, dist.fail_together("sampling and scoring"), st.autocast(dist.device):
+    st, timer, n_prompts = c.settings, Timer(), cfg.sampling.prompts_per_step
+
+    def draw(round_: int) -> Draw:  # more than one per step only with dynamic sampling (seqpg.training.dynamic)
+        prompts, first = _my_share(c.stream.take(n_prompts), dist)
         with timer("sample"):
-            rollout = sample(model, c.tokenizer, prompts, st, step=step, first=first, device=dist.device,
-                             rank=dist.rank if dist.enabled else None)
+            rollout = sample(model, c.tokenizer, prompts, st, step=step, first=first + round_ * n_prompts,
+                             device=dist.device, rank=dist.rank if dist.enabled else None)
         with timer("score"):
-            scored = score(model, c.tokenizer, rollout, prompts, c.scorers, st)
+            return Draw(prompts, rollout, score(model, c.tokenizer, rollout, prompts, c.scorers, st))
+
+    with c.parallel.full_params() as model, dist.fail_together("sampling and scoring"), st.autocast(dist.device):
+        drawn, dynamic_metrics = fill_batch(draw, n_prompts // dist.world_size, st.sample_rounds,
+                                            c.tokenizer.pad_token_id)
+    rollout, scored = drawn.rollout, drawn.scored
     with st.autocast(dist.device):
         judged = judge(rollout, scored, st, kl_coef=c.kl_ctl.value, reference=c.reference, critic=c.critic,
                        all_reduce=dist.all_reduce_sum, timer=timer)
@@ -200,7 +207,9 @@ def train_step(cfg: TrainConfig, c: Components, dist: DistContext, step: int, lo
     mask_BC, kl_BC = rollout.completion_mask_BC, judged.kl_BC
     kl_mean = float(core.masked_mean(kl_BC, mask_BC, all_reduce=dist.all_reduce_sum)) if kl_BC is not None else 0.0
     c.kl_ctl.update(kl_mean, rollout.batch_size * dist.world_size)
-    metrics = _metrics(scored.batch, judged.advantages_BC, kl_mean, ustats, timer, c, dist)
+    metrics = {**_metrics(scored.batch, judged.advantages_BC, kl_mean, ustats, timer, c, dist), **dynamic_metrics}
+    if judged.in_loss_B is not None:
+        metrics["overlong_masked"] = float(dist.gather_cat((~judged.in_loss_B).float()).mean())
     log.log_metrics(step, metrics)
     if step % cfg.log_samples_every == 0:
         rows = _sample_rows(scored.batch, judged.advantages_BC)

@@ -13,6 +13,9 @@ A mini-batch whose loss or global gradient norm is not finite takes no optimizer
 and the optimizer's moments stay as they were; ``on_nonfinite="skip"``): ``skipped_steps`` reports
 the fraction skipped and ``nonfinite_steps`` their number.  With ``on_nonfinite="stop"`` it raises
 :class:`NonFiniteError` instead, before the optimizer touches the weights.
+With two or more micro-batches per mini-batch the update also reports the gradient noise scale
+(``gns/b_simple``, ``gns/grad_sq``, ``gns/trace_cov``; :mod:`seqpg.training.gradnoise`) from the
+accumulated gradient's norm after each micro-batch: no extra backward, no copy of the gradients.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from .. import core
 from ..batch import RolloutBatch
 from ..model.policy import completion_logprobs, model_device
+from .gradnoise import GradientNoiseProbe
 from .precision import autocast
 
 
@@ -41,21 +45,26 @@ class TrainBatch:
     old_logprobs_BC: torch.Tensor  # (B, C) log-probs of the policy that sampled (behaviour policy)
     ref_logprobs_BC: torch.Tensor | None = None  # (B, C) reference-policy log-probs (KL as a loss term)
     old_values_BC: torch.Tensor | None = None  # (B, C) critic values at sampling time
+    in_loss_B: torch.Tensor | None = None  # (B,) bool, False: the row is masked out of the loss (overlong filtering)
 
     @property
     def mask_BC(self) -> torch.Tensor:
-        return self.rollout.completion_mask_BC
+        """(B, C) the tokens the loss sees: the completions' real tokens, of the rows ``in_loss_B`` keeps."""
+        mask_BC = self.rollout.completion_mask_BC
+        return mask_BC if self.in_loss_B is None else mask_BC & self.in_loss_B.to(mask_BC.device)[:, None]
 
     def select(self, rows: torch.Tensor) -> "TrainBatch":
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return TrainBatch(self.rollout.select(rows), self.advantages_BC[rows], self.returns_BC[rows],
-                          self.old_logprobs_BC[rows], pick(self.ref_logprobs_BC), pick(self.old_values_BC))
+                          self.old_logprobs_BC[rows], pick(self.ref_logprobs_BC), pick(self.old_values_BC),
+                          pick(self.in_loss_B))
 
     def to(self, device: torch.device) -> "TrainBatch":
         """The batch with its tensors on ``device``."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return TrainBatch(self.rollout.to(device), self.advantages_BC.to(device), self.returns_BC.to(device),
-                          self.old_logprobs_BC.to(device), move(self.ref_logprobs_BC), move(self.old_values_BC))
+                          self.old_logprobs_BC.to(device), move(self.ref_logprobs_BC), move(self.old_values_BC),
+                          move(self.in_loss_B))
 
 
 class NonFiniteError(RuntimeError):
@@ -95,10 +104,12 @@ class GradSync(Protocol):
 
 
 def _sum_counts(mask_BC: torch.Tensor, all_reduce: Callable | None) -> tuple[float, float]:
-    counts = torch.stack([mask_BC.sum().float(), torch.tensor(float(mask_BC.shape[0]))])
+    """(tokens, rows) the loss sees, over all processes; each at least 1 (a mini-batch that overlong
+    filtering emptied has a loss of 0, not 0 / 0)."""
+    counts = torch.stack([mask_BC.sum().float(), mask_BC.any(dim=1).sum().float()])
     if all_reduce is not None:
         counts = all_reduce(counts)
-    return float(counts[0]), float(counts[1])
+    return max(float(counts[0]), 1.0), max(float(counts[1]), 1.0)
 
 
 def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch, s: UpdateSettings, *,
@@ -121,6 +132,7 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
     totals: dict[str, float] = {}
     n_steps = 0
     device = model_device(policy)
+    noise = GradientNoiseProbe()
     for _epoch in range(s.epochs):
         order = torch.randperm(B, generator=generator) if s.minibatches > 1 else torch.arange(B)
         for rows in order.chunk(s.minibatches):
@@ -138,6 +150,8 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
                         loss, st = _micro_loss(policy, critic, micro, s, kl_loss_coef, num_tokens, num_seqs,
                                                max_len)
                     loss.backward()
+                if not last:
+                    noise.after_partial_backward(params, rows_done=lo + micro.mask_BC.shape[0])
                 share = float(micro.mask_BC.sum()) / max(num_tokens, 1.0)  # of the global mini-batch
                 for k, v in st.items():
                     mb_stats[k] = mb_stats.get(k, 0.0) + (v if k.endswith("loss") else v * share)
@@ -146,6 +160,7 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
             grad_norm = _clip_grad_norm(params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf"))
             loss_finite = _all_finite([mb_stats.get("loss", 0.0)], all_reduce)
             finite = math.isfinite(grad_norm) and loss_finite
+            noise.end_minibatch(grad_norm, len(rows), keep=finite)
             if finite:  # an inf/nan gradient would corrupt every weight and the optimizer's moments
                 optimizer.step()
             else:
@@ -161,7 +176,7 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
             totals["skipped_steps"] = totals.get("skipped_steps", 0.0) + (0.0 if finite else 1.0)
             totals["nonfinite_steps"] = totals.get("nonfinite_steps", 0.0) + (0.0 if finite else 1.0)
             n_steps += 1
-    return _global_means(totals, n_steps, all_reduce)
+    return {**_global_means(totals, n_steps, all_reduce), **noise.metrics(all_reduce)}
 
 
 def _clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
@@ -227,7 +242,7 @@ def _micro_loss(policy, critic, micro: TrainBatch, s: UpdateSettings, kl_loss_co
                                     old_logprobs=micro.old_logprobs_BC, agg=s.agg, **counts, **s.loss_params)
     loss = pg_loss
     stats = {"pg_loss": float(pg_loss.detach()), "clip_frac": float(pst.clip_frac), "approx_kl_old": float(pst.approx_kl)}
-    stats["entropy"] = float(core.masked_mean(out.entropy_BC.detach(), mask))
+    stats["entropy"] = float(core.masked_mean(out.entropy_BC.detach(), mask)) if bool(mask.any()) else 0.0
     if s.entropy_coef:
         loss = loss - s.entropy_coef * core.aggregate_loss(out.entropy_BC, mask, s.agg, **counts)
     if kl_loss_coef and micro.ref_logprobs_BC is not None:

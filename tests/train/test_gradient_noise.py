@@ -1,0 +1,75 @@
+"""The update's gradient-noise metrics: exactly the core's fit of the nested micro-batch gradients
+(computed here by hand, one backward per prefix), none with one micro-batch, and no change to the update."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from seqpg import core
+from seqpg.batch import Prompt
+from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
+from seqpg.rollout.sampling import generate
+from seqpg.training.gradnoise import METRICS
+from seqpg.training.update import TrainBatch, UpdateSettings, _micro_loss, update
+
+
+def _batch(model, tok):
+    prompts = [Prompt("cat", "0"), Prompt("dog", "1"), Prompt("sun", "2")]
+    r = generate(model, tok, prompts, n=4, max_new_tokens=7, chat_template=False,
+                 generator=torch.Generator().manual_seed(0))
+    rewards_B = torch.randn(r.batch_size, generator=torch.Generator().manual_seed(1))
+    adv, ret = core.compute_advantages("grpo", rewards_B, r.completion_mask_BC, group_ids=r.group_ids_B)
+    return TrainBatch(r, adv, ret, r.sample_logprobs_BC)
+
+
+def _prefix_sq(model, batch: TrainBatch, s: UpdateSettings, rows: int) -> float:
+    """|mean gradient of the first ``rows`` rows|^2, scaled as the update scales it (shares of the whole batch)."""
+    B, C = batch.mask_BC.shape
+    model.zero_grad(set_to_none=True)
+    sub = batch.select(torch.arange(rows))
+    loss, _ = _micro_loss(model, None, sub, s, 0.0, float(batch.mask_BC.sum()), float(B), C)
+    loss.backward()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    return float(norm) ** 2 * (B / rows) ** 2
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("micro", [4, 5])
+def test_metrics_are_the_core_fit_of_the_nested_micro_batch_gradients(agg, micro):
+    tok = build_tiny_tokenizer()
+    base = build_tiny_model(len(tok), seed=3).train()
+    batch = _batch(base, tok)
+    B = batch.mask_BC.shape[0]
+    s = UpdateSettings(loss="ppo", agg=agg, micro_batch_size=micro, max_grad_norm=0)
+    prefixes = list(range(micro, B, micro)) + [B]
+    sq = [_prefix_sq(copy.deepcopy(base), batch, s, r) for r in prefixes]
+    want = core.gradient_noise_scale(torch.tensor(sq, dtype=torch.float64), torch.tensor(prefixes, dtype=torch.float64))
+    model = copy.deepcopy(base)
+    got = update(model, torch.optim.SGD(model.parameters(), lr=0.1), batch, s)
+    assert got["gns/grad_sq"] == pytest.approx(float(want.grad_sq), rel=1e-4)
+    assert got["gns/trace_cov"] == pytest.approx(float(want.trace_cov), rel=1e-4)
+    assert got["gns/b_simple"] == pytest.approx(float(want.b_simple), rel=1e-4)
+    assert float(want.trace_cov) != pytest.approx(0.0, abs=1e-9)  # the micro-batches' gradients do differ
+
+
+def test_one_micro_batch_logs_no_noise_scale():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(len(tok), seed=3).train()
+    batch = _batch(model, tok)
+    for micro in (0, 12, 20):
+        stats = update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch,
+                       UpdateSettings(loss="pg", agg="token-mean", micro_batch_size=micro))
+        assert not set(METRICS) & set(stats), micro
+
+
+def test_several_mini_batches_pool_their_observations():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(len(tok), seed=3).train()
+    batch = _batch(model, tok)
+    stats = update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch,
+                   UpdateSettings(loss="pg", agg="token-mean", minibatches=2, epochs=2, micro_batch_size=3),
+                   generator=torch.Generator().manual_seed(0))
+    assert set(METRICS) <= set(stats) and all(torch.isfinite(torch.tensor(stats[k])) for k in METRICS)
