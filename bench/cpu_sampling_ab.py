@@ -8,10 +8,13 @@ median and range of the per-round ratio A / B.
 
 Usage: python THIS CHANGE THREADS [ROUNDS]; put ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
 MKL_ENABLE_INSTRUCTIONS=AVX2 in the environment to simulate an AVX2 CPU.  CHANGE:
-  leave   rows that stopped leave the decode batch (A: every row decoded to the end)
+  leave            rows that stopped leave the decode batch (A: every row decoded to the end)
+  fastdecode@REV   the decoder as it is against src/seqpg/fastdecode.py at git revision REV (A)
 """
 import contextlib
+import importlib.util
 import statistics
+import subprocess
 import sys
 import time
 
@@ -32,8 +35,25 @@ def without(change: str):
             yield
         finally:
             sampling._keep = saved
+    elif change.startswith("fastdecode@"):
+        saved = sampling.FastDecoder
+        sampling.FastDecoder = old_decoder(change.split("@", 1)[1])
+        try:
+            yield
+        finally:
+            sampling.FastDecoder = saved
     else:
         raise SystemExit(f"unknown change {change!r}; see the docstring")
+
+
+def old_decoder(rev: str):
+    """``FastDecoder`` of src/seqpg/fastdecode.py at git revision ``rev``, loaded beside the current one."""
+    source = subprocess.run(["git", "show", f"{rev}:src/seqpg/fastdecode.py"], check=True, capture_output=True,
+                            text=True).stdout
+    spec = importlib.util.spec_from_loader(f"fastdecode_{rev}", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    exec(compile(source, f"fastdecode@{rev}", "exec"), module.__dict__)
+    return module.FastDecoder
 
 
 def main() -> None:
