@@ -21,7 +21,9 @@ Stopping: a row stops on EOS, or when its decoded completion contains a stop str
 second case the token that completed the stop string stays in ``completion_ids_BC`` with mask
 True (it was sampled and is trained on), while the completion *text* is cut just before the
 first occurrence of the stop string.  After a row stops it gets pad tokens, mask False and
-log-prob 0.  ``finished_B`` is False for rows cut off by ``max_new_tokens``.
+log-prob 0.  ``finished_B`` is False for rows cut off by ``max_new_tokens``.  On the CPU decoder
+(:mod:`seqpg.fastdecode`) rows that stopped also leave the decode batch (``_keep``) so that they stop
+costing products; the rollout is bit for bit the same (one uniform per rollout row and step).
 """
 
 from __future__ import annotations
