@@ -261,3 +261,58 @@ def test_hidden_state_capture_hooks_left_by_a_shared_critic_keep_the_fast_path()
     assert torch.equal(again.completion_ids_BC, before.completion_ids_BC)
     model.lm_head.register_forward_hook(lambda mod, args, out: out)  # a hook of the user's still counts
     assert not fastdecode.supports(model)
+
+
+def eos_prone(model: transformers.PreTrainedModel, eos_id: int, bonus: float = 2.5) -> transformers.PreTrainedModel:
+    """The LM head given a bias of ``bonus`` on EOS (a plain linear, so the fast decoder still applies)."""
+    old = model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()[eos_id] = bonus
+    model.lm_head = head
+    return model
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9, top_k=20),
+                                dict(temperature=1.0, stop_strings=("e",))], ids=["T1", "T0.7-top", "stop"])
+def test_rows_that_stopped_leave_the_decode_batch_and_change_nothing(tiny_tokenizer, monkeypatch, kw):
+    """Rows leave (down to two), yet the rollout is bit for bit the one decoded with every row to the end:
+    the same uniform draw per rollout row and step, and each row's logits independent of the others."""
+    from seqpg import sampling
+
+    model = eos_prone(tiny("llama", len(tiny_tokenizer)), tiny_tokenizer.eos_token_id)
+    assert supports(model)
+    seen: list[int] = []
+    step = fastdecode.FastDecoder.step
+    monkeypatch.setattr(fastdecode.FastDecoder, "step", lambda self, x, *a: seen.append(x.shape[0]) or step(self, x, *a))
+
+    def run():
+        seen.clear()
+        out = generate(model, tiny_tokenizer, PROMPTS, n=4, max_new_tokens=24,
+                       generator=torch.Generator().manual_seed(3), **kw)
+        return out, list(seen)
+
+    left, rows_left = run()
+    with monkeypatch.context() as m:
+        m.setattr(sampling, "_keep", lambda *a, **k: None)
+        full, rows_full = run()
+    assert set(rows_full) == {12} and rows_left[0] == 12
+    assert min(rows_left) < 12 and min(rows_left) >= 2, rows_left  # rows did leave, never below two
+    assert rows_left == sorted(rows_left, reverse=True)
+    assert torch.equal(left.completion_ids_BC, full.completion_ids_BC)
+    assert torch.equal(left.completion_mask_BC, full.completion_mask_BC)
+    assert torch.equal(left.sample_logprobs_BC, full.sample_logprobs_BC)
+    assert torch.equal(left.finished_B, full.finished_B) and left.completions == full.completions
+
+
+def test_which_rows_leave():
+    from seqpg.sampling import _keep
+
+    f = torch.tensor
+    assert _keep(f([False, False, False, False]), steps_left=10) is None  # none stopped
+    assert torch.equal(_keep(f([False, True, False, True]), steps_left=10), f([0, 2]))
+    assert torch.equal(_keep(f([True, True, False, True]), steps_left=10), f([0, 2]))  # two rows stay
+    assert _keep(f([True, False]), steps_left=10) is None  # already two
+    assert _keep(f([True] + [False] * 15), steps_left=3) is None  # 1 x 3 x 4 < 16: not worth moving the cache
+    assert torch.equal(_keep(f([True] + [False] * 15), steps_left=4), torch.arange(1, 16))

@@ -21,7 +21,9 @@ Stopping: a row stops on EOS, or when its decoded completion contains a stop str
 second case the token that completed the stop string stays in ``completion_ids_BC`` with mask
 True (it was sampled and is trained on), while the completion *text* is cut just before the
 first occurrence of the stop string.  After a row stops it gets pad tokens, mask False and
-log-prob 0.  ``finished_B`` is False for rows cut off by ``max_new_tokens``.
+log-prob 0.  ``finished_B`` is False for rows cut off by ``max_new_tokens``.  On the CPU decoder
+(:mod:`seqpg.fastdecode`) rows that stopped also leave the decode batch (``_keep``) so that they stop
+costing products; the rollout is bit for bit the same (one uniform per rollout row and step).
 """
 
 from __future__ import annotations
@@ -173,28 +175,62 @@ def _decode(
         model.get_decoder()(input_ids=prompt_ids_GP[:, :-1], attention_mask=prompt_mask_GP[:, :-1].long(),
                             position_ids=positions_GP[:, :-1], use_cache=True, **cache)
         cache[_CACHE_KWARG].batch_repeat_interleave(n)
-    attn_BW = torch.zeros((B, P + max_new_tokens), dtype=torch.bool, device=device)  # column P+t set when token t goes in
-    attn_BW[:, :P] = prompt_mask_GP.repeat_interleave(n, dim=0)
-    input_B1 = prompt_ids_GP[:, -1:].repeat_interleave(n, dim=0)  # (B, 1) the prompts' last column
-    pos_B1 = positions_GP[:, -1:].repeat_interleave(n, dim=0)  # (B, 1)
+    attn_LW = torch.zeros((B, P + max_new_tokens), dtype=torch.bool, device=device)  # column P+t set when token t goes in
+    attn_LW[:, :P] = prompt_mask_GP.repeat_interleave(n, dim=0)
+    input_L1 = prompt_ids_GP[:, -1:].repeat_interleave(n, dim=0)  # (L, 1) the prompts' last column
+    pos_L1 = positions_GP[:, -1:].repeat_interleave(n, dim=0)  # (L, 1)
     fast = FastDecoder(model, cache[_CACHE_KWARG], rows=B) if fast_decode and fastdecode_supports(model) else None
+    compact = fast is not None and not fast.graph  # rows that stopped may leave the decode batch (_leave)
+    live_L = torch.arange(B, device=device)  # (L,) the rollout row of each decode row; L = B until rows leave
     rows = _Rows(B, tokenizer, stop_strings, device)
     for t in range(max_new_tokens):
         if fast is not None:
-            logits_BV = fast.step(input_B1, pos_B1, attn_BW[:, :P + t])
+            logits_LV = fast.step(input_L1, pos_L1, attn_LW[:, :P + t])
         else:
-            logits_BV = model(input_ids=input_B1, attention_mask=attn_BW[:, :P + t].long(), position_ids=pos_B1,
+            logits_LV = model(input_ids=input_L1, attention_mask=attn_LW[:, :P + t].long(), position_ids=pos_L1,
                               use_cache=True, logits_to_keep=1, **cache).logits[:, -1]
-        token_B, logprob_B = choose_tokens(logits_BV, args, generator)  # (B,), (B,)
+        # one uniform per rollout row per step, drawn whether or not the row is still decoded: the same
+        # draws, hence the same samples, as without rows leaving
+        uniform_B = None if args.greedy else draw_uniforms(B, generator, device)
+        token_L, logprob_L = choose_tokens(logits_LV, args, generator,
+                                           uniform_B=None if uniform_B is None else uniform_B[live_L])
+        token_B, logprob_B = token_L, logprob_L
+        if len(live_L) < B:  # back to the rollout's rows; the rows that left get pad / 0 below anyway
+            token_B = token_L.new_zeros(B).index_copy_(0, live_L, token_L)
+            logprob_B = logprob_L.new_zeros(B).index_copy_(0, live_L, logprob_L)
         active_B = ~rows.finished_B  # (B,) rows that produce token t
         rows.append(torch.where(active_B, token_B, tokenizer.pad_token_id),
                     torch.where(active_B, logprob_B, 0.0), active_B, eos_ids_E)
         if bool(rows.finished_B.all()):
             break
-        attn_BW[:, P + t] = active_B
-        input_B1, pos_B1 = rows.ids[-1].unsqueeze(1), pos_B1 + 1
+        attn_LW[:, P + t] = active_B[live_L]
+        input_L1, pos_L1 = rows.ids[-1][live_L].unsqueeze(1), pos_L1 + 1
+        keep_L = _keep(rows.finished_B[live_L], steps_left=max_new_tokens - t - 1) if compact else None
+        if keep_L is not None:
+            live_L, input_L1, pos_L1, attn_LW = live_L[keep_L], input_L1[keep_L], pos_L1[keep_L], attn_LW[keep_L]
+            cache[_CACHE_KWARG].batch_select_indices(keep_L)
     return (torch.stack(rows.ids, dim=1), torch.stack(rows.masks, dim=1), torch.stack(rows.logprobs, dim=1),
             rows.finished_B, rows.texts())
+
+
+def _keep(finished_L: torch.Tensor, steps_left: int) -> torch.Tensor | None:
+    """The decode rows to keep when rows that stopped should leave the batch, else None. (K,) long
+
+    A row that stopped still costs a full row of every product at every step: on a CPU, where the
+    decode's products are bound by arithmetic (AVX2) or nearly so, the step's time falls with its
+    row count.  Rows leave when the stopped ones times the steps left reach a quarter of the rows
+    (moving the KV cache's rows costs about a tenth of a step).  At least two rows stay (a stopped
+    one kept beside the last running one): oneDNN's one-row product rounds differently from the
+    same row in a batch, and every row's logits must be bit for bit those of the full batch.
+    """
+    L = finished_L.shape[0]
+    stopped = int(finished_L.sum())
+    if stopped == 0 or L <= 2 or stopped * steps_left * 4 < L:
+        return None
+    keep_L = (~finished_L).nonzero().squeeze(1)
+    if keep_L.numel() < 2:
+        keep_L = torch.cat([keep_L, finished_L.nonzero()[:1, 0]]).sort().values
+    return keep_L
 
 
 class _PreallocatedLayer(transformers.cache_utils.DynamicLayer):
@@ -228,6 +264,12 @@ class _PreallocatedLayer(transformers.cache_utils.DynamicLayer):
         self.length = end
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
         return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows ``indices`` (new buffers of the same capacity, unwritten columns still zero)."""
+        if self.is_initialized:
+            self._keys, self._values = self._keys.index_select(0, indices), self._values.index_select(0, indices)
+            self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
 
     def get_seq_length(self) -> int:
         return self.length
@@ -296,9 +338,12 @@ class _Rows:
         return [text if end is None else text[:end] for text, end in zip(decoded, self.text_end)]
 
 
-def choose_tokens(logits_BV: torch.Tensor, args: SamplingArgs,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token_B, logprob_B): the chosen token and its log-prob under the full softmax(z / T)."""
+def choose_tokens(logits_BV: torch.Tensor, args: SamplingArgs, generator: torch.Generator | None = None, *,
+                  uniform_B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_B, logprob_B): the chosen token and its log-prob under the full softmax(z / T).
+
+    ``uniform_B``: the rows' U[0, 1) draws (float64) for :func:`sample_categorical`, when the caller
+    drew them (default: drawn here from ``generator``)."""
     if logits_BV.dim() != 2:
         raise ValueError(f"choose_tokens: logits must be (B, V), got {tuple(logits_BV.shape)}")
     scaled_BV = logits_BV.float()
@@ -309,25 +354,32 @@ def choose_tokens(logits_BV: torch.Tensor, args: SamplingArgs,
         token_B = scaled_BV.argmax(dim=-1)
     else:
         probs_BV = torch.softmax(filter_top_k_top_p(scaled_BV, args.top_k, args.top_p), dim=-1)
-        token_B = sample_categorical(probs_BV, generator)
+        token_B = sample_categorical(probs_BV, generator, uniform_B=uniform_B)
     return token_B, logprobs_BV.gather(1, token_B.unsqueeze(1)).squeeze(1)
 
 
-def sample_categorical(probs_BV: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_categorical(probs_BV: torch.Tensor, generator: torch.Generator | None = None, *,
+                       uniform_B: torch.Tensor | None = None) -> torch.Tensor:
     """One index per row drawn with probability ``probs_BV[i]`` (rows sum to 1): inverse CDF. (B,)
 
-    Draws u ~ U[0, 1) per row and returns the first index whose cumulative probability exceeds
-    u times the row's total (the cumulative sum runs in float64, so zero-probability entries are
-    never chosen and rounding does not tilt the draw).  ``torch.multinomial`` gives the same
-    distribution but spends ~20 ms per (16, 49152) call on 2 CPU cores drawing one exponential
-    variate per entry; this draws one uniform per row.
+    Draws u ~ U[0, 1) per row (:func:`draw_uniforms`, or the given ``uniform_B``) and returns the
+    first index whose cumulative probability exceeds u times the row's total (the cumulative sum
+    runs in float64, so zero-probability entries are never chosen and rounding does not tilt the
+    draw).  ``torch.multinomial`` gives the same distribution but spends ~20 ms per (16, 49152) call
+    on 2 CPU cores drawing one exponential variate per entry; this draws one uniform per row.
     """
     cdf_BV = probs_BV.double().cumsum(dim=-1)
-    device = generator.device if generator is not None else probs_BV.device
-    u_B1 = torch.rand((probs_BV.shape[0], 1), dtype=torch.float64, generator=generator,
-                      device=device).to(probs_BV.device) * cdf_BV[:, -1:]
+    if uniform_B is None:
+        uniform_B = draw_uniforms(probs_BV.shape[0], generator, probs_BV.device)
+    u_B1 = uniform_B.unsqueeze(1) * cdf_BV[:, -1:]
     token_B = torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(1)
     return token_B.clamp_(max=probs_BV.shape[-1] - 1)
+
+
+def draw_uniforms(rows: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """(rows,) float64 draws from U[0, 1), made on ``generator``'s device (else ``device``), on ``device``."""
+    where = generator.device if generator is not None else device
+    return torch.rand(rows, dtype=torch.float64, generator=generator, device=where).to(device)
 
 
 def filter_top_k_top_p(scaled_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
