@@ -13,12 +13,12 @@ from seqpg import core
 from seqpg.batch import Prompt, RolloutBatch, ScoredBatch
 from seqpg.config import ConfigError, load_config, validate_for_processes
 from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
-from seqpg.rollout.sampling import generate
 from seqpg.training.dynamic import Draw, fill_batch
 from seqpg.training.runlog import read_jsonl
 from seqpg.training.step import Scored
 from seqpg.training.trainer import train
 from seqpg.training.update import TrainBatch, UpdateSettings, update
+from update_batches import tiny_update_batch
 
 N = 3  # samples per prompt
 
@@ -123,13 +123,7 @@ def test_a_run_trains_only_on_groups_with_spread_and_resumes_exactly(tiny_overri
 # overlong filtering
 
 
-def _batch(model, tok):
-    prompts = [Prompt("cat", "0"), Prompt("dog", "1"), Prompt("sun", "2")]
-    r = generate(model, tok, prompts, n=4, max_new_tokens=7, chat_template=False,
-                 generator=torch.Generator().manual_seed(0))
-    rewards_B = torch.randn(r.batch_size, generator=torch.Generator().manual_seed(1))
-    adv, ret = core.compute_advantages("grpo", rewards_B, r.completion_mask_BC, group_ids=r.group_ids_B)
-    return TrainBatch(r, adv, ret, r.sample_logprobs_BC)
+_batch = tiny_update_batch
 
 
 @pytest.mark.parametrize("agg", core.AGG_MODES)

@@ -9,20 +9,13 @@ import pytest
 import torch
 
 from seqpg import core
-from seqpg.batch import Prompt
 from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
-from seqpg.rollout.sampling import generate
 from seqpg.training.gradnoise import METRICS
 from seqpg.training.update import TrainBatch, UpdateSettings, _micro_loss, update
+from update_batches import tiny_update_batch
 
 
-def _batch(model, tok):
-    prompts = [Prompt("cat", "0"), Prompt("dog", "1"), Prompt("sun", "2")]
-    r = generate(model, tok, prompts, n=4, max_new_tokens=7, chat_template=False,
-                 generator=torch.Generator().manual_seed(0))
-    rewards_B = torch.randn(r.batch_size, generator=torch.Generator().manual_seed(1))
-    adv, ret = core.compute_advantages("grpo", rewards_B, r.completion_mask_BC, group_ids=r.group_ids_B)
-    return TrainBatch(r, adv, ret, r.sample_logprobs_BC)
+_batch = tiny_update_batch
 
 
 def _prefix_sq(model, batch: TrainBatch, s: UpdateSettings, rows: int) -> float:

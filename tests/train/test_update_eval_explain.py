@@ -13,19 +13,14 @@ from seqpg.apps.cli import main
 from seqpg.config import load_config
 from seqpg.apps.evaluate import evaluate, pass_at_k
 from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
-from seqpg.rollout.sampling import SampleSettings, generate
+from seqpg.rollout.sampling import SampleSettings
 from seqpg.rewards.scorers import make_scorer
 from seqpg.training.trainer import train
-from seqpg.training.update import TrainBatch, UpdateSettings, update
+from seqpg.training.update import UpdateSettings, update
+from update_batches import tiny_update_batch
 
 
-def _batch(model, tok):
-    prompts = [Prompt("cat", "0"), Prompt("dog", "1"), Prompt("sun", "2")]
-    r = generate(model, tok, prompts, n=4, max_new_tokens=7, chat_template=False,
-                 generator=torch.Generator().manual_seed(0))
-    rewards_B = torch.randn(r.batch_size, generator=torch.Generator().manual_seed(1))
-    adv, ret = core.compute_advantages("grpo", rewards_B, r.completion_mask_BC, group_ids=r.group_ids_B)
-    return TrainBatch(r, adv, ret, r.sample_logprobs_BC)
+_batch = tiny_update_batch
 
 
 @pytest.mark.parametrize("agg", core.AGG_MODES)
