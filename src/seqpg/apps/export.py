@@ -431,7 +431,7 @@ def _check_out(out: Path, overwrite: bool) -> Path:
 
 def _write_dir_atomically(out: Path, write: Callable[[Path], None]) -> None:
     """Run ``write`` into a hidden directory beside ``out``, fsync it, then rename it to ``out``."""
-    from ..training.checkpoint import _fsync_tree, _fsync_dir
+    from ..training.checkpoint_files import _fsync_dir, _fsync_tree
 
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()

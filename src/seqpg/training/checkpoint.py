@@ -49,12 +49,12 @@ from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from .signals import StopFlag  # noqa: F401 -- its former home; ``seqpg.training.checkpoint.StopFlag`` stays importable
-from .checkpoint_files import (CHECKPOINTS_DIR, CheckpointDamaged, FORMAT_VERSION, LATEST_FILE, META_FILE,
-                               READABLE_FORMATS, _REPLACED_DIR, _STEP_DIR, _clean_leftovers,
-                               _complete_checkpoints, _discard, _file_problem, _fsync_dir, _fsync_tree,
-                               _is_complete, _json_culprit, _move_into_place, _peft_adapter_names, _prune,
-                               _sha256, _to_json, _write_pointer, _write_text, capture_rng_state,
-                               restore_rng_state, step_dir_name)  # noqa: F401 (re-exported)
+from .checkpoint_files import (CHECKPOINTS_DIR, FORMAT_VERSION, LATEST_FILE, META_FILE,  # noqa: F401 (re-exported)
+                               READABLE_FORMATS, CheckpointDamaged, capture_rng_state, file_checksums,
+                               restore_rng_state, step_dir_name)
+from .checkpoint_files import (_REPLACED_DIR, _STEP_DIR, _clean_leftovers, _complete_checkpoints, _file_problem,
+                               _fsync_tree, _is_complete, _move_into_place, _peft_adapter_names, _prune, _to_json,
+                               _write_pointer, _write_text)
 
 """1: no checksums; 2: ``meta.json`` records each file's size and sha256."""
 _NAME_OK = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -226,18 +226,6 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointDamaged(f"{ckpt / 'trainer_state.json'}: says step {state['step']!r} but the checkpoint "
                                 f"is of step {want_step}")
     return meta
-
-
-def file_checksums(root: Path) -> dict[str, dict[str, Any]]:
-    """``{relative path: {"bytes": size, "sha256": hex}}`` of every file under ``root`` but ``meta.json``."""
-    out = {}
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            full = Path(dirpath) / name
-            rel = full.relative_to(root).as_posix()
-            if rel != META_FILE:
-                out[rel] = {"bytes": full.stat().st_size, "sha256": _sha256(full)}
-    return dict(sorted(out.items()))
 
 
 def _dir_step(ckpt: Path) -> int | None:

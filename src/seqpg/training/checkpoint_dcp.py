@@ -42,9 +42,9 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from .checkpoint_files import (CHECKPOINTS_DIR, FORMAT_VERSION, META_FILE, CheckpointDamaged, _clean_leftovers,
-                         _file_problem, _fsync_tree, _move_into_place, _peft_adapter_names, _prune, _sha256, _to_json,
-                         _write_pointer, _write_text, capture_rng_state, restore_rng_state, step_dir_name)
+from .checkpoint_files import (CHECKPOINTS_DIR, FORMAT_VERSION, META_FILE, _clean_leftovers, _fsync_tree,
+                               _move_into_place, _peft_adapter_names, _prune, _to_json, _write_pointer, _write_text,
+                               capture_rng_state, file_checksums, restore_rng_state, step_dir_name)
 
 if TYPE_CHECKING:
     from .distributed import DistContext
@@ -109,7 +109,7 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, *, modules: M
                 _save_synced(rng_state, tmp / rng_file_name(dist.rank))
         with dist.fail_together("checkpoint"):  # every process has written all it writes: list and hash
             shared = _files_under(tmp, (DCP_DIR, RNG_DIR))
-            digests = file_digests(tmp, shared[dist.rank::dist.world_size])  # the hashing is shared out too
+            digests = file_checksums(tmp, shared[dist.rank::dist.world_size])  # the hashing is shared out too
         digests = {k: v for part in dist.gather_objects(digests) for k, v in part.items()}
         with dist.fail_together("checkpoint"):
             if dist.is_main:
@@ -131,7 +131,7 @@ def _finish(tmp: Path, final: Path, step: int, modules, optimizer, scheduler, to
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
     _write_text(tmp / "trainer_state.json", state_json)
     own = _files_under(tmp, ("scheduler.pt", "tokenizer", "trainer_state.json"))
-    digests = dict(sorted({**digests, **file_digests(tmp, own)}.items()))
+    digests = dict(sorted({**digests, **file_checksums(tmp, own)}.items()))
     meta = {"format": FORMAT_VERSION, "step": step, "weights": WEIGHTS_KIND,
             "adapters": _peft_adapter_names(modules["policy"]),
             "extra_modules": sorted(n for n in modules if n != "policy"),
@@ -155,11 +155,10 @@ def load_sharded_checkpoint(ckpt: Path, meta: Mapping[str, Any], *, modules: Map
     """Load a sharded checkpoint into ``modules`` (FSDP2-sharded or plain) and the optimizer; no collectives.
 
     Called by :func:`seqpg.training.checkpoint.load_checkpoint`, whose arguments these are (``modules``:
-    ``{"policy": model, **extra_modules}``).  Each process first checks the sha256 of its share
-    of the checkpoint's files.  Returns the trainer state.
+    ``{"policy": model, **extra_modules}``), which has verified the checkpoint's files already
+    (``verify_checkpoint``, through ``latest_checkpoint`` or itself).  Returns the trainer state.
     """
-    rank, world = _rank_and_world()
-    verify_file_digests(ckpt, meta["files"], share=(rank, world))
+    rank, _ = _rank_and_world()
     for name in modules:
         if name != "policy" and name not in meta["extra_modules"]:
             raise KeyError(f"{ckpt} has no extra module {name!r}; it holds {meta['extra_modules'] or 'none'}")
@@ -284,22 +283,6 @@ def _files_under(folder: Path, names: tuple[str, ...]) -> list[str]:
         elif p.is_dir():
             out += [f.relative_to(folder).as_posix() for f in p.rglob("*") if f.is_file()]
     return sorted(out)
-
-
-def file_digests(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    """``{relative path: {"bytes": size, "sha256": hex}}`` of the files ``names`` under ``folder``: the
-    record :func:`seqpg.training.checkpoint.verify_checkpoint` checks, as for whole-model checkpoints."""
-    return {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in names}
-
-
-def verify_file_digests(ckpt: Path, digests: Mapping[str, Mapping[str, Any]], share: tuple[int, int] = (0, 1)) -> None:
-    """Check the files recorded in ``digests`` (process ``share[0]`` of ``share[1]``: its share of them);
-    :class:`~seqpg.training.checkpoint.CheckpointDamaged` naming the first file that is missing or differs."""
-    rank, world = share
-    for name in sorted(digests)[rank::world]:
-        problem = _file_problem(ckpt / name, digests[name])
-        if problem:
-            raise CheckpointDamaged(f"{ckpt / name}: {problem}")
 
 
 def _save_synced(obj: Any, path: Path) -> None:

@@ -120,6 +120,16 @@ class CheckpointDamaged(ValueError):
     """A checkpoint whose files do not match what its ``meta.json`` records, or cannot be read."""
 
 
+def file_checksums(root: Path, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"bytes": size, "sha256": hex}}`` of the files ``names`` (relative to ``root``), by
+    default of every file under ``root`` but ``meta.json``: the record ``verify_checkpoint`` checks, for
+    whole and sharded checkpoints alike."""
+    if names is None:
+        names = [(Path(d) / f).relative_to(root).as_posix() for d, _, files in os.walk(root) for f in files]
+        names = [n for n in names if n != META_FILE]
+    return {n: {"bytes": (root / n).stat().st_size, "sha256": _sha256(root / n)} for n in sorted(names)}
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -375,13 +375,14 @@ class Parallel:
         policy = plain.pop("policy")
         return CheckpointView(policy, _StateHolder(optim_state), plain)
 
-    def load_checkpoint(self, ckpt, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    def load_checkpoint(self, ckpt, optimizer: torch.optim.Optimizer, scheduler, *, verify: bool = True) -> dict:
         """Load a checkpoint (written with any number of processes) on this process; no collectives.
 
         Returns the checkpoint's trainer state.  Global RNG streams are restored to the saved
         ones (rank 0's, or this rank's own in a sharded checkpoint that has them) on every process.
         A sharded checkpoint is read straight into this process's shards (DCP reshards); a full
-        one is read whole into plain copies and cut into shards.
+        one is read whole into plain copies and cut into shards.  ``verify``: as in
+        :func:`seqpg.training.checkpoint.load_checkpoint` (False where the caller has verified ``ckpt``).
         """
         from .checkpoint import load_checkpoint, resolve_checkpoint
         from .checkpoint_dcp import is_sharded_checkpoint
@@ -389,11 +390,12 @@ class Parallel:
 
         if self.mode != "fsdp2" or is_sharded_checkpoint(resolve_checkpoint(ckpt)):
             return load_checkpoint(ckpt, model=self.raw_policy, optimizer=optimizer,
-                                   extra_modules=self.extra_modules, scheduler=scheduler)
+                                   extra_modules=self.extra_modules, scheduler=scheduler, verify=verify)
         plain = {name: self._plain_copy(name) for name in ("policy", *self.extra_modules)}
         holder = _StateHolder()
         state = load_checkpoint(ckpt, model=plain["policy"], optimizer=holder,
-                                extra_modules={k: v for k, v in plain.items() if k != "policy"}, scheduler=scheduler)
+                                extra_modules={k: v for k, v in plain.items() if k != "policy"}, scheduler=scheduler,
+                                verify=verify)
         for name, m in {"policy": self.policy, **self.extra_modules}.items():
             # a PEFT checkpoint holds the adapters only: the frozen base weights stay as they were built
             only = {n for n, p in m.named_parameters() if p.requires_grad} if is_lora_model(m) else None

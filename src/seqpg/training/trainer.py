@@ -28,7 +28,7 @@ from ..batch import Prompt
 from .build import Components, build_components
 from .checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state
 from ..config import TrainConfig, to_dict
-from .collapse import CollapseWatch, collapse_metrics, distinct_n
+from .collapse import CollapseWatch, collapse_metrics
 from .dynamic import Draw, fill_batch
 from .distributed import DistContext, failed_together
 from .periodic_eval import evaluate_held_out
@@ -80,7 +80,7 @@ def _run(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool, run_
         if resume and ckpt is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints; start without --resume")
         if ckpt is not None:
-            state = c.parallel.load_checkpoint(ckpt, c.optimizer, c.scheduler)
+            state = c.parallel.load_checkpoint(ckpt, c.optimizer, c.scheduler, verify=False)  # verified just above
             start = state["step"]
             c.stream.load_state_dict(state["prompt_stream"])
             c.kl_ctl.load_state_dict(state["kl_controller"])
