@@ -27,7 +27,6 @@ import torch
 from .. import core
 from ..batch import Prompt, RolloutBatch
 from ..training.build import build_kl_controller, build_policy, build_prompts, build_scorers
-from ..training.checkpoint import latest_checkpoint, load_checkpoint
 from ..config import TrainConfig
 from ..training.critic import build_critic
 from ..training.distributed import resolve_device
@@ -35,7 +34,7 @@ from .export import exported_step
 from ..training.reference import ReferencePolicy
 from ..model.policy import completion_logprobs
 from ..rollout.sampling import encode_prompt
-from .session import is_run_dir, resolve_target_config
+from .session import is_run_dir, load_run_checkpoint, resolve_target_config
 from ..training.step import Judged, Scored, StepSettings, judge, score
 from ..rewards.tasks import normalise_prompt_text
 
@@ -108,14 +107,9 @@ class RunJudge:
         reference = ReferencePolicy(model) if st.uses_reference else None  # before the trained weights load
         critic = build_critic(model, shared=cfg.algo.critic == "shared", seed=cfg.seed) if st.needs.critic else None
         kl_ctl = build_kl_controller(cfg.algo)
+        state = load_run_checkpoint(target, model, {"critic": critic.module} if critic is not None else None)
         step = exported_step(target) or 0
-        if is_run_dir(target):
-            ckpt = latest_checkpoint(target)
-            if ckpt is None:
-                raise FileNotFoundError(f"{target}: a run directory without checkpoints (train it first, or pass "
-                                        "the model instead)")
-            state = load_checkpoint(ckpt, model=model, restore_rng=False,
-                                    extra_modules={"critic": critic.module} if critic is not None else None)
+        if state is not None:
             step = state["step"]
             kl_ctl.load_state_dict(state["kl_controller"])
         model.eval()

@@ -40,15 +40,21 @@ def load_policy_for(target: str, cfg: TrainConfig, device: torch.device | None =
     ``device``, by default the configuration's (``device: auto`` is CUDA when visible)."""
     device = device or resolve_device(cfg.device)
     model, tok = build_policy(cfg.model, cfg.seed, device)
-    step = exported_step(target) or 0
-    if is_run_dir(target):
-        ckpt = latest_checkpoint(target)
-        if ckpt is None:
-            raise FileNotFoundError(f"{target}: a run directory without checkpoints (train it first, or pass "
-                                    f"the model instead)")
-        step = load_checkpoint(ckpt, model=model, restore_rng=False)["step"]
+    state = load_run_checkpoint(target, model)
     model.eval()
-    return model, tok, step
+    return model, tok, state["step"] if state is not None else exported_step(target) or 0
+
+
+def load_run_checkpoint(target: str, model, extra_modules: dict | None = None) -> dict | None:
+    """For a run directory: its latest intact checkpoint loaded into ``model`` (and ``extra_modules``, e.g. the
+    critic), the global RNG streams left alone; its trainer state.  None for a model (nothing to load)."""
+    if not is_run_dir(target):
+        return None
+    ckpt = latest_checkpoint(target)  # verified here, so not again when loaded
+    if ckpt is None:
+        raise FileNotFoundError(f"{target}: a run directory without checkpoints (train it first, or pass "
+                                f"the model instead)")
+    return load_checkpoint(ckpt, model=model, extra_modules=extra_modules, restore_rng=False, verify=False)
 
 
 @dataclass
