@@ -44,11 +44,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
-from pathlib import Path
 
 from .common import DTYPES, BenchSetup, quiet
 from .compare import headline, machine_info, measure_peak, run_pair, summarise
-from .report import markdown, to_json
+from .report import markdown, write_report
 
 
 def _check_trl() -> None:
@@ -117,12 +116,7 @@ def run_bench(steps: int | None = None, out_dir: str = "bench", dtypes=None, thr
                   f"phase at {100 * summary['libraries']['seqpg']['mfu_training']:.1f}% of the matmul peak", flush=True)
     report.update(headline(report["runs"]))
     report["machine"]["load_average_at_end"] = os.getloadavg()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.json").write_text(to_json(report))
-    (out / "latest.md").write_text(markdown(report))
-    print("\n" + markdown(report))
-    print(f"wrote {out / 'latest.json'} and {out / 'latest.md'}")
+    write_report(out_dir, "latest", report, markdown)
     return 0
 
 

@@ -20,11 +20,10 @@ import math
 import os
 import statistics
 from dataclasses import asdict
-from pathlib import Path
 
 from .common import BenchSetup
 from .compare import machine_info, run_pair
-from .report import to_json
+from .report import write_report
 
 
 def curve_difference(seqpg: list[float], trl: list[float]) -> dict:
@@ -80,12 +79,7 @@ def run_learning(config: str = "examples/demo.yaml", overrides: list[str] | None
         "held_out": tracks,
         "time_to_target": time_to_target(tracks),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "learning.json").write_text(to_json(report))
-    (out / "learning.md").write_text(markdown(report))
-    print("\n" + markdown(report))
-    print(f"wrote {out / 'learning.json'} and {out / 'learning.md'}")
+    write_report(out_dir, "learning", report, markdown)
     return 0
 
 

@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Callable
 
 from .common import PHASE_LABELS, PHASES
+
+
+def write_report(out_dir: str | Path, stem: str, report: dict, render: Callable[[dict], str]) -> None:
+    """``OUT/STEM.json`` (:func:`to_json`) and ``OUT/STEM.md`` (``render(report)``), the page printed too."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    page = render(report)
+    (out / f"{stem}.json").write_text(to_json(report))
+    (out / f"{stem}.md").write_text(page)
+    print("\n" + page)
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
 
 
 def to_json(report: dict) -> str:
