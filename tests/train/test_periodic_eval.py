@@ -37,7 +37,7 @@ def test_due_before_training_every_n_steps_and_after_the_last():
 
 def test_preserved_rng_restores_python_numpy_and_torch_streams():
     states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
-    with preserved_rng(torch.device("cpu")):
+    with preserved_rng():
         random.random(), np.random.rand(), torch.rand(3)
     assert random.getstate() == states[0] and (np.random.get_state()[1] == states[1]).all()
     assert torch.equal(torch.get_rng_state(), states[2])

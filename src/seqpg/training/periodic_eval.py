@@ -19,15 +19,12 @@ gather together.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
-import torch
-
 from ..apps.evaluate import EvalResult
+from .checkpoint_files import capture_rng_state, restore_rng_state
 
 
 def due(step: int, eval_every: int, last_step: int) -> bool:
@@ -47,15 +44,14 @@ def eval_metrics(result: EvalResult, seconds: float) -> dict[str, float]:
 
 
 @contextmanager
-def preserved_rng(device: torch.device) -> Iterator[None]:
-    """Python's, NumPy's and torch's (CPU, and ``device``'s when CUDA) random states restored on exit."""
-    py_state, np_state = random.getstate(), np.random.get_state()
+def preserved_rng() -> Iterator[None]:
+    """Every global random stream (Python's, NumPy's, torch's CPU and CUDA / MPS) restored on exit: the same
+    states a checkpoint saves (:func:`~seqpg.training.checkpoint_files.capture_rng_state`)."""
+    state = capture_rng_state()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            yield
+        yield
     finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+        restore_rng_state(state)
 
 
 def evaluate_held_out(cfg, c, dist, step: int, log) -> dict[str, float] | None:
@@ -70,7 +66,7 @@ def evaluate_held_out(cfg, c, dist, step: int, log) -> dict[str, float] | None:
 
     prompts = c.eval_prompts[:cfg.eval_prompts]
     t0 = time.perf_counter()
-    with preserved_rng(dist.device), c.parallel.full_params() as model, dist.fail_together("held-out evaluation"):
+    with preserved_rng(), c.parallel.full_params() as model, dist.fail_together("held-out evaluation"):
         result = evaluate_as_configured(cfg, model, c.tokenizer, prompts, c.scorers)
     metrics = eval_metrics(result, time.perf_counter() - t0)
     log.log_metrics(step, metrics)
