@@ -167,7 +167,9 @@ def _synthetic_run(run: Path, steps: int = 30, with_eval: bool = True) -> None:
         for s in range(1, steps + 1):
             m = {"reward_mean": 1 - math.exp(-s / 10), "reward_std": 0.2, "reward/vader": 0.5, "reward/length": 0.1,
                  "kl": 0.01 * s, "kl_coef": 0.05 + 0.001 * s, "response_length": 30 - s / 3, "truncated_frac": 0.1,
-                 "gns/trace_cov": 40.0 + s, "gns/grad_sq": 1.5 - (s % 3), "gns/b_simple": (40.0 + s) / (1.5 - (s % 3))}
+                 "gns/trace_cov": 40.0 + s, "gns/grad_sq": 1.5 - (s % 3), "gns/b_simple": (40.0 + s) / (1.5 - (s % 3)),
+                 "collapse/flat_groups": float(s > 20), "collapse/distinct_2": 0.9 - 0.02 * s,
+                 "collapse/shared_opening": 0.01 * s, "collapse/distinct_in_group": 1.0}
             if with_eval and s % 10 == 0:
                 m.update({"eval/mean_reward": 0.1 * s, "eval/se_reward": 0.05, "eval/accuracy": 0.02 * s,
                           "eval/se_accuracy": float("nan")})
@@ -178,8 +180,8 @@ def _synthetic_run(run: Path, steps: int = 30, with_eval: bool = True) -> None:
 def test_plot_run_writes_all_plots(tmp_path):
     _synthetic_run(tmp_path)
     paths = plot_run(tmp_path)
-    assert sorted(p.name for p in paths) == ["eval.png", "gradient_noise.png", "kl.png", "response_length.png",
-                                             "reward.png"]
+    assert sorted(p.name for p in paths) == ["collapse.png", "eval.png", "gradient_noise.png", "kl.png",
+                                             "response_length.png", "reward.png"]
     for p in paths:
         assert p.parent == tmp_path / "plots" and p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 10_000
 

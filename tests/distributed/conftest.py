@@ -19,7 +19,8 @@ def dist_tmp(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def overrides(dist_tmp):
-    """key=value overrides for a fast tiny-model run that rewards emitting `a` (as in tests/train)."""
+    """key=value overrides (no KL: the tests that are about it set algo.kl_coef) for a fast tiny-model run that
+    rewards emitting `a` (as in tests/train)."""
     prompts = dist_tmp / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": w}) + "\n" for w in WORDS))
 
@@ -28,6 +29,6 @@ def overrides(dist_tmp):
                 "task.train_size=24", "sampling.chat_template=false", "sampling.max_new_tokens=6",
                 "sampling.prompts_per_step=4", "sampling.samples_per_prompt=4",
                 "rewards=[{kind: callable, params: {fn: 'seqpg_test_rewards:target_fraction'}}]",
-                "optim.lr=3e-2", "tensorboard=false", "save_every=1000", f"run_dir={dist_tmp / run}", "threads=1",
+                "optim.lr=3e-2", "algo.kl_coef=0", "tensorboard=false", "save_every=1000", f"run_dir={dist_tmp / run}", "threads=1",
                 "dist_timeout_s=60", *extra]
     return make

@@ -22,12 +22,13 @@ def prompt_file(tmp_path) -> Path:
 
 @pytest.fixture
 def tiny_overrides(prompt_file, tmp_path):
-    """key=value overrides for a fast tiny-model run that rewards emitting the character `a`."""
+    """key=value overrides (no KL: the tests that are about it set algo.kl_coef) for a fast tiny-model run that
+    rewards emitting the character `a`."""
     def make(*extra: str, run: str = "run") -> list[str]:
         return ["model.name=tiny", "task.source=jsonl", f"task.name={prompt_file}", "task.eval_size=4",
                 "task.train_size=24", "sampling.chat_template=false", "sampling.max_new_tokens=6",
                 "sampling.prompts_per_step=4", "sampling.samples_per_prompt=4",
                 "rewards=[{kind: callable, params: {fn: 'seqpg_test_rewards:target_fraction'}}]",
-                "optim.lr=3e-2", "tensorboard=false", "save_every=1000", f"run_dir={tmp_path / run}", "threads=1",
+                "optim.lr=3e-2", "algo.kl_coef=0", "tensorboard=false", "save_every=1000", f"run_dir={tmp_path / run}", "threads=1",
                 *extra]
     return make

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from seqpg.training.collapse import CollapseWatch, collapse_metrics, distinct_in_group, distinct_n, flat_group_fraction
+from seqpg.training.collapse import (CollapseWatch, collapse_metrics, distinct_in_group, distinct_n, flat_group_fraction,
+                                     shared_opening)
 
 GROUPS = torch.tensor([0, 0, 1, 1, 2, 2])
 
@@ -27,6 +28,33 @@ def test_distinct_metrics():
     assert distinct_n(["amazing amazing amazing amazing amazing"], 2) == pytest.approx(1 / 4)
     assert distinct_n(["42", "17"], 2) == 1.0  # one-word answers: character bigrams, not "empty"
     assert distinct_n(["aaaa", "aaa"], 2) == pytest.approx(1 / 5)  # a repeated character is still collapse
+
+
+# sampled at step 97 of the bare-defaults sentiment run without KL (README), and at its step 10
+ONE_ANSWER = ["I'm a wonderful and kind person with a loving heart, I love chocolate", "I'm a wonderful colorful "
+              "and happy person with love and kindness for all", "I am so loving and I adore the sea and its waves",
+              "I'm a wonderful and wonderful person who loves the sea and every wave", "The sea is a calm and "
+              "lovely place where I can rest all day", "I'm a wonderful person full of love, creativity and a happy heart"]
+HEALTHY = ["A leaking roof can turn a cozy home into a damp and gloomy place", "The roof leaked all night and "
+           "we put buckets under every drip", "Rain found its way through the old roof tiles again",
+           "Chocolate melts slowly on the tongue and leaves a sweet warmth behind", "A bar of dark chocolate "
+           "is the best reward after a long day", "In the quiet kitchen the smell of chocolate filled every room"]
+
+
+def test_shared_opening_sees_one_answer_across_prompts():
+    share, opening = shared_opening(ONE_ANSWER, GROUPS)
+    assert (share, opening) == (pytest.approx(4 / 6), "i'm a wonderful")  # in groups 0, 1 and 2
+    assert shared_opening(HEALTHY, GROUPS) == (0.0, "")
+    one_prompt = torch.zeros(6, dtype=torch.long)
+    assert shared_opening(ONE_ANSWER, one_prompt) == (0.0, "")  # alike within one prompt is not "across prompts"
+    answers = ["The answer is 14", "The answer is 7", "The answer is 3", "The answer is 9", "The answer is 1",
+               "The answer is 8"]
+    assert shared_opening(answers, GROUPS) == (0.0, "")  # a short answer format is not a collapse
+    assert CollapseWatch().collapsed(collapse_metrics(torch.arange(6.0), GROUPS, ONE_ANSWER)).startswith(
+        "completions of different prompts open alike (67%")
+    assert CollapseWatch().collapsed(collapse_metrics(torch.arange(6.0), GROUPS, HEALTHY)) is None
+    assert CollapseWatch(max_shared_opening=0.7).collapsed(collapse_metrics(torch.arange(6.0), GROUPS,
+                                                                            ONE_ANSWER)) is None
 
 
 def test_watch_warns_once_after_k_consecutive_collapsed_steps():
@@ -55,3 +83,16 @@ def test_a_run_with_no_signal_warns(tiny_overrides, tmp_path, capsys):
     warnings = [json.loads(x) for x in (tmp_path / "run" / "warnings.jsonl").read_text().splitlines()]
     assert [w["step"] for w in warnings] == [3]
     assert "looks collapsed" in capsys.readouterr().err
+
+
+def test_the_defaults_keep_a_kl_penalty_to_the_starting_model():
+    """The defaults that did not collapse on a sentiment reward in 10 minutes (README): KL 0.05, k1 as a reward
+    penalty (its score-function gradient is the KL's), k3 when the KL is a loss term; 0 turns the reference off."""
+    from seqpg.config import load_config
+    from seqpg.training.step import StepSettings
+
+    st = StepSettings.from_config(load_config(None, []))
+    assert st.uses_reference and st.kl_mode == "reward" and st.kl_estimator == "k1"
+    assert StepSettings.from_config(load_config(None, ["algo.kl_mode=loss"])).update.kl_estimator == "k3"
+    assert StepSettings.from_config(load_config(None, ["algo.kl_estimator=k2"])).kl_estimator == "k2"
+    assert not StepSettings.from_config(load_config(None, ["algo.kl_coef=0"])).uses_reference

@@ -37,13 +37,14 @@ def test_overrides_are_typed_and_nested():
     ("algo.name=ppo2", "algo.name='ppo2' is not valid; choose one of: a2c, ppo, grpo"),
     ("algo.agg=mean", "algo.agg='mean' is not valid.*token-mean"),
     ("sampling.temperature=0", "temperature must be > 0"),
-    ("algo.kl_target=0.1", "kl_target.*needs an initial algo.kl_coef"),
+    ("algo.kl_target=0.1 algo.kl_coef=0", "kl_target.*needs an initial algo.kl_coef"),
+    ("collapse_shared_opening=1.5", "collapse_shared_opening must be a fraction in \\[0, 1\\], got 1.5"),
     ("rewards=[]", "rewards is empty"),
     ("optim.lr", "not of the form key=value"),
 ])
 def test_bad_configuration_is_refused_with_the_key_named(override, message):
     with pytest.raises(C.ConfigError, match=message):
-        C.load_config(None, [override])
+        C.load_config(None, override.split(" "))
 
 
 def test_group_estimators_need_two_samples_per_prompt():

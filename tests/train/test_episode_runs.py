@@ -127,7 +127,8 @@ def test_environment_positions_reach_no_gradient(episode_overrides, monkeypatch)
     columns does (the test can fail)."""
     monkeypatch.setattr(policy_mod, "_takes_per_row_logits_to_keep", lambda: False)  # padded: column j -> token j
     cfg, c = _components(episode_overrides, "algo.name=ppo", "algo.kl_mode=loss", "algo.kl_coef=0.1",
-                         "algo.entropy_coef=0.1", "algo.critic=separate", "optim.max_grad_norm=0")
+                         "algo.entropy_coef=0.1", "algo.critic=separate", "optim.max_grad_norm=0",
+                         "optim.grad_noise=false")  # one forward over the whole batch: the hook's layout
     torch.manual_seed(0)
     rollout = sample(c.policy, c.tokenizer, c.stream.take(2), c.settings, step=1)
     scored = score(c.policy, c.tokenizer, rollout, rollout.prompts[::3], c.scorers, c.settings)

@@ -6,7 +6,11 @@ Two ways a fast policy-gradient run degenerates, both invisible in the mean rewa
   group-baseline advantage is 0 and the step teaches nothing: ``collapse/flat_groups`` = 1;
 * **one answer**: the samples of a prompt, or the completions across prompts, are (nearly) the
   same text, e.g. "I'm so glad you love my amazing amazing amazing ..." for every prompt:
-  ``collapse/distinct_in_group`` -> 1/n and ``collapse/distinct_2`` -> 0.
+  ``collapse/distinct_in_group`` -> 1/n and ``collapse/distinct_2`` -> 0; or every prompt gets the same
+  answer that is not repetitive in itself, e.g. "I'm a wonderful and kind person ..." whatever the topic
+  (measured at seqpg's defaults without KL): sampled at temperature 1 these still differ after their first
+  words, so distinct-2 stays high (0.6), but a third or more of them open alike, across prompts:
+  ``collapse/shared_opening``.
 
 Metrics (pure functions of one step's rewards, group ids and completion texts):
 
@@ -16,9 +20,14 @@ Metrics (pure functions of one step's rewards, group ids and completion texts):
 ``collapse/distinct_2``    distinct word bigrams / all word bigrams over the step's completions
                            ("distinct-2", Li et al. 2016); character bigrams where no completion
                            has two words; 0 when there is none (empty answers)
+``collapse/shared_opening``  fraction of the step's completions that open with its most common first
+                           ``OPENING_WORDS`` words, when completions of two or more prompts open so;
+                           completions under ``MIN_OPENING_TEXT`` words are not counted (a short
+                           answer format, "The answer is 14", is not a collapse); 0 with one prompt
 =========================  ===================================================================
 
-A step is *collapsed* when ``flat_groups`` is 1 or ``distinct_2`` is below ``min_distinct``;
+A step is *collapsed* when ``flat_groups`` is 1, ``distinct_2`` is below ``min_distinct``, or
+``shared_opening`` is at least ``max_shared_opening``;
 :class:`CollapseWatch` warns once after ``steps`` consecutive collapsed steps, naming the usual
 remedies. (Healthy sampling at temperature 1 keeps distinct-2 well above 0.5 over 16 sentences;
 a repeated word drives it to a few hundredths.)
@@ -30,6 +39,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+OPENING_WORDS = 3
+"""Words of a completion's opening compared across prompts."""
+MIN_OPENING_TEXT = 8
+"""Completions shorter than this many words are left out of ``shared_opening``."""
 
 REMEDIES = ("KL to the reference model (algo.kl_coef, e.g. 0.05), a lower learning rate (optim.lr), or a reward "
             "that does not pay for emptiness or repetition")
@@ -74,12 +88,33 @@ def distinct_n(completions: Sequence[str], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def shared_opening(completions: Sequence[str], group_ids_B: torch.Tensor, words: int = OPENING_WORDS,
+                   min_words: int = MIN_OPENING_TEXT) -> tuple[float, str]:
+    """(share, opening): the fraction of all completions that open with the most common first ``words``
+    words (lower-cased), and that opening, when completions of at least two groups (prompts) open with it;
+    (0.0, "") otherwise. Completions of fewer than ``min_words`` words are not counted as opening alike."""
+    openings: dict[str, set[int]] = {}
+    counts: dict[str, int] = {}
+    for text, g in zip(completions, group_ids_B.tolist(), strict=True):
+        w = text.lower().split()
+        if len(w) >= min_words:
+            key = " ".join(w[:words])
+            openings.setdefault(key, set()).add(g)
+            counts[key] = counts.get(key, 0) + 1
+    across = [k for k, gs in openings.items() if len(gs) >= 2]
+    if not across or not completions:
+        return 0.0, ""
+    top = max(across, key=lambda k: counts[k])
+    return counts[top] / len(completions), top
+
+
 def collapse_metrics(rewards_B: torch.Tensor, group_ids_B: torch.Tensor,
                      completions: Sequence[str]) -> dict[str, float]:
-    """The module's three metrics for one step."""
+    """The module's four metrics for one step."""
     return {"collapse/flat_groups": flat_group_fraction(rewards_B, group_ids_B),
             "collapse/distinct_in_group": distinct_in_group(completions, group_ids_B),
-            "collapse/distinct_2": distinct_n(completions, 2)}
+            "collapse/distinct_2": distinct_n(completions, 2),
+            "collapse/shared_opening": shared_opening(completions, group_ids_B)[0]}
 
 
 @dataclass
@@ -90,6 +125,8 @@ class CollapseWatch:
     """Consecutive collapsed steps before the warning; 0 disables the watch."""
     min_distinct: float = 0.2
     """A step whose distinct-2 is below this is collapsed."""
+    max_shared_opening: float = 0.3
+    """A step in which at least this fraction of completions, of two or more prompts, open alike is collapsed."""
     run: int = 0
     warned: bool = False
 
@@ -100,6 +137,9 @@ class CollapseWatch:
         if m["collapse/distinct_2"] < self.min_distinct:
             return (f"completions are near-identical (distinct-2 {m['collapse/distinct_2']:.2f} < "
                     f"{self.min_distinct}; {m['collapse/distinct_in_group']:.2f} distinct per group)")
+        if m.get("collapse/shared_opening", 0.0) >= self.max_shared_opening:
+            return (f"completions of different prompts open alike ({m['collapse/shared_opening']:.0%} of them with "
+                    f"the same first {OPENING_WORDS} words): one answer whatever the prompt")
         return None
 
     def update(self, step: int, m: dict[str, float]) -> str | None:

@@ -14,6 +14,8 @@ plot whose data is absent is skipped):
 * evaluation: ``eval/mean_reward`` ± ``eval/se_reward``, ``eval/accuracy`` ± ``eval/se_accuracy``
   (also ``eval/reward_mean`` / ``eval/reward_se``, ``eval/accuracy_se``: what training with ``eval_every``
   logs, see :mod:`seqpg.training.periodic_eval`)
+* collapse watch: ``collapse/flat_groups``, ``collapse/distinct_2``, ``collapse/shared_opening``,
+  ``collapse/distinct_in_group`` (fractions; see :mod:`seqpg.training.collapse`)
 * gradient noise scale: ``gns/b_simple`` per step, and the ratio of the moving means of ``gns/trace_cov`` and
   ``gns/grad_sq`` over ``GNS_WINDOW`` steps (McCandlish et al. average numerator and denominator apart)
 """
@@ -42,12 +44,16 @@ EVAL_ACCURACY = ("eval/accuracy", "eval/accuracy/mean")
 EVAL_ACCURACY_SE = ("eval/se_accuracy", "eval/accuracy_se", "eval/accuracy/se")
 GNS_B_SIMPLE, GNS_TRACE, GNS_GRAD_SQ = ("gns/b_simple",), ("gns/trace_cov",), ("gns/grad_sq",)
 GNS_WINDOW = 10
+COLLAPSE = (("collapse/flat_groups", "groups with no reward spread", "#d62728"),
+            ("collapse/distinct_2", "distinct word bigrams (distinct-2)", "#1f77b4"),
+            ("collapse/shared_opening", "completions opening alike across prompts", "#ff7f0e"),
+            ("collapse/distinct_in_group", "distinct completions per group", "#2ca02c"))
 _NOT_SCORERS = {"mean", "std", "se", "sem", "min", "max"}
 _SCORER_COLORS = ("#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 
 
 def plot_run(run_dir: str | os.PathLike) -> list[Path]:
-    """Write ``run_dir/plots/{reward,kl,response_length,eval,gradient_noise}.png`` from ``metrics.jsonl``; return the files written."""
+    """Write ``run_dir/plots/{reward,kl,response_length,eval,collapse,gradient_noise}.png`` from ``metrics.jsonl``; return the files written."""
     run_dir = Path(run_dir)
     path = run_dir / METRICS_FILE
     if not path.is_file():
@@ -57,7 +63,7 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     out = run_dir / PLOTS_DIR
     written = []
     for name, draw in (("reward", _reward), ("kl", _kl), ("response_length", _length), ("eval", _eval),
-                        ("gradient_noise", _gradient_noise)):
+                        ("collapse", _collapse), ("gradient_noise", _gradient_noise)):
         fig = draw(records)
         if fig is not None:
             out.mkdir(exist_ok=True)
@@ -190,6 +196,20 @@ def _eval(records: list[dict]):
         if "accuracy" in label:
             ax.set_ylim(0, 1.05)
     fig.suptitle("Held-out evaluation", fontsize=11)
+    return fig
+
+
+def _collapse(records: list[dict]):
+    series = [(label, color, *_series(records, (key,))) for key, label, color in COLLAPSE]
+    series = [x for x in series if x[2]]
+    if not series:
+        return None
+    fig = _figure()
+    ax = fig.subplots()
+    for label, color, steps, values in series:
+        ax.plot(steps, values, color=color, linewidth=1.5, label=label)
+    ax.set_ylim(-0.03, 1.05)
+    _finish(ax, "Collapse watch (the run warns when these stay bad: see warnings.jsonl)", "fraction")
     return fig
 
 

@@ -80,12 +80,12 @@ class StepSettings:
         update = UpdateSettings(loss=family.loss, agg=a.agg or family.agg, loss_params=dict(a.loss_params),
                                 epochs=a.epochs or family.epochs, minibatches=a.minibatches,
                                 micro_batch_size=o.micro_batch_size, max_grad_norm=o.max_grad_norm,
-                                temperature=s.temperature, kl_estimator=a.kl_estimator,
+                                temperature=s.temperature, kl_estimator=a.kl_estimator_used,
                                 entropy_coef=a.entropy_coef, vf_coef=a.vf_coef, vf_clip=a.vf_clip, bf16=cfg.bf16,
-                                on_nonfinite=o.on_nonfinite)
+                                on_nonfinite=o.on_nonfinite, grad_noise=o.grad_noise)
         return cls(family=family, advantage_params=MappingProxyType(params), whiten=a.whiten,
                    sample=SampleSettings.from_config(s), samples_per_prompt=s.samples_per_prompt,
-                   seed_per_prompt=s.seed_per_prompt, seed=cfg.seed, kl_mode=a.kl_mode, kl_estimator=a.kl_estimator,
+                   seed_per_prompt=s.seed_per_prompt, seed=cfg.seed, kl_mode=a.kl_mode, kl_estimator=a.kl_estimator_used,
                    uses_reference=a.kl_coef > 0, bf16=cfg.bf16, update=update, on_scorer_error=cfg.on_scorer_error,
                    episode=EpisodeSettings.from_config(cfg),
                    sample_rounds=s.max_sample_rounds if s.dynamic_sampling else 1, overlong_filter=a.overlong_filter)

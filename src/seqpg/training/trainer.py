@@ -93,7 +93,7 @@ def _run(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool, run_
     stop = StopFlag()
     t_start, metrics, step, saved = time.monotonic(), {}, start, start
     bar = progress_bar(total=cfg.steps, initial=start, enabled=progress and dist.is_main)
-    watch = CollapseWatch(cfg.collapse_steps, cfg.collapse_min_distinct)
+    watch = CollapseWatch(cfg.collapse_steps, cfg.collapse_min_distinct, cfg.collapse_shared_opening)
     try:
         with stop:
             if start == 0:

@@ -16,6 +16,9 @@ the fraction skipped and ``nonfinite_steps`` their number.  With ``on_nonfinite=
 With two or more micro-batches per mini-batch the update also reports the gradient noise scale
 (``gns/b_simple``, ``gns/grad_sq``, ``gns/trace_cov``; :mod:`seqpg.training.gradnoise`) from the
 accumulated gradient's norm after each micro-batch: no extra backward, no copy of the gradients.
+With ``grad_noise`` set, a mini-batch that would be one micro-batch is run as two (cut at the group
+boundary nearest its middle, :func:`noise_split`) so that every update reports it: the same gradient,
+summed from two backward passes of half the rows each.
 """
 
 from __future__ import annotations
@@ -91,6 +94,8 @@ class UpdateSettings:
     vf_clip: float | None = 0.2
     bf16: bool = False
     on_nonfinite: str = "skip"
+    grad_noise: bool = False
+    """Split a mini-batch that would be one micro-batch in two, so that the gradient noise scale is measured."""
 
 
 class GradSync(Protocol):
@@ -133,25 +138,25 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
     n_steps = 0
     device = model_device(policy)
     noise = GradientNoiseProbe()
+    sharded = any(hasattr(p, "full_tensor") for p in params)  # FSDP2: no partial gradients to read, no split
     for _epoch in range(s.epochs):
         order = torch.randperm(B, generator=generator) if s.minibatches > 1 else torch.arange(B)
         for rows in order.chunk(s.minibatches):
             mb = batch.select(rows)
             num_tokens, num_seqs = _sum_counts(mb.mask_BC, all_reduce)
             optimizer.zero_grad(set_to_none=True)
-            step = max(1, s.micro_batch_size or len(rows))
-            starts = range(0, len(rows), step)
+            bounds = _micro_bounds(mb, s, sharded=sharded)
             mb_stats: dict[str, float] = {}
-            for lo in starts:
-                micro = mb.select(torch.arange(lo, min(lo + step, len(rows))))
-                last = lo == starts[-1]
+            for lo, hi in bounds:
+                micro = mb.select(torch.arange(lo, hi))
+                last = hi == len(rows)
                 with nullcontext() if last or grad_sync is None else grad_sync.no_sync():
                     with autocast(device.type, s.bf16):
                         loss, st = _micro_loss(policy, critic, micro, s, kl_loss_coef, num_tokens, num_seqs,
                                                max_len)
                     loss.backward()
                 if not last:
-                    noise.after_partial_backward(params, rows_done=lo + micro.mask_BC.shape[0])
+                    noise.after_partial_backward(params, rows_done=hi)
                 share = float(micro.mask_BC.sum()) / max(num_tokens, 1.0)  # of the global mini-batch
                 for k, v in st.items():
                     mb_stats[k] = mb_stats.get(k, 0.0) + (v if k.endswith("loss") else v * share)
@@ -177,6 +182,33 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
             totals["nonfinite_steps"] = totals.get("nonfinite_steps", 0.0) + (0.0 if finite else 1.0)
             n_steps += 1
     return {**_global_means(totals, n_steps, all_reduce), **noise.metrics(all_reduce)}
+
+
+def _micro_bounds(mb: TrainBatch, s: UpdateSettings, *, sharded: bool) -> list[tuple[int, int]]:
+    """[lo, hi) rows of each micro-batch of the mini-batch ``mb``: chunks of ``s.micro_batch_size`` rows,
+    or, when that is one chunk and ``s.grad_noise`` is set, the two halves of :func:`noise_split`."""
+    R = mb.mask_BC.shape[0]
+    step = max(1, s.micro_batch_size or R)
+    if step >= R and s.grad_noise and R >= 2 and not sharded:
+        cut = noise_split(mb.rollout.group_ids_B)
+        return [(0, cut), (cut, R)]
+    return [(lo, min(lo + step, R)) for lo in range(0, R, step)]
+
+
+def noise_split(group_ids_B: torch.Tensor) -> int:
+    """Where to cut B rows in two for the gradient noise scale: the boundary between two groups (rows
+    with different ``group_ids_B``) nearest B / 2, so each half holds whole groups (a group's rows are
+    correlated: under a group baseline their advantages sum to 0); B // 2 when all rows are one group.
+
+    group_ids_B: (B,) with B >= 2.  Returns 0 < cut < B.
+    """
+    if group_ids_B.ndim != 1 or group_ids_B.shape[0] < 2:
+        raise ValueError(f"noise_split needs (B,) group ids with B >= 2, got shape {tuple(group_ids_B.shape)}")
+    B = group_ids_B.shape[0]
+    changes = (group_ids_B[1:] != group_ids_B[:-1]).nonzero().flatten() + 1  # cuts between groups
+    if changes.numel() == 0:
+        return B // 2
+    return int(changes[(2 * changes - B).abs().argmin()])
 
 
 def _clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
