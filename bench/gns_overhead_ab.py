@@ -32,9 +32,11 @@ if name == "tiny":
 else:
     model, tok = load_model_and_tokenizer(resolve_model(name))
 model.train()
-prompts = [Prompt(t, str(i)) for i, t in enumerate(["Tell me a story.", "Describe the sea.", "A poem on rain.",
-                                                    "Why is the sky blue?"][:n_prompts])]
-r = generate(model, tok, prompts, n=8, max_new_tokens=32, chat_template=False,
+chat = mode == "default"  # the default run's batch: the demo's prompts in the chat template
+texts = ([f"Write one sentence about {t}." for t in ("books", "a bakery", "the beach", "traffic jams")] if chat else
+         ["Tell me a story.", "Describe the sea.", "A poem on rain.", "Why is the sky blue?"])
+prompts = [Prompt(t, str(i)) for i, t in enumerate(texts[:n_prompts])]
+r = generate(model, tok, prompts, n=8, max_new_tokens=32, chat_template=chat,
              generator=torch.Generator().manual_seed(0))
 rewards = torch.randn(r.batch_size, generator=torch.Generator().manual_seed(1))
 adv, ret = core.compute_advantages("grpo", rewards, r.completion_mask_BC, group_ids=r.group_ids_B)
@@ -62,6 +64,7 @@ for i in range(rounds):
         times[probe].append(run(probe))
 ratios = [a / b for a, b in zip(times[True], times[False])]
 label = "default halves vs grad_noise=false" if mode == "default" else f"micro={micro}{' vs whole batch' if split else ''}"
-print(f"{name} B={r.batch_size} {label} threads={torch.get_num_threads()} rounds={rounds}: "
+print(f"{name} B={r.batch_size} C={r.completion_mask_BC.shape[1]} mean length {float(r.completion_mask_BC.sum(1).float().mean()):.1f} {label} threads={torch.get_num_threads()} rounds={rounds}: "
       f"with probe {statistics.median(times[True]):.4f} s, without {statistics.median(times[False]):.4f} s, "
-      f"median ratio {statistics.median(ratios):.4f} (min {min(ratios):.4f}, max {max(ratios):.4f})")
+      f"median ratio {statistics.median(ratios):.4f} (min {min(ratios):.4f}, max {max(ratios):.4f}), "
+      f"median paired difference {statistics.median(a - b for a, b in zip(times[True], times[False])):+.4f} s")
