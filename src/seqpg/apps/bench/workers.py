@@ -51,11 +51,12 @@ class SeqpgRunner:
         self.policy, self.tok = load_model_and_tokenizer(resolve_model(self.cfg.model.name), dtype=torch.float32)
         self.policy.to(s.device).train()
         self.optimizer = adamw([p for p in self.policy.parameters() if p.requires_grad], self.cfg.optim.lr)
-        # GRPO as TRL runs it (no KL, clip at norm 1), with the run's sampling settings; decided once, as
+        # GRPO as TRL runs it (no KL, clip at norm 1, one backward: no gradient-noise measurement, which TRL
+        # does not make), with the run's sampling settings; decided once, as
         # `seqpg train` decides them (seqpg.training.step.StepSettings), precision included
         grpo = replace(self.cfg, bf16=s.dtype == "bf16", algo=replace(self.cfg.algo, name="grpo", advantage=None,
                                                                      loss=None, agg=None, kl_coef=0.0, whiten=False),
-                       optim=replace(self.cfg.optim, max_grad_norm=1.0, micro_batch_size=0))
+                       optim=replace(self.cfg.optim, max_grad_norm=1.0, micro_batch_size=0, grad_noise=False))
         self.settings = StepSettings.from_config(grpo)
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
 
