@@ -53,6 +53,7 @@ def test_shared_opening_sees_one_answer_across_prompts():
     assert CollapseWatch().collapsed(collapse_metrics(torch.arange(6.0), GROUPS, ONE_ANSWER)).startswith(
         "completions of different prompts open alike (67%")
     assert CollapseWatch().collapsed(collapse_metrics(torch.arange(6.0), GROUPS, HEALTHY)) is None
+    assert "collapse/shared_opening" not in collapse_metrics(torch.arange(6.0), GROUPS, ONE_ANSWER, openings=False)
     assert CollapseWatch(max_shared_opening=0.7).collapsed(collapse_metrics(torch.arange(6.0), GROUPS,
                                                                             ONE_ANSWER)) is None
 
@@ -80,6 +81,7 @@ def test_a_run_with_no_signal_warns(tiny_overrides, tmp_path, capsys):
     train(cfg, progress=False)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["collapse/flat_groups"] == 1.0 for r in lines)
+    assert all(r["collapse/shared_opening"] == 0.0 for r in lines)  # 6-token answers: too short to count
     warnings = [json.loads(x) for x in (tmp_path / "run" / "warnings.jsonl").read_text().splitlines()]
     assert [w["step"] for w in warnings] == [3]
     assert "looks collapsed" in capsys.readouterr().err

@@ -113,3 +113,18 @@ def test_an_estimator_with_a_critic_gets_one_whatever_the_family():
 
     st = StepSettings.from_config(C.load_config(None, ["algo.name=grpo", "algo.advantage=gae"]))
     assert st.needs.critic and st.family.advantage == "gae"
+
+
+def test_the_readme_shows_the_errors_the_cli_prints(capsys):
+    """Every `$ seqpg ...` line of the README is run, and the line under it is what it prints (status 2)."""
+    import shlex
+    from pathlib import Path
+
+    from seqpg.apps.cli import main
+
+    lines = (Path(__file__).parents[2] / "README.md").read_text().splitlines()
+    shown = [(line[2:], lines[i + 1]) for i, line in enumerate(lines) if line.startswith("$ seqpg ")]
+    assert len(shown) >= 2
+    for command, printed in shown:
+        assert main(shlex.split(command)[1:]) == 2, command
+        assert capsys.readouterr().err.strip().splitlines()[-1] == printed, command

@@ -42,6 +42,8 @@ def test_every_family_trains_on_episodes(family, episode_overrides):
     for r in rows:
         assert r["episode/turns"] == 3 and r["episode/done_frac"] == 1.0 and 0 < r["episode/context_frac"] < 1
         assert all(math.isfinite(v) for v in r.values() if isinstance(v, float))
+        assert "collapse/distinct_2" in r and "collapse/shared_opening" not in r  # single-turn runs only
+        assert "gns/b_simple" in r  # the default split measures the noise scale on episodes too
     assert any(r["grad_norm"] > 0 for r in rows) and rows[0]["reward/env"] > 0
     sample_row = read_jsonl(result.run_dir / "samples.jsonl")[0]
     assert len(sample_row["turns"]) == 3 and sample_row["completion"] == sample_row["turns"][-1]["text"]

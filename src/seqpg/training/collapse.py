@@ -108,13 +108,16 @@ def shared_opening(completions: Sequence[str], group_ids_B: torch.Tensor, words:
     return counts[top] / len(completions), top
 
 
-def collapse_metrics(rewards_B: torch.Tensor, group_ids_B: torch.Tensor,
-                     completions: Sequence[str]) -> dict[str, float]:
-    """The module's four metrics for one step."""
-    return {"collapse/flat_groups": flat_group_fraction(rewards_B, group_ids_B),
-            "collapse/distinct_in_group": distinct_in_group(completions, group_ids_B),
-            "collapse/distinct_2": distinct_n(completions, 2),
-            "collapse/shared_opening": shared_opening(completions, group_ids_B)[0]}
+def collapse_metrics(rewards_B: torch.Tensor, group_ids_B: torch.Tensor, completions: Sequence[str], *,
+                     openings: bool = True) -> dict[str, float]:
+    """The module's metrics for one step; ``openings`` False leaves out ``shared_opening`` (multi-turn episodes,
+    whose first move, e.g. asking the user a question, may rightly be the same whatever the prompt)."""
+    m = {"collapse/flat_groups": flat_group_fraction(rewards_B, group_ids_B),
+         "collapse/distinct_in_group": distinct_in_group(completions, group_ids_B),
+         "collapse/distinct_2": distinct_n(completions, 2)}
+    if openings:
+        m["collapse/shared_opening"] = shared_opening(completions, group_ids_B)[0]
+    return m
 
 
 @dataclass

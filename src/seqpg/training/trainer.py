@@ -247,7 +247,8 @@ def _metrics(scored, adv_BC, kl_mean, ustats, timer, c: Components, dist: DistCo
     if episodes:
         m.update(episode_metrics(r, dist.gather_cat, dist.all_reduce_sum))
     groups = dist.gather_cat(r.group_ids_B + dist.rank * (int(r.group_ids_B.max()) + 1))  # distinct across processes
-    m.update(collapse_metrics(rewards, groups, [t for ts in dist.gather_objects(r.completions) for t in ts]))
+    m.update(collapse_metrics(rewards, groups, [t for ts in dist.gather_objects(r.completions) for t in ts],
+                              openings=not episodes))
     seconds = dist.all_reduce_max(torch.tensor(list(timer.seconds.values()), dtype=torch.float64)).tolist()
     m.update({f"time/{k}": v for k, v in zip(timer.seconds, seconds)})  # the slowest process's
     total = sum(seconds)
