@@ -18,8 +18,9 @@ MOVED: dict[str, str] = {
     **{f"seqpg.{m}": f"seqpg.model.{m}" for m in ("policy", "segment_attention", "flops")},
     **{f"seqpg.{m}": f"seqpg.rewards.{m}" for m in ("scorers", "tasks")},
     **{f"seqpg.{m}": f"seqpg.training.{m}" for m in (
-        "trainer", "update", "critic", "checkpoint", "distributed", "build", "memory", "runlog", "plots")},
-    **{f"seqpg.{m}": f"seqpg.apps.{m}" for m in ("cli", "demo", "explain", "session", "evaluate")},
+        "trainer", "update", "critic", "checkpoint", "distributed", "build", "memory", "runlog", "plots", "evaluate")},
+    **{f"seqpg.{m}": f"seqpg.apps.{m}" for m in ("cli", "demo", "explain", "session")},
+    "seqpg.apps.evaluate": "seqpg.training.evaluate",  # where it lived in 0.2
     "seqpg.bench": "seqpg.apps.bench",
 }
 """Old module name -> new module name (a package's submodules follow it: ``seqpg.bench.report``)."""

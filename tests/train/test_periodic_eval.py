@@ -76,16 +76,16 @@ def test_training_with_evaluation_equals_training_without_resumed_or_not(tiny_ov
 
 
 def test_evaluation_is_seqpg_evals_number_outside_the_step_and_in_logs_and_plots(tiny_overrides, monkeypatch):
-    import seqpg.apps.session
+    import seqpg.training.periodic_eval
     from seqpg.apps.session import eval_target
 
-    real, pause = seqpg.apps.session.evaluate_as_configured, 3.0
+    real, pause = seqpg.training.periodic_eval.evaluate_as_configured, 3.0
 
     def slow(*args, **kwargs):  # an evaluation that takes 3 s longer: no training step may show it
         time.sleep(pause)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(seqpg.apps.session, "evaluate_as_configured", slow)
+    monkeypatch.setattr(seqpg.training.periodic_eval, "evaluate_as_configured", slow)
     cfg = load_config(None, tiny_overrides("steps=4", "eval_every=2", "eval_prompts=4", "tensorboard=true"))
     run = train(cfg, progress=False).run_dir
     monkeypatch.undo()

@@ -11,7 +11,7 @@ from seqpg import core
 from seqpg.batch import Prompt
 from seqpg.apps.cli import main
 from seqpg.config import load_config
-from seqpg.apps.evaluate import evaluate, pass_at_k
+from seqpg.training.evaluate import evaluate, pass_at_k
 from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
 from seqpg.rollout.sampling import SampleSettings
 from seqpg.rewards.scorers import make_scorer

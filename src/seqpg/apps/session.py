@@ -11,8 +11,7 @@ from ..training.build import build_policy, build_prompts, build_scorers
 from ..training.checkpoint import latest_checkpoint, load_checkpoint
 from ..config import TrainConfig, load_config
 from ..training.distributed import resolve_device
-from .evaluate import EvalResult, evaluate
-from ..rollout.sampling import SampleSettings
+from ..training.evaluate import EvalResult, evaluate_as_configured
 from .export import EXPORT_CONFIG, exported_step
 
 
@@ -86,14 +85,3 @@ def eval_target(target: str, *, config: str | None = None, overrides: list[str] 
     model, tok, step = load_policy_for(target, cfg)
     return EvalReport(target, step, evaluate_as_configured(cfg, model, tok, prompts, scorers, ks=ks, samples=samples))
 
-
-def evaluate_as_configured(cfg: TrainConfig, model, tok, prompts, scorers, *, ks: tuple[int, ...] = (),
-                           samples: int = 0) -> EvalResult:
-    """`evaluate` with the run's sampling settings (budget, chat template, system prompt, stop strings) and
-    its `on_scorer_error`: what `seqpg eval`, the evaluation during training (`eval_every`) and the
-    benchmark's held-out reward all run."""
-    from ..rollout.episode_stage import EpisodeSettings
-
-    return evaluate(model, tok, prompts, scorers, sampling=SampleSettings.from_config(cfg.sampling), ks=ks,
-                    samples=samples, seed=cfg.seed, on_error=cfg.on_scorer_error,
-                    episodes=EpisodeSettings.from_config(cfg))

@@ -1,7 +1,7 @@
 """Held-out evaluation while training: every ``eval_every`` steps, before the first and after the last.
 
 At each of those steps the policy is evaluated on the first ``eval_prompts`` held-out prompts by the
-function ``seqpg eval`` uses (``session.evaluate_as_configured``: one greedy completion per prompt with
+function ``seqpg eval`` uses (``evaluate.evaluate_as_configured``: one greedy completion per prompt with
 the run's sampling settings), and ``eval/*`` metrics are logged at that step to ``metrics.jsonl`` (a line
 of their own) and TensorBoard; ``plots/eval.png`` draws them. So the numbers logged at step k are the
 ones ``seqpg eval RUN`` prints for the checkpoint of step k (in float32; tested).
@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..apps.evaluate import EvalResult
+from .evaluate import EvalResult, evaluate_as_configured
 from .checkpoint_files import capture_rng_state, restore_rng_state
 
 
@@ -62,8 +62,6 @@ def evaluate_held_out(cfg, c, dist, step: int, log) -> dict[str, float] | None:
     """
     if not due(step, cfg.eval_every, cfg.steps):
         return None
-    from ..apps.session import evaluate_as_configured
-
     prompts = c.eval_prompts[:cfg.eval_prompts]
     t0 = time.perf_counter()
     with preserved_rng(), c.parallel.full_params() as model, dist.fail_together("held-out evaluation"):

@@ -89,8 +89,8 @@ def weighted_scores(scorers: list, prompts: list, completions: list[str]) -> lis
 
 
 def held_out_reward(model, tokenizer, cfg, prompts, scorers) -> dict:
-    """Greedy held-out evaluation (``seqpg.apps.evaluate``, as ``seqpg eval`` runs it): mean reward and s.e."""
-    from ..session import evaluate_as_configured
+    """Greedy held-out evaluation (``seqpg.training.evaluate``, as ``seqpg eval`` runs it): mean reward and s.e."""
+    from ...training.evaluate import evaluate_as_configured
 
     r = evaluate_as_configured(cfg, model, tokenizer, prompts, scorers)
     return {"mean_reward": r.mean_reward, "se_reward": r.se_reward, "seconds": r.seconds}

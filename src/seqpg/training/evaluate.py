@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..batch import Prompt
+from ..config import TrainConfig
 from ..rollout.sampling import SampleSettings
 from ..rewards.scorers import score_batch
 
@@ -133,3 +134,15 @@ def _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, sampling: Sample
             for k in ks:
                 totals[k] += pass_at_k(n, c, k)
     return {k: v / len(prompts) for k, v in totals.items()}
+
+
+def evaluate_as_configured(cfg: TrainConfig, model, tok, prompts, scorers, *, ks: tuple[int, ...] = (),
+                           samples: int = 0) -> EvalResult:
+    """`evaluate` with the run's sampling settings (budget, chat template, system prompt, stop strings) and
+    its `on_scorer_error`: what `seqpg eval`, the evaluation during training (`eval_every`) and the
+    benchmark's held-out reward all run."""
+    from ..rollout.episode_stage import EpisodeSettings
+
+    return evaluate(model, tok, prompts, scorers, sampling=SampleSettings.from_config(cfg.sampling), ks=ks,
+                    samples=samples, seed=cfg.seed, on_error=cfg.on_scorer_error,
+                    episodes=EpisodeSettings.from_config(cfg))
