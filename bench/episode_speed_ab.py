@@ -3,7 +3,8 @@
     PYTHONPATH=src python bench/episode_speed_ab.py [--model smollm2-135m-instruct] [--reps 3]
 
 A: single-turn, each completion up to 3T tokens, of the same prompts ("Write a long story about X.").  B: 3-turn episodes (StoryEnv below: "continue"), each
-turn up to T tokens; the environment's tokens are context.  The same policy, prompts and step stages
+turn up to T tokens; the environment's tokens are context.  C: B with `sampling.fast_decode=false` (the
+multi-turn sampler's one-token steps through the model's own forward).  The same policy, prompts and step stages
 (sample -> score -> judge -> update, grpo) in one process, alternating A and B; each step's time, its
 model (action) tokens and its span tokens (actions + context) are printed, then the medians and the
 ratio of model tokens per second (B / A).
@@ -12,6 +13,7 @@ ratio of model tokens per second (B / A).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -60,9 +62,9 @@ def main() -> None:
                                         f"episode.env={HERE}:StoryEnv", "episode.max_turns=3",
                                         "episode.max_episode_tokens=1024"])
     c = build_components(multi, DistContext.from_env("cpu", "auto", 600))
-    settings = {"single": StepSettings.from_config(single), "multi": c.settings}
-    scorers = {"single": build_scorers(single.rewards),
-               "multi": c.scorers}
+    plain = dataclasses.replace(c.settings, sample=dataclasses.replace(c.settings.sample, fast_decode=False))
+    settings = {"single": StepSettings.from_config(single), "multi": c.settings, "plain": plain}
+    scorers = {"single": build_scorers(single.rewards), "multi": c.scorers, "plain": c.scorers}
     out = {k: [] for k in settings}
     for rep in range(a.reps):
         for name, st in settings.items():
@@ -85,6 +87,8 @@ def main() -> None:
               f"span {span:.0f}, model tokens/s {acts / step:.1f}")
     ratio = statistics.median(m[3] / m[0] for m in out["multi"]) / statistics.median(s[3] / s[0] for s in out["single"])
     print(f"model tokens/s, multi-turn / single-turn: {ratio:.2f}")
+    fast = statistics.median(p[1] / m[1] for m, p in zip(out["multi"], out["plain"]))
+    print(f"multi-turn sampling, model's forward / fast decoder (per rep, median): {fast:.2f}x")
 
 
 if __name__ == "__main__":

@@ -33,13 +33,16 @@ def full_logits(model, ids):
         return model(input_ids=torch.tensor([ids]), position_ids=torch.arange(len(ids))[None]).logits[0]
 
 
-def test_kv_extension_equals_recomputation(tiny_model_and_tokenizer):
+@pytest.mark.parametrize("fast, capacity", [(True, 256), (False, 256), (True, 4)])
+def test_kv_extension_equals_recomputation(tiny_model_and_tokenizer, fast, capacity):
     """Rows of different lengths extended by chunks of different lengths, decoded with holes, one row
-    dropped: after each call every row's logits equal a fresh forward over its whole history."""
+    dropped: after each call every row's logits equal a fresh forward over its whole history; through the
+    fast decoder or the model's forward, and with a cache that has to grow (capacity 4) on the way."""
     model, tok = tiny_model_and_tokenizer
     g = torch.Generator().manual_seed(0)
     hist = [torch.randint(4, 100, (n,), generator=g).tolist() for n in (3, 9, 6)]
-    kv = KVRows(model, 3, tok.pad_token_id)
+    kv = KVRows(model, 3, tok.pad_token_id, capacity=capacity, fast_decode=fast)
+    assert (kv.fast is not None) == fast  # the tiny Llama takes the fast decoder
     with torch.no_grad():
         logits = kv.extend(hist)
         for i in range(3):
@@ -58,6 +61,26 @@ def test_kv_extension_equals_recomputation(tiny_model_and_tokenizer):
         for i in range(2):
             hist[i] += deltas[i]
             torch.testing.assert_close(logits[i], full_logits(model, hist[i])[-1], atol=1e-5, rtol=1e-5)
+        for _ in range(3):  # steps after the drop and the second chunk
+            token = torch.randint(4, 100, (2,), generator=g)
+            logits = kv.step(token, torch.tensor([True, True]))
+            for i in range(2):
+                hist[i].append(int(token[i]))
+                torch.testing.assert_close(logits[i], full_logits(model, hist[i])[-1], atol=1e-5, rtol=1e-5)
+    layer = kv.cache.layers[0]
+    assert layer.length == kv.attn_BW.shape[1] and layer.capacity >= layer.length
+    assert (layer.capacity > capacity) == (capacity == 4)  # grew only where it had to
+
+
+def test_fast_and_plain_decoding_sample_the_same_episodes(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    eos_prone(model, tok.eos_token_id)
+    got = {fast: sample_episodes(model, tok, PROMPTS, lambda: CountdownEnv(3), n=2, limits=LIMITS,
+                                 sampling=SamplingArgs(temperature=1.0), generator=seeded(3), fast_decode=fast)
+           for fast in (True, False)}
+    for a, b in zip(got[True], got[False]):
+        assert a.token_ids == b.token_ids and a.action_mask == b.action_mask
+        torch.testing.assert_close(torch.tensor(a.sample_logprobs), torch.tensor(b.sample_logprobs), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -106,7 +106,7 @@ class EpisodeSettings:
                                    tools=dict(self.tools), tool_limits=self.tool_limits, tool_stats=stats,
                                    stop_strings=sample.stop_strings, system_prompt=sample.system_prompt,
                                    chat_template=sample.chat_template, env_seeds=env_seeds, generator=generator,
-                                   env_name=self.env_spec)
+                                   env_name=self.env_spec, fast_decode=sample.fast_decode)
         return episodes_to_rollout(episodes, tokenizer.pad_token_id, n=n, tool_stats=stats)
 
 

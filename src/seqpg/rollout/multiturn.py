@@ -19,8 +19,11 @@ Each turn has two phases, both batched over the episodes still running:
 Sampling is :func:`seqpg.rollout.sampling.choose_tokens` (the recorded log-prob is log softmax(z / T)
 of the chosen token), so sampler and trainer log-probs agree on every action token.
 
-Departures from :func:`seqpg.rollout.sampling.generate`: the cache is a ``DynamicCache`` (it grows by
-concatenation; the deltas' lengths are not known in advance) and the fast decoder is not used.
+The KV cache is :func:`seqpg.rollout.sampling.preallocated_cache`, written in place, sized for the
+episode budget and growing (by at least doubling) when padding columns take it beyond: the deltas'
+lengths are not known in advance.  The one-token steps run through :mod:`seqpg.rollout.fastdecode` where
+it takes the model (``fast_decode``, as in single-turn sampling), without its CUDA graph (the cache's
+buffers may move); the chunks of new context run through the model's own forward.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-import transformers
 from torch import nn
 
 from seqpg.batch import Prompt
 from seqpg.model.policy import model_device
-from seqpg.rollout.sampling import _CACHE_KWARG, SamplingArgs, _eos_ids, choose_tokens
+from seqpg.rollout.fastdecode import FastDecoder
+from seqpg.rollout.fastdecode import supports as fastdecode_supports
+from seqpg.rollout.sampling import _CACHE_KWARG, SamplingArgs, _eos_ids, choose_tokens, preallocated_cache
 
 from .chat import render_delta, render_start
 from .environments import EpisodeLimits, Message, as_messages, coerce_step_result
@@ -47,13 +51,18 @@ class KVRows:
 
     ``extend`` feeds each row some new tokens (at least one), ``step`` one token per row (or a
     masked padding column for rows not writing), ``keep`` drops rows.  Both return the (B, V)
-    logits after each row's last real token.
+    logits after each row's last real token.  ``capacity``: the cache columns reserved at first (it
+    grows beyond them when needed); ``fast_decode``: steps through the fast decoder where it takes
+    the model.
     """
 
-    def __init__(self, model: nn.Module, rows: int, pad_id: int) -> None:
+    def __init__(self, model: nn.Module, rows: int, pad_id: int, *, capacity: int = 256,
+                 fast_decode: bool = True) -> None:
         self.model, self.pad_id = model, pad_id
         self.device = model_device(model)
-        self.cache = transformers.DynamicCache()
+        self.cache = preallocated_cache(model.config, capacity, grow=True)
+        self.fast = (FastDecoder(model, self.cache, rows=rows, graph=False)
+                     if fast_decode and fastdecode_supports(model) else None)
         self.attn_BW = torch.zeros((rows, 0), dtype=torch.bool, device=self.device)  # (B, W) real cache columns
         self.fed_B = torch.zeros(rows, dtype=torch.long, device=self.device)  # real tokens per row = next position
 
@@ -74,7 +83,13 @@ class KVRows:
     def step(self, token_B: torch.Tensor, writing_B: torch.Tensor) -> torch.Tensor:
         """Feed ``token_B`` to the rows where ``writing_B``; the others get a masked column. -> (B, V)."""
         ids_B1 = torch.where(writing_B, token_B, self.pad_id)[:, None]
-        return self._forward(ids_B1, writing_B[:, None], (self.fed_B * writing_B)[:, None])
+        pos_B1 = (self.fed_B * writing_B)[:, None]
+        if self.fast is None:
+            return self._forward(ids_B1, writing_B[:, None], pos_B1)
+        self.attn_BW = torch.cat([self.attn_BW, writing_B[:, None]], dim=1)
+        logits_BV = self.fast.step(ids_B1, pos_B1, self.attn_BW)
+        self.fed_B = self.fed_B + writing_B.long()
+        return logits_BV
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in this order)."""
@@ -119,6 +134,7 @@ def sample_episodes(
     generator: torch.Generator | None = None,
     env_name: str = "",
     env_seeds: Sequence[int] | None = None,
+    fast_decode: bool = True,
 ) -> list[Episode]:
     """``n`` episodes per prompt (episode ``i*n + j`` is prompt ``i``'s j-th, its environment reset
     with ``seed + i*n + j``, or with ``env_seeds[i]`` when given: one seed per prompt, so a prompt's
@@ -129,6 +145,7 @@ def sample_episodes(
     (``limits``); an episode ends when its environment says done, or is truncated at
     ``limits.max_turns`` or when its context reaches ``limits.max_tokens``.  The model is in eval
     mode for the call.  Episodes hold plain lists (CPU); see :func:`.episodes.batch_episodes`.
+    ``fast_decode``: one-token steps through :mod:`seqpg.rollout.fastdecode` where it takes the model.
     """
     if not prompts or n < 1:
         raise ValueError(f"sample_episodes: need prompts and n >= 1, got {len(prompts)} prompts, n={n}")
@@ -148,7 +165,8 @@ def sample_episodes(
     model.eval()
     try:
         with torch.no_grad():
-            kv = KVRows(model, len(running), tokenizer.pad_token_id)
+            kv = KVRows(model, len(running), tokenizer.pad_token_id, capacity=limits.max_tokens,
+                        fast_decode=fast_decode)
             fed = [0] * len(running)  # tokens of each episode already in the cache
             while running:
                 logits_BV = kv.extend([r.episode.token_ids[f:] for r, f in zip(running, fed)])

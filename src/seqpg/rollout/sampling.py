@@ -240,9 +240,9 @@ class _PreallocatedLayer(transformers.cache_utils.DynamicLayer):
     dynamic layer concatenates (copying the whole cache of every layer at every step).
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, grow: bool = False) -> None:
         super().__init__()
-        self.capacity, self.length = capacity, 0
+        self.capacity, self.length, self.grow = capacity, 0, grow
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
@@ -257,6 +257,8 @@ class _PreallocatedLayer(transformers.cache_utils.DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
+        if end > self.capacity and self.grow:  # at least double: a copy of the cache now and then, not each step
+            self._reserve(max(end, 2 * self.capacity))
         if end > self.capacity:
             raise RuntimeError(f"KV cache full: {end} positions, capacity {self.capacity}")
         self._keys[:, :, self.length:end] = key_states
@@ -264,6 +266,14 @@ class _PreallocatedLayer(transformers.cache_utils.DynamicLayer):
         self.length = end
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
         return self.keys, self.values
+
+    def _reserve(self, capacity: int) -> None:
+        """New buffers with room for ``capacity`` positions, the filled ones copied, the rest zero."""
+        keys = self._keys.new_zeros(self._keys.shape[:2] + (capacity,) + self._keys.shape[3:])
+        values = self._values.new_zeros(self._values.shape[:2] + (capacity,) + self._values.shape[3:])
+        keys[:, :, :self.length] = self._keys[:, :, :self.length]
+        values[:, :, :self.length] = self._values[:, :, :self.length]
+        self._keys, self._values, self.capacity = keys, values, capacity
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep only the rows ``indices`` (new buffers of the same capacity, unwritten columns still zero)."""
@@ -284,10 +294,12 @@ class _PreallocatedLayer(transformers.cache_utils.DynamicLayer):
             self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
 
 
-def preallocated_cache(config, capacity: int) -> transformers.Cache:
-    """A KV cache for a model of ``config`` holding up to ``capacity`` positions, written in place."""
+def preallocated_cache(config, capacity: int, grow: bool = False) -> transformers.Cache:
+    """A KV cache for a model of ``config`` holding up to ``capacity`` positions, written in place;
+    ``grow``: a write beyond ``capacity`` moves the layer to buffers at least twice as large (the
+    multi-turn sampler's, whose observations' lengths are not known in advance) instead of failing."""
     n_layers = config.get_text_config(decoder=True).num_hidden_layers
-    return transformers.Cache(layers=[_PreallocatedLayer(capacity) for _ in range(n_layers)])
+    return transformers.Cache(layers=[_PreallocatedLayer(capacity, grow) for _ in range(n_layers)])
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
