@@ -45,8 +45,9 @@ OPENING_WORDS = 3
 MIN_OPENING_TEXT = 8
 """Completions shorter than this many words are left out of ``shared_opening``."""
 
-REMEDIES = ("KL to the reference model (algo.kl_coef, e.g. 0.05), a lower learning rate (optim.lr), or a reward "
-            "that does not pay for emptiness or repetition")
+REMEDIES = ("a KL penalty to the reference model (algo.kl_coef: 0.05 by default, larger holds the policy closer; "
+            "0 turns it off), a lower learning rate (optim.lr), or a reward that does not pay for emptiness or "
+            "repetition")
 
 
 def flat_groups(rewards_B: torch.Tensor, group_ids_B: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
