@@ -160,6 +160,13 @@ class ScoredBatch:
     weighted sum ``rewards_B`` leaves them out (TRL's ``nansum``)."""
 
 
+def sequence_returns(scored: ScoredBatch) -> torch.Tensor:
+    """(B,) each sample's whole reward: its sequence reward plus its dense per-token rewards summed (for a
+    multi-turn episode, its return: the scorers on the final turn and the environment's rewards)."""
+    dense_B = scored.token_rewards_BC.sum(dim=1) if scored.token_rewards_BC is not None else 0.0
+    return scored.rewards_B + dense_B
+
+
 def total_rewards(scored: ScoredBatch) -> torch.Tensor:
     """The reward the advantage estimator sees: (B,) sequence rewards, or (B, C) per-token rewards
     (sequence rewards on each row's last real token plus the dense scorers' rewards) when any

@@ -33,6 +33,7 @@ from ..training.distributed import resolve_device
 from .export import exported_step
 from ..training.reference import ReferencePolicy
 from ..model.policy import completion_logprobs
+from ..rollout.episode_stage import reported_rewards
 from ..rollout.sampling import encode_prompt
 from .session import is_run_dir, load_run_checkpoint, resolve_target_config
 from ..training.step import Judged, Scored, StepSettings, judge, score
@@ -159,11 +160,9 @@ def explain(target: str, prompt_text: str, completion: str | None = None, *, rew
     contrib = core.token_contributions(lp, judged.advantages_BC[:1], row.completion_mask_BC)
     L = int(row.span_lengths_B[0])  # through the last action: an episode's environment tokens included
     tokens = [j.tokenizer.decode([i]) for i in row.completion_ids_BC[0, :L].tolist()]
-    rewards_B = scored.batch.rewards_B
+    rewards_B = reported_rewards(scored.batch)
     actions = None
     if episodes is not None:
-        from ..rollout.episode_stage import episode_returns
-        rewards_B = episode_returns(scored.batch)
         actions = row.completion_mask_BC[0, :L].tolist()
         completion = j.tokenizer.decode(row.completion_ids_BC[0, :L].tolist())
     return Explanation(prompt.text, completion if episodes is not None else rollout.completions[0],

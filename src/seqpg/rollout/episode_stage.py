@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..batch import Prompt, RolloutBatch, ScoredBatch
+from ..batch import Prompt, RolloutBatch, ScoredBatch, sequence_returns
 from .environments import ENV_SCORE, EpisodeLimits, load_environment, make_environment
 from .episodes import Episode
 from .multiturn import sample_episodes
@@ -197,10 +197,10 @@ def score_episodes(rollout: EpisodeRollout, scorers, *, env_weight: float, on_er
     return scored
 
 
-def episode_returns(scored: ScoredBatch) -> torch.Tensor:
-    """(B,) each episode's undiscounted total reward: the scorers' weighted sum plus the dense rewards."""
-    dense = scored.token_rewards_BC.sum(dim=1) if scored.token_rewards_BC is not None else 0.0
-    return scored.rewards_B + dense
+def reported_rewards(scored: ScoredBatch) -> torch.Tensor:
+    """(B,) the reward a sample is logged, evaluated and explained with: an episode's whole return
+    (:func:`seqpg.batch.sequence_returns`), a single-turn completion's sequence reward (``rewards_B``)."""
+    return sequence_returns(scored) if isinstance(scored.rollout, EpisodeRollout) else scored.rewards_B
 
 
 def episode_metrics(rollout: EpisodeRollout, gather_cat, all_reduce_sum) -> dict[str, float]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ..batch import Prompt, RolloutBatch, ScoredBatch, total_rewards
+from ..batch import Prompt, RolloutBatch, ScoredBatch, sequence_returns
 from .collapse import flat_groups
 from .step import Scored, concat_rollouts
 
@@ -58,19 +58,13 @@ def fill_batch(draw: Callable[[int], Draw], groups: int, max_rounds: int, pad_id
         rounds += 1
         errors += d.scored.batch.num_scorer_errors
         ids_B = d.rollout.group_ids_B
-        for g, is_flat in zip(torch.unique(ids_B).tolist(), flat_groups(_sequence_rewards(d.scored.batch), ids_B)):
+        for g, is_flat in zip(torch.unique(ids_B).tolist(), flat_groups(sequence_returns(d.scored.batch), ids_B)):
             (flat if bool(is_flat) else spread).append((d, (ids_B == g).nonzero().squeeze(1)))
             drawn += 1
     chosen = spread[:groups] + flat[:max(0, groups - len(spread))]
     batch = _concat([_group(d, rows) for d, rows in chosen], pad_id, errors)
     return batch, {"dynamic/rounds": float(rounds), "dynamic/flat_drawn": len(flat) / max(drawn, 1),
                    "dynamic/full": float(len(spread) >= groups)}
-
-
-def _sequence_rewards(scored: ScoredBatch) -> torch.Tensor:
-    """(B,) each sample's whole reward (dense per-token rewards summed)."""
-    r = total_rewards(scored)
-    return r.sum(dim=1) if r.dim() == 2 else r
 
 
 def _group(d: Draw, rows: torch.Tensor) -> Draw:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..batch import Prompt
+from ..batch import Prompt, sequence_returns
 from ..config import TrainConfig
 from ..rollout.sampling import SampleSettings
 from ..rewards.scorers import score_batch
@@ -62,13 +62,13 @@ def _rollout_scored(model, tokenizer, chunk: list[Prompt], first: int, scorers, 
         rollout = sampling.generate(model, tokenizer, chunk, n=n, greedy=greedy, generator=generator)
         scored = score_batch(rollout, scorers, tokenizer=tokenizer, on_error=on_error)
         return rollout, scored, scored.rewards_B
-    from ..rollout.episode_stage import env_seed, episode_returns, score_episodes
+    from ..rollout.episode_stage import env_seed, score_episodes
 
     seeds = [env_seed(seed, -1, first + i) for i in range(len(chunk))]
     rollout = episodes.sample(model, tokenizer, chunk, sampling, n=n, env_seeds=seeds, generator=generator,
                               greedy=greedy)
     scored = score_episodes(rollout, scorers, env_weight=episodes.env_weight, on_error=on_error, tokenizer=tokenizer)
-    return rollout, scored, episode_returns(scored)
+    return rollout, scored, sequence_returns(scored)
 
 
 def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, sampling: SampleSettings, batch_size: int = 32,

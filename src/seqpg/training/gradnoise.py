@@ -34,20 +34,17 @@ METRICS = ("gns/b_simple", "gns/grad_sq", "gns/trace_cov")
 class GradientNoiseProbe:
     """Observations of one update's mini-batches; :meth:`metrics` fits them (``METRICS``), or ``{}``."""
 
-    def __init__(self) -> None:
+    def __init__(self, sharded: bool = False) -> None:
         self._partial: list[tuple[torch.Tensor, float, float]] = []  # (|acc_i|^2, r_i, local rows) kept
         self._whole: list[tuple[float, float]] = []  # (|G_big|^2, local rows) kept
         self._pending: list[tuple[torch.Tensor, float]] = []  # this mini-batch's partial observations
-        self._off = False
+        self._off = sharded  # FSDP2: a partial gradient is not in p.grad (the module docstring)
 
     def after_partial_backward(self, params: list[torch.Tensor], rows_done: int) -> None:
         """Record |p.grad|^2 after a micro-batch's backward that is not its mini-batch's last;
         ``rows_done``: this process's rows of the mini-batch whose gradients ``p.grad`` now holds."""
         grads = [p.grad for p in params if p.grad is not None]
         if self._off or not grads:
-            return
-        if any(hasattr(g, "full_tensor") for g in grads):  # FSDP2: partial gradients live elsewhere
-            self._off = True
             return
         self._pending.append((torch.nn.utils.get_total_norm(grads).square(), float(rows_done)))
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .. import core
 from ..algorithms import Family, Needs, resolve_family
-from ..batch import Prompt, RolloutBatch, ScoredBatch, total_rewards
+from ..batch import Prompt, RolloutBatch, ScoredBatch, sequence_returns, total_rewards
 from ..config import TrainConfig
 from .precision import autocast
 from ..rollout.episode_stage import EpisodeSettings, sample_episode_step, score_episodes
@@ -181,8 +181,6 @@ def score(model, tokenizer, rollout: RolloutBatch, prompts: list[Prompt], scorer
 def _score_episodes(model, tokenizer, rollout, prompts: list[Prompt], scorers, st: StepSettings) -> Scored:
     """The scorers on the final turns plus the environment's rewards; ReMax: a greedy episode per prompt
     (its environment reset as the prompt's sampled episodes were), its whole return the baseline."""
-    from ..rollout.episode_stage import episode_returns
-
     ep = st.episode
     scored = score_episodes(rollout, scorers, env_weight=ep.env_weight, on_error=st.on_scorer_error,
                             tokenizer=tokenizer)
@@ -191,7 +189,7 @@ def _score_episodes(model, tokenizer, rollout, prompts: list[Prompt], scorers, s
         seeds = [e.seed for e in rollout.episodes[::st.samples_per_prompt]]
         greedy = ep.sample(model, tokenizer, prompts, st.sample, n=1, env_seeds=seeds, greedy=True)
         greedy_scored = score_episodes(greedy, scorers, env_weight=ep.env_weight, on_error="zero", tokenizer=tokenizer)
-        baseline_B = episode_returns(greedy_scored)[rollout.group_ids_B]
+        baseline_B = sequence_returns(greedy_scored)[rollout.group_ids_B]
     return Scored(scored, baseline_B)
 
 

@@ -36,7 +36,7 @@ from .resume import apply_resume_changes, record_resume_changes, resume_changes
 from .runlock import RunLock
 from .runlog import RunLogger, Timer, progress_bar
 from ..rewards.scorers import reward_metrics, sample_scores
-from ..rollout.episode_stage import EpisodeRollout, episode_metrics, episode_returns
+from ..rollout.episode_stage import EpisodeRollout, episode_metrics, reported_rewards
 from .signals import StopFlag
 from .step import judge, sample, score
 from .update import refuse_nonfinite_parameters, update
@@ -228,8 +228,7 @@ def _metrics(scored, adv_BC, kl_mean, ustats, timer, c: Components, dist: DistCo
     r = scored.rollout
     mask = r.completion_mask_BC
     episodes = isinstance(r, EpisodeRollout)
-    returns_B = episode_returns(scored) if episodes else scored.rewards_B  # episodes: the environment's rewards too
-    rewards = dist.gather_cat(returns_B)
+    rewards = dist.gather_cat(reported_rewards(scored))  # episodes: the environment's rewards too
     lengths = dist.gather_cat(r.completion_lengths_B.float())
     m = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0}
     m.update(reward_metrics(scored, dist.gather_cat))
@@ -260,7 +259,7 @@ def _metrics(scored, adv_BC, kl_mean, ustats, timer, c: Components, dist: DistCo
 def _sample_rows(scored, adv_BC) -> list[dict]:
     r = scored.rollout
     episodes = isinstance(r, EpisodeRollout)
-    returns_B = episode_returns(scored) if episodes else scored.rewards_B
+    returns_B = reported_rewards(scored)
     rows = []
     for i in range(r.batch_size):
         mask_C = r.completion_mask_BC[i]

@@ -137,8 +137,8 @@ def update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tra
     totals: dict[str, float] = {}
     n_steps = 0
     device = model_device(policy)
-    noise = GradientNoiseProbe()
     sharded = any(hasattr(p, "full_tensor") for p in params)  # FSDP2: no partial gradients to read, no split
+    noise = GradientNoiseProbe(sharded)
     for _epoch in range(s.epochs):
         order = torch.randperm(B, generator=generator) if s.minibatches > 1 else torch.arange(B)
         for rows in order.chunk(s.minibatches):
