@@ -18,6 +18,7 @@ from seqpg.training.runlog import read_jsonl
 from seqpg.training.step import Scored
 from seqpg.training.trainer import train
 from seqpg.training.update import TrainBatch, UpdateSettings, update
+from resume_runs import full_and_resumed
 from update_batches import tiny_update_batch
 
 N = 3  # samples per prompt
@@ -99,7 +100,7 @@ def test_refused_where_it_cannot_work():
 def test_a_run_trains_only_on_groups_with_spread_and_resumes_exactly(tiny_overrides):
     extra = ["steps=4", "sampling.dynamic_sampling=true", "sampling.max_sample_rounds=6",
              "rewards=[{kind: callable, params: {fn: 'seqpg_test_rewards:flat_before_n'}}]"]
-    full = train(load_config(None, tiny_overrides(*extra, run="full")), progress=False)
+    full, resumed = full_and_resumed(tiny_overrides, *extra, stop_at=2)
     metrics = read_jsonl(full.run_dir / "metrics.jsonl")
     steps = [m for m in metrics if "dynamic/rounds" in m]
     assert len(steps) == 4 and any(m["dynamic/rounds"] > 1 for m in steps)
@@ -110,10 +111,6 @@ def test_a_run_trains_only_on_groups_with_spread_and_resumes_exactly(tiny_overri
         if m["dynamic/full"] == 1.0:
             assert all(r["prompt"] >= "n" for r in rows), m["step"]
             assert m["collapse/flat_groups"] == 0.0
-    half = load_config(None, tiny_overrides(*extra, "save_every=2", run="half"))
-    half.steps = 2
-    train(half, progress=False)
-    resumed = train(load_config(None, tiny_overrides(*extra, "save_every=2", run="half")), resume=True, progress=False)
     keys = ("reward_mean", "loss", "grad_norm", "dynamic/rounds", "dynamic/flat_drawn")
     pick = lambda path: [(r["step"], *(r.get(k) for k in keys)) for r in read_jsonl(path) if "loss" in r]  # noqa: E731
     assert pick(resumed.run_dir / "metrics.jsonl") == pick(full.run_dir / "metrics.jsonl")

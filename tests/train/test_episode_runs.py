@@ -20,7 +20,8 @@ from seqpg.training.step import judge, sample, score
 from seqpg.training.trainer import train
 from seqpg.training.update import update
 
-from test_train_runs import _maths
+from resume_runs import full_and_resumed
+from resume_runs import maths as _maths
 
 ENVS = Path(__file__).resolve().parents[2] / "examples" / "envs"
 EPISODE = ["rewards=[]", "episode.env=seqpg_test_envs:EchoEnv", "episode.max_episode_tokens=300",
@@ -147,12 +148,7 @@ def test_environment_positions_reach_no_gradient(episode_overrides, monkeypatch)
 def test_resume_replays_episodes_exactly(family, episode_overrides):
     """The environments' RNG (the replies) and the sampler's are restored: resumed = uninterrupted."""
     extra = [f"algo.name={family}", "steps=4", "algo.kl_coef=0.05"]
-    full = train(load_config(None, episode_overrides(*extra, run="full")), progress=False)
-    half = load_config(None, episode_overrides(*extra, "save_every=2", run="half"))
-    half.steps = 2
-    train(half, progress=False)
-    resumed = train(load_config(None, episode_overrides(*extra, "save_every=2", run="half")), resume=True,
-                    progress=False)
+    full, resumed = full_and_resumed(episode_overrides, *extra, stop_at=2)
     assert _maths(read_jsonl(full.run_dir / "metrics.jsonl")) == _maths(read_jsonl(resumed.run_dir / "metrics.jsonl"))
     sa = [(r["step"], r["turns"]) for r in read_jsonl(full.run_dir / "samples.jsonl")]
     sb = [(r["step"], r["turns"]) for r in read_jsonl(resumed.run_dir / "samples.jsonl")]

@@ -16,15 +16,14 @@ import torch
 
 from seqpg import core
 from seqpg.batch import Prompt
-from seqpg.config import load_config
 from seqpg.training.critic import build_critic
 from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
 from seqpg.training.reference import ReferencePolicy
 from seqpg.model.policy import completion_logprobs
 from seqpg.training.runlog import read_jsonl
 from seqpg.rollout.sampling import generate, sample_categorical
-from seqpg.training.trainer import train
 from seqpg.training.update import TrainBatch, UpdateSettings, update
+from resume_runs import full_and_resumed
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -161,11 +160,7 @@ def test_reference_and_critic_on_the_gpu_answer_on_the_batch_device(shared):
 ])
 def test_train_runs_on_the_gpu_and_resumes_where_it_stopped(family, extra, tiny_overrides):
     base = [f"algo.name={family}", "device=cuda", "steps=4", *extra]
-    full = train(load_config(None, tiny_overrides(*base, run="full")), progress=False)
-    half = load_config(None, tiny_overrides(*base, "save_every=2", run="half"))
-    half.steps = 2
-    train(half, progress=False)
-    resumed = train(load_config(None, tiny_overrides(*base, "save_every=2", run="half")), resume=True, progress=False)
+    full, resumed = full_and_resumed(tiny_overrides, *base, stop_at=2)
     a, b = read_jsonl(full.run_dir / "metrics.jsonl"), read_jsonl(resumed.run_dir / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert all(math.isfinite(v) for r in a for v in r.values() if isinstance(v, float))

@@ -17,11 +17,8 @@ from seqpg.training.runlog import read_jsonl
 from seqpg.training.trainer import train
 
 TRL_REWARD = "rewards=[{kind: trl_reward, params: {fn: 'seqpg_test_rewards:trl_target_fraction'}}]"
-_TIMING = ("time/", "tokens_per_s", "wall_time")
-
-
-def _maths(rows):
-    return [{k: v for k, v in r.items() if not k.startswith(_TIMING)} for r in rows]
+from resume_runs import full_and_resumed
+from resume_runs import maths as _maths
 
 
 def _split(rows):
@@ -55,12 +52,7 @@ def test_training_with_evaluation_equals_training_without_resumed_or_not(tiny_ov
     base = ["steps=6", TRL_REWARD, "algo.kl_coef=0.05"]
     plain = train(load_config(None, tiny_overrides(*base, run="plain")), progress=False)
     with_eval = [*base, "eval_every=3", "eval_prompts=3"]
-    full = train(load_config(None, tiny_overrides(*with_eval, run="full")), progress=False)
-    half = load_config(None, tiny_overrides(*with_eval, "save_every=3", run="half"))
-    half.steps = 3
-    train(half, progress=False)
-    resumed = train(load_config(None, tiny_overrides(*with_eval, "save_every=3", run="half")), resume=True,
-                    progress=False)
+    full, resumed = full_and_resumed(tiny_overrides, *with_eval, stop_at=3)
 
     plain_rows = read_jsonl(plain.run_dir / "metrics.jsonl")
     full_rows = read_jsonl(full.run_dir / "metrics.jsonl")

@@ -14,22 +14,14 @@ from seqpg.rewards.scorers import ScorerError
 from seqpg.training.trainer import train
 
 # wall-clock fields legitimately differ between two runs of the same maths
-_TIMING = ("time/", "tokens_per_s", "wall_time")
-
-
-def _maths(rows):
-    return [{k: v for k, v in r.items() if not k.startswith(_TIMING)} for r in rows]
+from resume_runs import full_and_resumed
+from resume_runs import maths as _maths
 
 
 @pytest.mark.parametrize("family", ["grpo", "ppo"])
 def test_resume_continues_exactly_like_an_uninterrupted_run(family, tiny_overrides, tmp_path):
     extra = [f"algo.name={family}", "steps=6", "algo.kl_coef=0.05", "algo.kl_target=0.01", "optim.warmup_steps=3"]
-    full = train(load_config(None, tiny_overrides(*extra, run="full")), progress=False)
-    half_cfg = load_config(None, tiny_overrides(*extra, "save_every=3", run="half"))
-    half_cfg.steps = 3
-    train(half_cfg, progress=False)
-    resumed_cfg = load_config(None, tiny_overrides(*extra, "save_every=3", run="half"))
-    resumed = train(resumed_cfg, resume=True, progress=False)
+    full, resumed = full_and_resumed(tiny_overrides, *extra, stop_at=3)
     a = _maths(read_jsonl(full.run_dir / "metrics.jsonl"))
     b = _maths(read_jsonl(resumed.run_dir / "metrics.jsonl"))
     assert [r["step"] for r in b] == list(range(1, 7))
