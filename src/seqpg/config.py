@@ -151,6 +151,19 @@ class EpisodeConfig:
     """Wall-clock seconds a tool call may run before it is killed (the model sees an error)."""
     tool_max_chars: int = 2000
     """Characters of a tool's result the model sees; longer results are cut and marked truncated."""
+    tool_max_calls: int = 8
+    """Tool calls run per model turn; further calls in the turn are not run (the model sees an error)."""
+    tool_max_parallel: int = 4
+    """Tool calls running at once (each is a forked copy of the trainer); the others wait their turn."""
+    tool_memory_mb: int = 1024
+    """Memory (address space) a tool call may allocate beyond the trainer's copy it starts as; 0: no limit."""
+    tool_cpu_s: int = 60
+    """CPU seconds a tool call's process may use before the OS kills it; 0: no limit."""
+    tool_file_mb: int = 64
+    """Largest file a tool call may write, its captured stdout/stderr included; 0: no limit."""
+    tool_max_processes: int = 16
+    """Processes (and threads) a tool call may start, beyond those the user already runs (RLIMIT_NPROC; not
+    applied to root); 0: no limit. Tools run with the user's permissions: this is no sandbox (docs/episodes.md)."""
 
     @property
     def enabled(self) -> bool:
@@ -650,6 +663,10 @@ def validate(cfg: TrainConfig) -> None:
         _check_episode(cfg)
 
 
+MAX_TOOL_TIMEOUT_S = 3600
+"""The longest ``episode.tool_timeout_s`` accepted: a turn waits that long for a call."""
+
+
 def _check_episode(cfg: TrainConfig) -> None:
     """The episode section: numbers, the environment class (exists, has reset and step, takes ``env_params``)
     and the tools (plain functions with a schema), loaded here so that a bad one fails before any model."""
@@ -657,11 +674,15 @@ def _check_episode(cfg: TrainConfig) -> None:
     from .rollout.tools import load_tools
 
     e = cfg.episode
-    for key in ("max_turns", "max_episode_tokens", "tool_max_chars"):
+    for key in ("max_turns", "max_episode_tokens", "tool_max_chars", "tool_max_calls", "tool_max_parallel"):
         if getattr(e, key) < 1:
             raise ConfigError(f"episode.{key} must be at least 1, got {getattr(e, key)}")
-    if e.tool_timeout_s <= 0:
-        raise ConfigError(f"episode.tool_timeout_s must be > 0, got {e.tool_timeout_s}")
+    for key in ("tool_memory_mb", "tool_cpu_s", "tool_file_mb", "tool_max_processes"):
+        if getattr(e, key) < 0:
+            raise ConfigError(f"episode.{key} must be >= 0 (0: no limit), got {getattr(e, key)}")
+    if not 0 < e.tool_timeout_s <= MAX_TOOL_TIMEOUT_S:
+        raise ConfigError(f"episode.tool_timeout_s must be > 0 and at most {MAX_TOOL_TIMEOUT_S} (an hour), got "
+                          f"{e.tool_timeout_s}")
     if e.max_episode_tokens <= cfg.sampling.max_new_tokens and e.max_turns > 1:
         raise ConfigError(f"episode.max_episode_tokens={e.max_episode_tokens} leaves no room for a second turn of "
                           f"sampling.max_new_tokens={cfg.sampling.max_new_tokens}; raise it")

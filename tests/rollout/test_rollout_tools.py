@@ -92,12 +92,17 @@ def test_runner_survives_every_bad_tool(tools):
     assert add.as_message() == {"role": "tool", "name": "add", "content": "5"}
 
 
-def test_timed_out_tool_process_is_gone(tools):
-    import multiprocessing
+def _children() -> set[int]:
+    from pathlib import Path
 
+    return {int(p) for f in Path("/proc/self/task").glob("*/children") for p in f.read_text().split()}
+
+
+def test_timed_out_tool_process_is_gone(tools):
+    before = _children()
     (r,) = run_tool_calls([ToolCall("sleep_forever", {"x": 1})], tools, ToolLimits(timeout_s=0.3))
     assert r.error == "timeout"
-    assert multiprocessing.active_children() == []  # killed and reaped, not left spinning
+    assert _children() == before  # killed and reaped, not left spinning
 
 
 def test_template_without_tools_gets_a_system_message(tiny_tokenizer, tools):
@@ -116,3 +121,60 @@ def test_template_with_tools_is_detected(tiny_tokenizer, tools):
     msgs, kwargs = with_tools([{"role": "user", "content": "hi"}], tools, in_template=True)
     assert msgs == [{"role": "user", "content": "hi"}] and [t["function"]["name"] for t in kwargs["tools"]] == [
         "add", "sleep_forever", "explode", "huge", "unprintable"]
+
+
+# ---------------------------------------------------------------------------------------------
+# how calls run: at most max_parallel at once, each in a process group of its own with its limits
+
+
+@pytest.fixture
+def runner_tools():
+    return load_tools([f"{FIX}:{n}" for n in ("add", "nap", "rlimits", "who")])
+
+
+def test_calls_run_at_most_max_parallel_at_once_each_timed_from_its_start(runner_tools):
+    import json
+
+    calls = [ToolCall("nap", {"seconds": 0.4}) for _ in range(6)]
+    results = run_tool_calls(calls, runner_tools, ToolLimits(timeout_s=2.0, max_parallel=2))
+    assert [r.error for r in results] == [None] * 6  # 3 rounds of 0.4 s, none timed out against a 2 s limit
+    spans = [json.loads(r.content) for r in results]
+    most = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+    assert most == 2, spans
+
+
+def test_each_call_has_its_own_process_group_and_session(runner_tools):
+    import json
+
+    (r,) = run_tool_calls([ToolCall("who", {"x": 0})], runner_tools)
+    me = json.loads(r.content)
+    assert me["pgid"] == me["sid"] == me["pid"] != os.getpid() and me["sid"] != os.getsid(0)
+
+
+def test_resource_limits_are_set_in_the_call(runner_tools):
+    import json
+    import resource
+
+    limits = ToolLimits(memory_mb=100, cpu_s=7, file_mb=3, max_processes=5)
+    (r,) = run_tool_calls([ToolCall("rlimits", {"x": 0})], runner_tools, limits)
+    got = json.loads(r.content)
+    assert got["RLIMIT_CPU"] == 7 and got["RLIMIT_FSIZE"] == 3 * 2**20
+    assert got["RLIMIT_AS"] != resource.RLIM_INFINITY and got["RLIMIT_AS"] > 100 * 2**20  # the trainer's copy + 100 MB
+    assert got["RLIMIT_NPROC"] not in (resource.RLIM_INFINITY, resource.getrlimit(resource.RLIMIT_NPROC)[0])
+    (r,) = run_tool_calls([ToolCall("rlimits", {"x": 0})], runner_tools,
+                          ToolLimits(memory_mb=0, cpu_s=0, file_mb=0, max_processes=0))
+    assert json.loads(r.content) == {k: resource.getrlimit(getattr(resource, k))[0] for k in got}  # 0: left as is
+
+
+def test_results_come_back_without_pickle(runner_tools, monkeypatch):
+    import multiprocessing.reduction
+    import pickle
+
+    def refuse(*a, **k):
+        raise AssertionError("pickled")
+
+    monkeypatch.setattr(multiprocessing.reduction.ForkingPickler, "dumps", classmethod(refuse))
+    monkeypatch.setattr(pickle, "dumps", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    (r,) = run_tool_calls([ToolCall("add", {"a": 2, "b": 40})], runner_tools)
+    assert (r.content, r.error) == ("42", None)

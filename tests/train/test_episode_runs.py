@@ -197,6 +197,11 @@ def test_tools_only_run_scores_the_final_answer(episode_overrides):
     ("episode.tools=['seqpg_test_envs:EchoEnv']", "must be a plain Python function"),
     ("episode.max_turns=0", "episode.max_turns must be at least 1"),
     ("episode.tool_timeout_s=0", "episode.tool_timeout_s must be > 0"),
+    ("episode.tool_timeout_s=3000000", "episode.tool_timeout_s must be > 0 and at most 3600"),
+    ("episode.tool_max_calls=0", "episode.tool_max_calls must be at least 1"),
+    ("episode.tool_max_parallel=0", "episode.tool_max_parallel must be at least 1"),
+    ("episode.tool_memory_mb=-1", r"episode.tool_memory_mb must be >= 0 \(0: no limit\)"),
+    ("episode.tool_cpu_s=-1", "episode.tool_cpu_s must be >= 0"),
     ("episode.max_episode_tokens=600", "exceeds the model's context of 512"),
 ])
 def test_bad_episode_input_is_refused_before_any_model_loads(episode_overrides, monkeypatch, override, message):

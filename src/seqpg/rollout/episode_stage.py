@@ -91,7 +91,10 @@ class EpisodeSettings:
                                max_tokens=e.max_episode_tokens)
         return cls(env_cls=env_cls, env_spec=spec, env_params=MappingProxyType(dict(e.env_params)),
                    env_weight=e.env_weight, tools=MappingProxyType(tools), limits=limits,
-                   tool_limits=ToolLimits(timeout_s=e.tool_timeout_s, max_chars=e.tool_max_chars))
+                   tool_limits=ToolLimits(timeout_s=e.tool_timeout_s, max_chars=e.tool_max_chars,
+                                          max_calls=e.tool_max_calls, max_parallel=e.tool_max_parallel,
+                                          memory_mb=e.tool_memory_mb, cpu_s=e.tool_cpu_s, file_mb=e.tool_file_mb,
+                                          max_processes=e.tool_max_processes))
 
     def make_env(self):
         return make_environment(self.env_cls, dict(self.env_params), spec=self.env_spec)

@@ -240,7 +240,8 @@ def _environment_turn(running: list[_Running], turns: list[list[int]], tokenizer
                       tool_kwargs: dict, tool_limits: ToolLimits, tool_stats: ToolStats | None,
                       limits: EpisodeLimits, chat_template: bool, env_name: str) -> None:
     """Answer each episode's last turn (its tools, else its environment); append the observation as a delta."""
-    calls = {k: parse_tool_calls(r.episode.turns[-1].text, tools) for k, r in enumerate(running)} if tools else {}
+    calls = ({k: parse_tool_calls(r.episode.turns[-1].text, tools, tool_limits.max_calls) for k, r in enumerate(running)}
+             if tools else {})
     calls = {k: c for k, c in calls.items() if c}
     flat = [c for k in sorted(calls) for c in calls[k]]
     results = run_tool_calls(flat, tools, tool_limits, tool_stats) if flat else []

@@ -10,29 +10,42 @@
 * **Parsing**: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, the common form
   (Hermes, Qwen, SmolLM3).  Malformed JSON, an unclosed tag, an unknown tool or arguments that
   do not bind to the function's signature become an error observation, never an exception.
-* **Running**: each call runs in a forked child process with a wall-clock limit; past it the
-  child is killed (SIGKILL).  A thread could stop the *waiting* but not the runaway function,
-  which would keep a core and its memory for the rest of the run and pile up with every call;
-  a process is the one unit the OS lets us stop.  ``fork`` (not ``spawn``) because the function
-  may come from a ``file.py`` that a fresh interpreter could not import by name, and because it
-  pickles neither the function nor its arguments.  The child turns the result into text itself
-  (``str``), cuts it to ``max_chars`` and sends only that back, so a 10 MB result never crosses
-  the pipe and an object whose ``__str__`` raises is reported as unprintable.  The calls of one
-  turn run concurrently (all children started, then collected against their deadlines), so a
-  turn waits at most about one time limit.  Tools should be plain Python: a forked child of a
-  process that uses CUDA or OpenMP threads must not touch them.
+* **Running**: each call runs in a forked child process, and no more than ``max_calls`` per turn
+  nor ``max_parallel`` at once (every call forks the trainer).  A thread could stop the *waiting*
+  but not a runaway function; a process is the one unit the OS lets us stop.  ``fork`` (not
+  ``spawn``) because the function may come from a ``file.py`` that a fresh interpreter could not
+  import by name, and because the function and its arguments then need no serialising.  The child
+  makes a process group of its own (``setsid``), puts back the default handlers of the signals the
+  trainer handles in Python (its SIGTERM handler would otherwise keep a tool alive), points every
+  descriptor it inherited at /dev/null (the run lock's too: a tool's leftover process must not hold
+  it), sends stdout and stderr to a file of its own (read back, cut, into ``ToolResult.output``,
+  never into the trainer's log), and sets ``setrlimit`` limits (:class:`ToolLimits`).  It turns the
+  result into text itself (``str``), cuts it to ``max_chars`` and sends that back as length-prefixed
+  UTF-8 JSON (bytes, no pickle), so a 10 MB result never crosses the pipe and an object whose
+  ``__str__`` raises is reported as unprintable.  When the result is in, or the time limit passed,
+  the whole process group is killed (SIGKILL): nothing a tool started stays behind, unless it left
+  the group on purpose.  Tools should be plain Python: a forked child of a process that uses CUDA
+  or OpenMP threads must not touch them.
+
+**Not a sandbox.**  A tool runs with the user's permissions: it can read and write their files and
+reach the network.  The limits keep a buggy tool from taking the trainer down; they do not contain
+hostile code.  Code the model writes, or any tool you do not trust, belongs in a container.
 
 Every outcome that is not a clean result is counted by kind in ``ToolStats.errors``: malformed,
-unknown_tool, bad_arguments, raised, timeout, unprintable, truncated, crashed.
+unknown_tool, bad_arguments, too_many_calls, raised, timeout, unprintable, truncated, crashed.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-import multiprocessing
 import os
 import re
+import resource
+import selectors
+import signal
+import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -41,8 +54,8 @@ from typing import Any, Callable
 
 from .environments import Message, import_target
 
-ERROR_KINDS = ("malformed", "unknown_tool", "bad_arguments", "raised", "timeout", "unprintable", "truncated",
-               "crashed")
+ERROR_KINDS = ("malformed", "unknown_tool", "bad_arguments", "too_many_calls", "raised", "timeout", "unprintable",
+               "truncated", "crashed")
 """The ways a tool call can go wrong, each counted in ``ToolStats.errors``."""
 
 CALL_FORMAT = '<tool_call>{"name": "<tool name>", "arguments": {<argument>: <value>, ...}}</tool_call>'
@@ -74,6 +87,7 @@ class ToolResult:
     name: str | None
     content: str
     error: str | None = None  # None, or an ERROR_KINDS entry
+    output: str = ""  # what the call printed (stdout and stderr), cut to ToolLimits.max_chars; not shown to the model
 
     def as_message(self) -> Message:
         return {"role": "tool", "name": self.name or "unknown", "content": self.content}
@@ -170,11 +184,19 @@ def with_tools(messages: list[Message], tools: dict[str, Tool], in_template: boo
 _CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
 
-def parse_tool_calls(text: str, tools: dict[str, Tool]) -> list[ToolCall]:
-    """Every ``<tool_call>...</tool_call>`` in ``text``, in order; an unclosed last tag is malformed."""
-    calls = [_parse_one(body, tools) for body in _CALL_RE.findall(text)]
-    if "<tool_call>" in _CALL_RE.sub("", text):
+def parse_tool_calls(text: str, tools: dict[str, Tool], max_calls: int | None = None) -> list[ToolCall]:
+    """Every ``<tool_call>...</tool_call>`` in ``text``, in order; an unclosed last tag is malformed.
+
+    Past ``max_calls`` (the calls of one turn that may run) a call is not parsed: it is a
+    ``too_many_calls`` error."""
+    bodies = _CALL_RE.findall(text)
+    unclosed = "<tool_call>" in _CALL_RE.sub("", text)
+    keep = len(bodies) + unclosed if max_calls is None else max_calls
+    calls = [_parse_one(body, tools) for body in bodies[:keep]]
+    if unclosed and len(bodies) < keep:
         calls.append(ToolCall(None, error="malformed", message="tool call without a closing </tool_call>"))
+    calls += [ToolCall(None, error="too_many_calls", message=f"at most {max_calls} tool calls run per turn; this one "
+                       "was not run") for _ in range(len(bodies) + unclosed - len(calls))]
     return calls
 
 
@@ -183,6 +205,9 @@ def _parse_one(body: str, tools: dict[str, Tool]) -> ToolCall:
         obj = json.loads(body)
     except json.JSONDecodeError as e:
         return ToolCall(None, error="malformed", message=f"tool call is not valid JSON ({e.msg}); write {CALL_FORMAT}")
+    except (ValueError, RecursionError) as e:  # an integer past Python's digit limit; nesting past the stack's
+        why = "nested too deeply" if isinstance(e, RecursionError) else "a number too long to read"
+        return ToolCall(None, error="malformed", message=f"tool call is not valid JSON ({why}); write {CALL_FORMAT}")
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return ToolCall(None, error="malformed", message=f"tool call needs a string 'name'; write {CALL_FORMAT}")
     name, args = obj["name"], obj.get("arguments", {})
@@ -203,82 +228,265 @@ def _parse_one(body: str, tools: dict[str, Tool]) -> ToolCall:
 
 @dataclass(frozen=True)
 class ToolLimits:
-    """How long a call may run and how much of its result the model sees."""
+    """How a turn's calls run: how many, how long, with what resources, and how much of their result is kept.
+
+    The resource limits are ``setrlimit`` limits set in each call's process; 0 leaves one unset."""
 
     timeout_s: float = 5.0
-    """Wall-clock seconds per call; past it the call's process is killed."""
+    """Wall-clock seconds per call; past it the call's process group is killed."""
     max_chars: int = 2000
     """Characters of the result kept; longer results are cut and marked truncated."""
+    max_calls: int = 8
+    """Calls run per model turn; the calls after them get an error (too_many_calls)."""
+    max_parallel: int = 4
+    """Call processes alive at once; further calls wait for one to end."""
+    memory_mb: int = 1024
+    """Address space a call may add to its copy of the trainer (RLIMIT_AS); past it allocations fail."""
+    cpu_s: int = 60
+    """CPU seconds of a call's process (RLIMIT_CPU); past them it is killed (SIGXCPU)."""
+    file_mb: int = 64
+    """Largest file a call may write (RLIMIT_FSIZE), its captured output included."""
+    max_processes: int = 16
+    """Processes (threads included) a call may start besides those its user already runs (RLIMIT_NPROC,
+    which the OS counts per user and does not apply to root)."""
 
 
 def run_tool_calls(calls: list[ToolCall], tools: dict[str, Tool], limits: ToolLimits = ToolLimits(),
                    stats: ToolStats | None = None) -> list[ToolResult]:
-    """One result per call, in order; never raises for what a tool does, never waits past the time limit
-    (plus the time to fork and kill).  Calls that failed to parse give their error message as the result."""
-    ctx = multiprocessing.get_context("fork")
-    started: list[tuple[int, Any, Any, float]] = []  # (index, process, parent end of the pipe, deadline)
+    """One result per call, in order; never raises for what a tool does.  At most ``limits.max_parallel``
+    calls run at once, each in its own process group, never waited for past its time limit (counted
+    from its start).  Calls that failed to parse give their error message as the result."""
     results: list[ToolResult | None] = [None] * len(calls)
+    waiting = []
     for i, call in enumerate(calls):
         if call.error is not None:
             results[i] = ToolResult(call.name, f"error: {call.message}", call.error)
-            continue
-        recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(tools[call.name].fn, call.arguments, limits.max_chars, send),
-                           daemon=True)
-        with warnings.catch_warnings():  # "multi-threaded process, fork() may deadlock": tools are plain Python
-            warnings.simplefilter("ignore", DeprecationWarning)
-            proc.start()
-        send.close()
-        started.append((i, proc, recv, time.monotonic() + limits.timeout_s))
-    for i, proc, recv, deadline in started:
-        results[i] = _collect(calls[i].name, proc, recv, deadline, limits)
+        else:
+            waiting.append(i)
+    waiting.reverse()
+    user_tasks = _user_tasks() if limits.max_processes and waiting else None
+    running: dict[int, _Running] = {}  # result pipe's read end -> call
+    with selectors.DefaultSelector() as sel:
+        try:
+            while waiting or running:
+                while waiting and len(running) < limits.max_parallel:
+                    i = waiting.pop()
+                    run = _start(i, tools[calls[i].name].fn, calls[i].arguments, limits, user_tasks)
+                    running[run.fd] = run
+                    sel.register(run.fd, selectors.EVENT_READ, run)
+                wait = min(r.deadline for r in running.values()) - time.monotonic()
+                for key, _ in sel.select(max(0.0, wait)):
+                    key.data.read()
+                now = time.monotonic()
+                for run in [r for r in running.values() if r.complete or r.eof or now >= r.deadline]:
+                    sel.unregister(run.fd)
+                    del running[run.fd]
+                    results[run.index] = run.finish(calls[run.index].name, limits)
+        finally:  # an exception here (Ctrl-C) leaves no call running
+            for run in running.values():
+                run.finish(calls[run.index].name, limits)
     if stats is not None:
         stats.add(results)
     return results
 
 
-def _collect(name: str, proc, recv, deadline: float, limits: ToolLimits) -> ToolResult:
-    try:
-        ready = recv.poll(max(0.0, deadline - time.monotonic()))
-        payload = recv.recv() if ready else None
-    except (EOFError, OSError):  # the child died without sending (os._exit, a signal, out of memory)
-        payload = ("crashed", f"the tool process ended without a result (exit code {proc.exitcode})", 0)
-    finally:
-        recv.close()
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
-    if payload is None:
-        return ToolResult(name, f"error: {name} ran past its time limit of {limits.timeout_s:g} s and was stopped",
-                          "timeout")
-    kind, text, full_len = payload
-    if kind == "ok":
-        return ToolResult(name, text)
-    if kind == "truncated":
-        return ToolResult(name, f"{text}\n[truncated: {full_len} characters, first {limits.max_chars} shown]",
-                          "truncated")
-    return ToolResult(name, f"error: {text}", kind)
+_HEADER = 8  # the child sends len(payload) as 8 bytes, then the payload (UTF-8 JSON)
 
 
-def _child(fn: Callable[..., Any], arguments: dict[str, Any], max_chars: int, send) -> None:
-    """In the forked process: run, turn the result into at most ``max_chars`` of text, send (kind, text, length)."""
-    try:
+class _Running:
+    """One call's process: its pid (and process group), the read end of its result pipe, its output file."""
+
+    def __init__(self, index: int, pid: int, fd: int, output, deadline: float, max_bytes: int):
+        self.index, self.pid, self.fd, self.output, self.deadline = index, pid, fd, output, deadline
+        self.max_bytes, self.data, self.eof = max_bytes, bytearray(), False
+
+    @property
+    def complete(self) -> bool:
+        return len(self.data) >= _HEADER and len(self.data) >= _HEADER + int.from_bytes(self.data[:_HEADER], "big")
+
+    def read(self) -> None:
+        chunk = os.read(self.fd, 1 << 16)
+        self.eof = not chunk
+        self.data += chunk
+        if len(self.data) > self.max_bytes + _HEADER:  # more than any honest payload: stop reading
+            self.eof = True
+
+    def finish(self, name: str | None, limits: ToolLimits) -> ToolResult:
+        """Kill the process group (whatever the call left running), reap the process, read what it sent."""
+        for kill in (os.killpg, os.kill):  # the group; and the process, if it had not made its group yet
+            try:
+                kill(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        with self.output:
+            output = os.pread(self.output.fileno(), 4 * limits.max_chars, 0).decode("utf-8", "replace")
+        result = self._result(name, limits, status)
+        result.output = output[:limits.max_chars]
+        return result
+
+    def _result(self, name: str | None, limits: ToolLimits, status: int) -> ToolResult:
+        if self.complete:
+            size = int.from_bytes(self.data[:_HEADER], "big")
+            try:
+                kind, text, full_len = json.loads(self.data[_HEADER:_HEADER + size].decode("utf-8"))
+            except (ValueError, RecursionError, TypeError):
+                return ToolResult(name, "error: the tool process sent an unreadable result", "crashed")
+            if kind == "ok":
+                return ToolResult(name, text)
+            if kind == "truncated":
+                return ToolResult(name, f"{text}\n[truncated: {full_len} characters, first {limits.max_chars} shown]",
+                                  "truncated")
+            return ToolResult(name, f"error: {text}", kind)
+        if not self.eof:
+            return ToolResult(name, f"error: {name} ran past its time limit of {limits.timeout_s:g} s and was "
+                              "stopped", "timeout")
+        code = os.waitstatus_to_exitcode(status)
+        how = f"exit code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
+        if code == -signal.SIGXCPU:
+            how += f", its CPU time limit of {limits.cpu_s} s"
+        return ToolResult(name, f"error: the tool process ended without a result ({how})", "crashed")
+
+
+def _start(index: int, fn: Callable[..., Any], arguments: dict[str, Any], limits: ToolLimits,
+           user_tasks: int | None) -> _Running:
+    """Fork the process of one call; it runs :func:`_child` and never returns here."""
+    read_fd, write_fd = os.pipe()
+    output = tempfile.TemporaryFile()  # the call's stdout and stderr; read back (cut) by the parent
+    with warnings.catch_warnings():  # "multi-threaded process, fork() may deadlock": tools are plain Python
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; coverage cannot follow it
+        code = 1
         try:
-            value = fn(**arguments)
-        except BaseException as e:  # noqa: BLE001 - whatever the tool does is reported, not raised
-            msg = _safe_str(e)
-            send.send(("raised", f"{type(e).__name__}: {msg}"[:max_chars], 0))
-            return
-        text = value if isinstance(value, str) else _safe_str(value, None)
-        if text is None:
-            send.send(("unprintable", f"the result (a {type(value).__name__}) cannot be shown as text", 0))
-        elif len(text) > max_chars:
-            send.send(("truncated", text[:max_chars], len(text)))
-        else:
-            send.send(("ok", text, len(text)))
-    finally:
-        send.close()
-        os._exit(0)
+            os.close(read_fd)
+            _child(fn, arguments, limits, user_tasks, write_fd, output.fileno())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    return _Running(index, pid, read_fd, output, time.monotonic() + limits.timeout_s, 8 * limits.max_chars + 256)
+
+
+def _child(fn: Callable[..., Any], arguments: dict[str, Any], limits: ToolLimits, user_tasks: int | None,
+           result_fd: int, output_fd: int) -> None:
+    """In the call's process: a process group of its own, default signal handlers, no descriptor of the
+    trainer's, stdout/stderr to the output file, the resource limits; then run and send the result."""
+    os.setsid()
+    for sig in _python_handled_signals():
+        signal.signal(sig, signal.SIG_DFL)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(output_fd, 1)
+    os.dup2(output_fd, 2)
+    _release_inherited_fds(keep={0, 1, 2, result_fd}, null=null)
+    sys.stdin = open(0, closefd=False)
+    sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+    _set_limits(limits, user_tasks)
+    payload = json.dumps(_call(fn, arguments, limits.max_chars), ensure_ascii=False).encode("utf-8")
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    data = len(payload).to_bytes(_HEADER, "big") + payload
+    while data:
+        data = data[os.write(result_fd, data):]
+
+
+def _call(fn: Callable[..., Any], arguments: dict[str, Any], max_chars: int) -> list:
+    """[kind, text, full length]: the result as at most ``max_chars`` of text, or why there is none."""
+    try:
+        value = fn(**arguments)
+    except BaseException as e:  # noqa: BLE001 - whatever the tool does is reported, not raised
+        return ["raised", f"{type(e).__name__}: {_safe_str(e)}"[:max_chars], 0]
+    text = value if isinstance(value, str) else _safe_str(value, None)
+    if text is None:
+        return ["unprintable", f"the result (a {type(value).__name__}) cannot be shown as text", 0]
+    if len(text) > max_chars:
+        return ["truncated", text[:max_chars], len(text)]
+    return ["ok", text, len(text)]
+
+
+def _python_handled_signals() -> list[int]:
+    """Signals whose handler is a Python function (the trainer's stop and checkpoint handlers, SIGINT's
+    KeyboardInterrupt): in a tool's process they would keep it alive, so they go back to the default."""
+    out = []
+    for sig in signal.valid_signals():
+        try:
+            if callable(signal.getsignal(sig)):
+                out.append(sig)
+        except (ValueError, OSError):
+            pass
+    return out
+
+
+def _release_inherited_fds(keep: set[int], null: int) -> None:
+    """Point every descriptor inherited from the trainer (the run lock's among them) at /dev/null.
+
+    Closing them would let the tool's next ``open`` reuse a number that a Python object of the
+    trainer still writes to; pointing them at /dev/null releases the files and keeps the numbers."""
+    fd_dir = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    try:
+        fds = [int(name) for name in os.listdir(fd_dir)]
+    except OSError:  # no listing: every number up to the limit
+        fds = list(range(resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+    for fd in fds:
+        if fd not in keep and fd != null:
+            try:
+                os.dup2(null, fd, inheritable=False)
+            except OSError:  # not open (the listing's own descriptor, now closed)
+                pass
+    os.close(null)
+
+
+def _set_limits(limits: ToolLimits, user_tasks: int | None) -> None:
+    """The call's setrlimit limits; each only lowers the current one.  Memory counts from the address space
+    the process starts with (its copy of the trainer), processes from those the user already runs."""
+    wanted = []
+    if limits.memory_mb:
+        wanted.append((resource.RLIMIT_AS, _address_space() + limits.memory_mb * 2**20))
+    if limits.cpu_s:
+        wanted.append((resource.RLIMIT_CPU, limits.cpu_s))
+    if limits.file_mb:
+        wanted.append((resource.RLIMIT_FSIZE, limits.file_mb * 2**20))
+    if limits.max_processes and user_tasks is not None and hasattr(resource, "RLIMIT_NPROC"):
+        wanted.append((resource.RLIMIT_NPROC, user_tasks + limits.max_processes))
+    for res, value in wanted:
+        soft, hard = resource.getrlimit(res)
+        value = min([value] + [v for v in (soft, hard) if v != resource.RLIM_INFINITY])
+        # CPU: SIGXCPU at the soft limit (named in the result), SIGKILL a second later if it is ignored
+        grace = 1 if res == resource.RLIMIT_CPU and (hard == resource.RLIM_INFINITY or value < hard) else 0
+        resource.setrlimit(res, (value, value + grace))
+
+
+def _address_space() -> int:
+    """Bytes of address space this process has mapped (0 where /proc does not say)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _user_tasks() -> int | None:
+    """Processes and threads of this user, as RLIMIT_NPROC counts them (None where /proc cannot say)."""
+    uid, total = os.getuid(), 0
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                total += int(f.read().rsplit(b")", 1)[1].split()[17])  # num_threads, field 20
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
 
 
 def _safe_str(value: Any, default: str | None = "<unprintable>") -> str | None:
