@@ -252,3 +252,57 @@ def test_smollm2_gguf_round_trip_keeps_logits_and_byte_level_tokens(tmp_path):
     assert back_tok(text).input_ids == ids[0].tolist() and back_tok.decode(ids[0]) == tok.decode(ids[0])
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+
+
+# --- OUT: never a run, never more than an earlier export ------------------------------------
+
+def test_export_never_deletes_what_it_was_given(full_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    ckpt = next((run / "checkpoints").glob("step-*"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    (tmp_path / "holder").mkdir()
+    shutil.copytree(full_run, tmp_path / "holder" / "inner")
+    cases = [
+        ([str(run), str(run), "--overwrite"], "is a run directory"),  # the reported command
+        ([str(run), str(ckpt), "--overwrite"], "is a checkpoint"),
+        ([str(run), str(run / "checkpoints"), "--overwrite"], "lies inside a run directory"),
+        ([str(run), str(run / "export")], "lies inside a run directory"),
+        ([str(run), str(tmp_path / "holder"), "--overwrite"], "contains a run directory"),
+        ([str(run), str(tmp_path / "notes"), "--overwrite"], "is not an earlier seqpg export"),
+        ([str(run), str(tmp_path / "notes" / "todo.txt"), "--overwrite"], "is not an earlier seqpg export"),
+    ]
+    (tmp_path / "notes" / "m.gguf").write_text("not gguf")
+    cases.append(([str(run), str(tmp_path / "notes" / "m.gguf"), "--overwrite", "--format", "gguf"],
+                  "is not a GGUF file"))
+    for argv, expected in cases:
+        assert main(["export", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, (argv, err)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before and (run / "checkpoints").is_dir()
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(run), str(tmp_path / "empty"), "--overwrite"]) == 0  # an empty directory: allowed
+    assert main(["export", str(run), str(tmp_path / "empty"), "--overwrite"]) == 0  # an earlier export: allowed
+    assert export_mod.exported_step(tmp_path / "empty") == 2
+    assert main(["export", str(run), str(tmp_path / "m.gguf"), "--format", "gguf"]) == 0
+    assert main(["export", str(run), str(tmp_path / "m.gguf"), "--format", "gguf", "--overwrite"]) == 0
+
+
+def test_export_into_a_run_being_trained_names_the_holder(full_run, tmp_path, capsys):
+    import os
+    import shutil
+
+    from seqpg.training.runlock import RunLock
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    with RunLock(run):
+        assert main(["export", str(full_run), str(run / "export")]) == 2
+    err = capsys.readouterr().err
+    assert f"lies in a run being trained: {run} is in use by pid {os.getpid()}" in err and err.count("\n") == 1
+    assert not (run / "export").exists()

@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--dtype", choices=["f32", "f16", "bf16"],
                    help="weight type (default: the run's for hf, f16 for gguf; gguf takes f32 or f16)")
     o.add_argument("-c", "--config", help="the run's configuration, when the checkpoint is not inside its run")
-    o.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    o.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier export or an empty directory")
     lb = sub.add_parser("lab", help="measure which advantage estimator a task needs (gradient SNR, bias, cosine)",
                         formatter_class=fmt,
                         description="Draws units of one training step's prompts x samples, scores them once and "

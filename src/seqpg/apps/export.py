@@ -15,7 +15,9 @@ that way, loads the checkpoint into it and writes one of two standard formats:
   rotate-half layout to the interleaved pairs its rope kernel rotates; readers undo it.
 
 Both are written next to their final name and renamed into place, so OUT is either absent, the
-previous export, or complete.  A merged hf export also carries ``seqpg_export.json`` (source and
+previous export, or complete.  Export never deletes what it was given: OUT may not be, contain or lie
+inside a run directory or checkpoint, and ``overwrite`` replaces only an earlier export (or an empty
+directory).  A merged hf export also carries ``seqpg_export.json`` (source and
 step) and ``seqpg_config.yaml`` (the run's configuration), so ``seqpg eval OUT`` evaluates it on
 the run's own held-out prompts and rewards.
 """
@@ -35,7 +37,9 @@ import torch
 import yaml
 from torch import nn
 
-from ..training.checkpoint import META_FILE, load_checkpoint, resolve_checkpoint
+from ..training.checkpoint import CHECKPOINTS_DIR, META_FILE, load_checkpoint, resolve_checkpoint
+from ..training.runfiles import METRICS_FILE
+from ..training.runlock import LOCK_FILE, RunInUse, check_free
 from ..config import ConfigError, TrainConfig, load_config, to_dict
 
 FORMATS = ("hf", "gguf")
@@ -212,7 +216,7 @@ def export_gguf(target: str | os.PathLike, out: str | os.PathLike, *, dtype: str
     ftype = dtype or "f16"
     if ftype not in ("f32", "f16"):
         raise ExportError(f"--dtype {ftype!r} is not available for gguf; choose f32 or f16")
-    out = _check_out(out, overwrite)
+    out = _check_out(out, overwrite, is_file=True)
     trained = load_trained(target, config=config)
     model = merged_model(trained.model)
     write_gguf(model, trained.tokenizer, out, dtype=ftype, name=Path(trained.source).parent.parent.name or "seqpg")
@@ -419,14 +423,76 @@ def _dtype(name: str | None, *, allowed: tuple[str, ...]) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def _check_out(out: Path, overwrite: bool) -> Path:
-    if out.exists() and not overwrite:
+def _check_out(out: Path, overwrite: bool, *, is_file: bool = False) -> Path:
+    """``out`` if an export may be written there (a directory, or one file with ``is_file``).
+
+    Export never writes into, over or around a run: OUT must not be, contain or lie inside a run
+    directory or a checkpoint (a run being trained is named with its holder).  An existing OUT is
+    replaced only with ``overwrite``, and only if it is an earlier export (a directory with
+    ``seqpg_export.json``, or a GGUF file) or an empty directory."""
+    where = out.resolve()
+    owner = next(((p, kind) for p in (where, *where.parents) if (kind := _seqpg_kind(p))), None)
+    if owner is not None:
+        path, kind = owner
+        run = path.parent.parent if kind == "a checkpoint" and path.parent.name == CHECKPOINTS_DIR else path
+        try:
+            check_free(run)
+        except RunInUse as e:
+            raise ExportError(f"{out} lies in a run being trained: {e}") from None
+        relation = "is" if path == where else "lies inside"
+        raise ExportError(f"{out} {relation} {kind} ({path}); an export there would replace or mix with it; "
+                          "choose an OUT outside every run directory")
+    if not out.exists() and not out.is_symlink():
+        if not out.parent.is_dir():
+            raise ExportError(f"{out.parent} does not exist; create it first")
+        return out
+    if out.is_dir() and not out.is_symlink():
+        inner = _seqpg_inside(where)
+        if inner is not None:
+            raise ExportError(f"{out} contains {inner[1]} ({inner[0]}); an export there would delete it; choose "
+                              "another OUT")
+    if not overwrite:
         raise ExportError(f"{out} already exists; choose another OUT or pass --overwrite")
-    if out.exists() and (out / META_FILE).is_file():
-        raise ExportError(f"{out} is a seqpg checkpoint; refusing to overwrite it with an export")
-    if not out.parent.is_dir():
-        raise ExportError(f"{out.parent} does not exist; create it first")
+    if is_file:
+        if not (out.is_file() and _is_gguf(out)):
+            raise ExportError(f"{out} is not a GGUF file; --overwrite replaces only an earlier export (or an empty "
+                              "directory): choose another OUT")
+    elif out.is_symlink() or not out.is_dir() or not ((out / EXPORT_META).is_file() or not any(out.iterdir())):
+        raise ExportError(f"{out} is not an earlier seqpg export (it has no {EXPORT_META}) nor an empty directory; "
+                          "--overwrite replaces only those: choose another OUT")
     return out
+
+
+def _seqpg_kind(path: Path) -> str | None:
+    """"a checkpoint", "a run directory", or None: what seqpg wrote at ``path`` (an export is neither)."""
+    if (path / EXPORT_META).is_file():
+        return None
+    if (path / META_FILE).is_file():
+        return "a checkpoint"
+    if (path / RUN_CONFIG).is_file() and ((path / CHECKPOINTS_DIR).is_dir() or (path / METRICS_FILE).is_file()
+                                          or (path / LOCK_FILE).is_file()):
+        return "a run directory"
+    return None
+
+
+def _seqpg_inside(path: Path, depth: int = 3) -> tuple[Path, str] | None:
+    """A run directory or checkpoint within ``depth`` levels below ``path`` (the first found), or None."""
+    try:
+        children = [c for c in path.iterdir() if c.is_dir() and not c.is_symlink()]
+    except OSError:
+        return None
+    for child in children:
+        kind = _seqpg_kind(child)
+        if kind:
+            return child, kind
+        if depth > 1 and (found := _seqpg_inside(child, depth - 1)) is not None:
+            return found
+    return None
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _write_dir_atomically(out: Path, write: Callable[[Path], None]) -> None:
