@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -275,7 +276,8 @@ class TrainConfig:
     steps: int = 100
     """Training steps (each: sample, score, advantages, update)."""
     max_minutes: float | None = None
-    """Stop (with a checkpoint) after this many minutes of training."""
+    """Stop (with a checkpoint) after the step that passes this many minutes of training; the run then
+    exits 0, as when all steps are done (`--resume` continues it)."""
     seed: int = 0
     """Seed of everything (sampling, initialisation, prompt order)."""
     run_dir: str = "runs/latest"
@@ -402,15 +404,20 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2**63:
+                raise ConfigError(f"{key}: {_short(value)} is too large; give an integer below 2**63")
+            return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                raise ConfigError(f"{key}: {_short(value)} is too large for a number; give a finite value") from None
         elif isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
             try:
                 number = float(value)
@@ -425,6 +432,16 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
+
+
+def _short(value: Any) -> str:
+    """``value`` as text; a long integer as its number of digits."""
+    if not isinstance(value, int) or abs(value) < 10**40:
+        return str(value)
+    try:
+        return f"an integer of {len(str(abs(value)))} digits"
+    except ValueError:  # past sys.get_int_max_str_digits()
+        return f"an integer of more than {sys.get_int_max_str_digits()} digits"
 
 
 def _check_finite(value: Any, key: str) -> None:
@@ -462,7 +479,7 @@ def _parse_scalar(text: str, key: str = "") -> Any:
     if text == "":
         return ""
     try:
-        return yaml.safe_load(text)
+        return _yaml_value(text, f"override {key}")
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}={text}: the value is not valid YAML ({_yaml_problem(e)}); "
                           "quote a string value inside the argument, e.g. key='\"text\"'") from e
@@ -473,6 +490,41 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     mark = getattr(e, "problem_mark", None)
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def _yaml_value(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)``; what would escape it other than a ``YAMLError`` (left to the caller) is a
+    ConfigError naming ``where``: an integer past Python's digit limit, a value nested past the stack, an
+    anchor whose alias sits inside itself (``&a [*a]``: a value that contains itself)."""
+    try:
+        value = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to read; flatten the value") from None
+    except (ValueError, OverflowError) as e:  # int('9' * 4301) past sys.get_int_max_str_digits(); 2026-13-45
+        what = (f"an integer of more than {sys.get_int_max_str_digits()} digits" if "integer string" in str(e)
+                else f"a value YAML cannot read ({e})")
+        raise ConfigError(f"{where}: {what}; give a shorter value (quote it to keep it as text)") from None
+    if _contains_itself(value):
+        raise ConfigError(f"{where}: a YAML anchor is used inside itself (like `a: &x [*x]`), a value without end; "
+                          "write the value out")
+    return value
+
+
+def _contains_itself(value: Any) -> bool:
+    """Whether a list or dict in ``value`` contains itself (YAML builds one from ``&a [*a]``)."""
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:
+        node, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(node))
+        elif isinstance(node, (dict, list)):
+            if id(node) in on_path:
+                return True
+            on_path.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in (node.values() if isinstance(node, dict) else node))
+    return False
 
 
 def read_yaml_file(path: str | Path) -> Any:
@@ -487,7 +539,7 @@ def read_yaml_file(path: str | Path) -> Any:
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     try:
-        return yaml.safe_load(text)
+        return _yaml_value(text, f"config file {str(p)!r}")
     except yaml.YAMLError as e:
         mark, lines = getattr(e, "problem_mark", None), text.splitlines()
         line = lines[mark.line] if mark is not None and mark.line < len(lines) else ""
@@ -588,6 +640,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"sampling.top_p must be in (0, 1], got {s.top_p}")
     if s.top_k < 0:
         raise ConfigError(f"sampling.top_k must be >= 0 (0 disables it), got {s.top_k}")
+    for i, stop in enumerate(s.stop_strings):
+        if not stop:
+            raise ConfigError(f"sampling.stop_strings[{i}] is empty: it would end every completion after its first "
+                              "token; remove it")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
     if o.weight_decay < 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -305,3 +306,86 @@ def test_resume_refuses_by_name_what_cannot_change_mid_run(tiny_overrides, tmp_p
     assert code == 2 and "--resume cannot change model.tiny_layers, sampling.samples_per_prompt, seed" in line
     assert "model.tiny_layers=2" in line
     assert C.load_config(tmp_path / "run" / "config.yaml").steps == 1  # the record is untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# edges that escaped as bare exceptions (exit 1): now exit 2 naming the key or the file
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optim.lr=" + "9" * 400, "optim.lr: an integer of 400 digits is too large for a number"),
+    ("steps=" + "9" * 400, "steps: an integer of 400 digits is too large; give an integer below 2**63"),
+    ("task.params={a: " + "9" * 4301 + "}", "override task.params: an integer of more than 4300 digits"),
+    ("task.params=&a {b: *a}", "override task.params: a YAML anchor is used inside itself"),
+    ('sampling.stop_strings=["</a>", ""]', "sampling.stop_strings[1] is empty: it would end every completion"),
+])
+def test_override_edges_exit_2_naming_the_key(override, words, capsys):
+    code, line = run_cli(capsys, ["config", override])
+    assert code == 2 and words in line, line
+
+
+@pytest.mark.parametrize("text, words", [
+    ("task:\n  params: &a {x: *a}\n", "a YAML anchor is used inside itself"),
+    ("rewards:\n- kind: length\n  params: &a {x: [1, *a]}\n", "a YAML anchor is used inside itself"),
+    ("seed: " + "9" * 4301 + "\n", "an integer of more than 4300 digits"),
+    ("task:\n  params: {deep: " + "[" * 3000 + "]" * 3000 + "}\n", "nested too deeply to read"),
+])
+def test_yaml_edges_exit_2_naming_the_file(text, words, tmp_path, capsys):
+    path = write(tmp_path, "edge.yaml", text)
+    code, line = run_cli(capsys, ["config", "-c", str(path)])
+    assert code == 2 and f"config file {str(path)!r}: {words}" in line, line
+
+
+def test_a_yaml_anchor_used_twice_but_not_inside_itself_is_fine(tmp_path, capsys):
+    path = write(tmp_path, "shared.yaml", "task:\n  params: {a: &p {x: 1}, b: *p}\n")
+    assert main(["config", "-c", str(path)]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["task"]["params"] == {"a": {"x": 1}, "b": {"x": 1}}
+
+
+_ENV = '''
+class Env:
+    def reset(self, prompt, seed):
+        return "hi"
+
+    def step(self, text):
+        return None, 0.0, True, {}
+'''
+
+
+@pytest.mark.parametrize("head, words", [
+    ("raise RuntimeError('no key set')", "importing '{file}' failed: RuntimeError: no key set"),
+    ("x = 1 / 0", "importing '{file}' failed: ZeroDivisionError: division by zero"),
+    ("import sys\nsys.exit(4)", "importing '{file}' failed: SystemExit: 4"),
+    ("import no_such_module_q", "importing '{file}' failed: ModuleNotFoundError: No module named 'no_such_module_q'"),
+])
+def test_an_environment_file_whose_import_raises_exits_2_naming_it(head, words, tmp_path, capsys):
+    path = write(tmp_path, "env_file.py", head + "\n" + _ENV)
+    code, line = run_cli(capsys, ["config", "model.name=tiny", f"episode.env={path}:Env"])
+    assert code == 2 and f"environment '{path}:Env'" in line and words.format(file=path) in line, line
+
+
+def test_an_environment_file_with_future_annotations_and_a_dataclass_loads(tmp_path, capsys):
+    from seqpg.rollout.environments import load_environment
+
+    path = write(tmp_path, "dc_env.py", "from __future__ import annotations\nfrom dataclasses import dataclass\n\n\n"
+                 "@dataclass\nclass State:\n    turns: int = 0\n    seen: list[str] | None = None\n" + _ENV)
+    assert main(["config", "model.name=tiny", f"episode.env={path}:Env"]) == 0, capsys.readouterr().err
+    module = sys.modules[load_environment(f"{path}:Env").__module__]
+    assert module.State(2).turns == 2
+
+
+def test_a_tool_timeout_that_would_overflow_is_refused(tmp_path, capsys):
+    path = write(tmp_path, "env_file.py", _ENV)
+    code, line = run_cli(capsys, ["config", "model.name=tiny", f"episode.env={path}:Env", "episode.tool_timeout_s=3000000"])
+    assert code == 2 and "episode.tool_timeout_s must be > 0 and at most 3600" in line, line
+
+
+def test_reaching_max_minutes_is_done_exit_0_with_a_checkpoint(tiny_overrides, capsys):
+    from seqpg.training.checkpoint import latest_checkpoint
+
+    argv = tiny_overrides("steps=50", "max_minutes=0.0001", "--no-progress")
+    assert main(["train", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "1 steps done" in out and "max_minutes=0.0001 reached; continue with --resume" in out
+    run = Path(next(a for a in argv if a.startswith("run_dir=")).split("=", 1)[1])
+    assert latest_checkpoint(run).name == step_dir_name(1)

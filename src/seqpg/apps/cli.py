@@ -12,9 +12,9 @@
 Options and key=value overrides may come in any order.  A failure is one line on stderr
 (``seqpg: <problem>; <fix>``); ``--debug`` (anywhere on the line) also prints the traceback.
 
-exit status: 0 done; 1 the run failed; 2 configuration error; 3 stopped early with a checkpoint
-(SIGTERM, Ctrl-C or max_minutes): continue with `seqpg train --resume RUN`; 130 aborted (a second
-Ctrl-C). SIGUSR1 saves a checkpoint after the current step and training goes on.
+exit status: 0 done (all steps, or max_minutes reached); 1 the run failed; 2 configuration error; 3
+stopped early with a checkpoint (SIGTERM or Ctrl-C): continue with `seqpg train --resume RUN`; 130
+aborted (a second Ctrl-C). SIGUSR1 saves a checkpoint after the current step and training goes on.
 """
 
 from __future__ import annotations
@@ -252,8 +252,9 @@ def _cmd_train(args) -> int:
     result = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
     if result.steps_done and int(os.environ.get("RANK", "0")) == 0:
         print(f"seqpg: {result.steps_done} steps done; run in {result.run_dir}"
-              + (" (stopped early; continue with --resume)" if result.stopped_early else ""))
-    return EXIT_STOPPED if result.stopped_early else 0
+              + (f" (max_minutes={cfg.max_minutes} reached; continue with --resume)" if result.out_of_time
+                 else " (stopped early; continue with --resume)" if result.stopped_early else ""))
+    return EXIT_STOPPED if result.stopped_early and not result.out_of_time else 0
 
 
 def _refuse_used_run_dir(run_dir: Path) -> None:

@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -155,16 +156,31 @@ def make_environment(cls: type, params: dict[str, Any] | None = None, *, spec: s
 
 
 def import_target(target: str, *, what: str):
-    """The module ``target`` names: a dotted module path or a ``.py`` file (loaded under its stem)."""
+    """The module ``target`` names: a dotted module path or a ``.py`` file (loaded under its stem).
+
+    A file's module is in ``sys.modules`` while it runs, as an imported one is (``@dataclass`` under
+    ``from __future__ import annotations`` looks it up there).  Whatever importing raises is an
+    ImportError naming ``what`` and the target."""
     if target.endswith(".py"):
         if not os.path.isfile(target):
             raise FileNotFoundError(f"{what}: no file {target!r}")
         mod_name = "seqpg_user_" + os.path.splitext(os.path.basename(target))[0]
         spec = importlib.util.spec_from_file_location(mod_name, target)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        previous = sys.modules.get(mod_name)
+        sys.modules[mod_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except (Exception, SystemExit) as e:
+            if previous is None:
+                sys.modules.pop(mod_name, None)
+            else:
+                sys.modules[mod_name] = previous
+            raise ImportError(f"{what}: importing {target!r} failed: {type(e).__name__}: {e}") from e
         return module
     try:
         return importlib.import_module(target)
     except ImportError as e:
         raise ImportError(f"{what}: cannot import module {target!r}: {e}") from e
+    except (Exception, SystemExit) as e:
+        raise ImportError(f"{what}: importing module {target!r} failed: {type(e).__name__}: {e}") from e

@@ -16,8 +16,8 @@ import threading
 from typing import Any
 
 EXIT_STOPPED = 3
-"""Exit status of ``seqpg train`` when it stopped before ``steps`` (signal or ``max_minutes``)
-after saving a checkpoint: continue with ``seqpg train --resume RUN``."""
+"""Exit status of ``seqpg train`` when a stop signal ended it before ``steps``, after saving a checkpoint:
+continue with ``seqpg train --resume RUN``.  (Reaching ``max_minutes`` is what was asked: status 0.)"""
 
 STOP_SIGNALS: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
 CHECKPOINT_SIGNALS: tuple[int, ...] = tuple(s for s in (getattr(signal, "SIGUSR1", None),) if s is not None)

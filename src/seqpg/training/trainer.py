@@ -48,6 +48,8 @@ class TrainResult:
     steps_done: int
     stopped_early: bool
     final_metrics: dict[str, float]
+    out_of_time: bool = False
+    """It stopped because ``max_minutes`` were reached (and no stop signal came): what was asked."""
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -91,7 +93,7 @@ def _run(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool, run_
         if dist.is_main:
             record_resume_changes(run_dir, start + 1, changes)
     stop = StopFlag()
-    t_start, metrics, step, saved = time.monotonic(), {}, start, start
+    t_start, metrics, step, saved, signalled, timed_out = time.monotonic(), {}, start, start, False, False
     bar = progress_bar(total=cfg.steps, initial=start, enabled=progress and dist.is_main)
     watch = CollapseWatch(cfg.collapse_steps, cfg.collapse_min_distinct, cfg.collapse_shared_opening)
     try:
@@ -112,8 +114,9 @@ def _run(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool, run_
                     bar.warn(warning)
                     log.log_warning(step, warning)
                 out_of_time = cfg.max_minutes is not None and time.monotonic() - t_start > 60 * cfg.max_minutes
-                asked = torch.tensor([stop.is_set() or out_of_time, stop.take_checkpoint_request()], dtype=torch.int64)
-                halt, save_now = dist.all_reduce_max(asked).tolist()  # every process stops / saves after this step
+                asked = torch.tensor([stop.is_set(), out_of_time, stop.take_checkpoint_request()], dtype=torch.int64)
+                signalled, timed_out, save_now = dist.all_reduce_max(asked).tolist()  # every process stops / saves
+                halt = signalled or timed_out                                          # after this step
                 if step % cfg.save_every == 0 or step == cfg.steps or halt or save_now:
                     _save(cfg, c, dist, step)
                     saved = step
@@ -122,7 +125,7 @@ def _run(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool, run_
     finally:  # also on an error: the logs are closed and the plots written
         bar.close()
         log.close()
-    return TrainResult(run_dir, step, step < cfg.steps, metrics)
+    return TrainResult(run_dir, step, step < cfg.steps, metrics, out_of_time=bool(timed_out and not signalled))
 
 
 @dataclass
