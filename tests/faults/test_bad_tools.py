@@ -138,3 +138,12 @@ def test_file_size_limit(tools, tmp_path):
     result = run_one(tools, "write_file", ToolLimits(timeout_s=10.0, file_mb=1), path=str(tmp_path / "f"), mb=3)
     assert result.error == "raised" and "File too large" in result.content
     assert (tmp_path / "f").stat().st_size <= 2**20
+
+
+def test_a_call_that_cannot_fork_is_an_error_not_an_exception(tools, monkeypatch):
+    def no_fork():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    results = run_tool_calls([ToolCall("add", {"a": 1, "b": 2})] * 2, tools, ToolLimits(timeout_s=1.0))
+    assert [r.error for r in results] == ["crashed"] * 2 and "could not start" in results[0].content

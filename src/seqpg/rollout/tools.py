@@ -271,9 +271,16 @@ def run_tool_calls(calls: list[ToolCall], tools: dict[str, Tool], limits: ToolLi
             while waiting or running:
                 while waiting and len(running) < limits.max_parallel:
                     i = waiting.pop()
-                    run = _start(i, tools[calls[i].name].fn, calls[i].arguments, limits, user_tasks)
+                    try:
+                        run = _start(i, tools[calls[i].name].fn, calls[i].arguments, limits, user_tasks)
+                    except OSError as e:  # no process to be had (EAGAIN, ENOMEM), no temporary file
+                        results[i] = ToolResult(calls[i].name, f"error: the tool process could not start ({e})",
+                                                "crashed")
+                        continue
                     running[run.fd] = run
                     sel.register(run.fd, selectors.EVENT_READ, run)
+                if not running:
+                    continue
                 wait = min(r.deadline for r in running.values()) - time.monotonic()
                 for key, _ in sel.select(max(0.0, wait)):
                     key.data.read()
@@ -352,11 +359,17 @@ class _Running:
 def _start(index: int, fn: Callable[..., Any], arguments: dict[str, Any], limits: ToolLimits,
            user_tasks: int | None) -> _Running:
     """Fork the process of one call; it runs :func:`_child` and never returns here."""
-    read_fd, write_fd = os.pipe()
     output = tempfile.TemporaryFile()  # the call's stdout and stderr; read back (cut) by the parent
-    with warnings.catch_warnings():  # "multi-threaded process, fork() may deadlock": tools are plain Python
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
+    read_fd, write_fd = os.pipe()
+    try:
+        with warnings.catch_warnings():  # "multi-threaded process, fork() may deadlock": tools are plain Python
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+    except OSError:
+        for fd in (read_fd, write_fd):
+            os.close(fd)
+        output.close()
+        raise
     if pid == 0:  # pragma: no cover - the child; coverage cannot follow it
         code = 1
         try:
