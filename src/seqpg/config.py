@@ -407,8 +407,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, int) and not isinstance(value, bool):
-            if abs(value) >= 2**63:
-                raise ConfigError(f"{key}: {_short(value)} is too large; give an integer below 2**63")
+            if abs(value) >= 2**64:
+                raise ConfigError(f"{key}: {_short(value)} is too large; give an integer below 2**64")
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:

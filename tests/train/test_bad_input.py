@@ -314,7 +314,7 @@ def test_resume_refuses_by_name_what_cannot_change_mid_run(tiny_overrides, tmp_p
 
 @pytest.mark.parametrize("override, words", [
     ("optim.lr=" + "9" * 400, "optim.lr: an integer of 400 digits is too large for a number"),
-    ("steps=" + "9" * 400, "steps: an integer of 400 digits is too large; give an integer below 2**63"),
+    ("steps=" + "9" * 400, "steps: an integer of 400 digits is too large; give an integer below 2**64"),
     ("task.params={a: " + "9" * 4301 + "}", "override task.params: an integer of more than 4300 digits"),
     ("task.params=&a {b: *a}", "override task.params: a YAML anchor is used inside itself"),
     ('sampling.stop_strings=["</a>", ""]', "sampling.stop_strings[1] is empty: it would end every completion"),
