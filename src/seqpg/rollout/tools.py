@@ -459,8 +459,9 @@ def _set_limits(limits: ToolLimits, user_tasks: int | None) -> None:
     """The call's setrlimit limits; each only lowers the current one.  Memory counts from the address space
     the process starts with (its copy of the trainer), processes from those the user already runs."""
     wanted = []
-    if limits.memory_mb:
-        wanted.append((resource.RLIMIT_AS, _address_space() + limits.memory_mb * 2**20))
+    mapped = _address_space()
+    if limits.memory_mb and mapped:  # unknown (no /proc): a limit could fall below what is mapped already
+        wanted.append((resource.RLIMIT_AS, mapped + limits.memory_mb * 2**20))
     if limits.cpu_s:
         wanted.append((resource.RLIMIT_CPU, limits.cpu_s))
     if limits.file_mb:
@@ -472,11 +473,14 @@ def _set_limits(limits: ToolLimits, user_tasks: int | None) -> None:
         value = min([value] + [v for v in (soft, hard) if v != resource.RLIM_INFINITY])
         # CPU: SIGXCPU at the soft limit (named in the result), SIGKILL a second later if it is ignored
         grace = 1 if res == resource.RLIMIT_CPU and (hard == resource.RLIM_INFINITY or value < hard) else 0
-        resource.setrlimit(res, (value, value + grace))
+        try:
+            resource.setrlimit(res, (value, value + grace))
+        except (ValueError, OSError):  # a platform that refuses this one: the others still hold
+            pass
 
 
 def _address_space() -> int:
-    """Bytes of address space this process has mapped (0 where /proc does not say)."""
+    """Bytes of address space this process has mapped (0 where /proc does not say: Linux only)."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
