@@ -644,6 +644,10 @@ def validate(cfg: TrainConfig) -> None:
                           "reinforce_baseline) or set sampling.dynamic_sampling=false")
     if a.kl_coef < 0:
         raise ConfigError(f"algo.kl_coef must be >= 0, got {a.kl_coef}")
+    if a.kl_coef > 0 and a.kl_mode_used == "loss" and a.kl_estimator == "k1":
+        raise ConfigError("algo.kl_estimator=k1 as a loss term (kl_mode=loss) holds nothing: its expected gradient "
+                          "E[grad log pi] is 0; use algo.kl_estimator=k3 (or k2) as a loss, or algo.kl_mode=reward "
+                          "for k1")
     if a.kl_noise_floor is not None and not 0 <= a.kl_noise_floor < 1:
         raise ConfigError(f"algo.kl_noise_floor must be in [0, 1) nats (null: the precision's default), "
                           f"got {a.kl_noise_floor}")

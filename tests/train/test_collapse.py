@@ -124,3 +124,13 @@ def test_the_defaults_keep_a_kl_term_to_the_starting_model():
     assert StepSettings.from_config(load_config(None, ["algo.kl_mode=loss"])).update.kl_estimator == "k3"
     assert StepSettings.from_config(load_config(None, ["algo.kl_estimator=k2"])).kl_estimator == "k2"
     assert not StepSettings.from_config(load_config(None, ["algo.kl_coef=0"])).uses_reference
+
+
+def test_k1_as_a_loss_term_is_refused():
+    """k1's loss gradient is grad log pi, whose expectation is 0: as a loss term it holds nothing."""
+    from seqpg.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="k1 as a loss term"):
+        load_config(None, ["algo.kl_estimator=k1"])  # kl_mode null: a loss term for grpo
+    load_config(None, ["algo.kl_estimator=k1", "algo.kl_mode=reward"])
+    load_config(None, ["algo.kl_estimator=k1", "algo.kl_coef=0"])  # no KL at all: nothing to refuse
