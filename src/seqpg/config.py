@@ -206,16 +206,34 @@ class AlgoConfig:
     the model, and no reference forward pass: 1.1 s of a 6.5 s step of SmolLM2-135M on 2 CPU cores). The default keeps a policy near its starting model: without it, a
     sentiment reward collapsed SmolLM2-135M to "I'm a wonderful and kind person ..." for every prompt in
     100 steps at the other defaults (README, "Defaults and collapse")."""
-    kl_mode: str = "reward"
-    """Where the KL goes: `reward` (per-token penalty) or `loss` (added loss term)."""
+    kl_mode: str | None = None
+    """Where the KL goes: `loss` (an added loss term, GRPO's; the default for estimators whose baseline comes
+    from samples: grpo, dr_grpo, rloo, reinforce*, remax) or `reward` (a per-token reward penalty; the default
+    for a critic's estimator, gae). In `reward` mode with a sampled baseline, the estimator sees the task
+    reward only and the penalty is added to its advantages at its own scale (docs/maths.md, "Where the KL
+    enters")."""
     kl_estimator: str | None = None
     """KL estimator: k1, k2 or k3; null: k1 with kl_mode=reward (its score-function gradient is the KL's;
     Ziegler et al. 2019), k3 with kl_mode=loss (GRPO's)."""
+    kl_noise_floor: float | None = None
+    """Tokens whose |log pi - log pi_ref| is at most this count as agreeing exactly (KL 0, no gradient), so
+    that rounding differences between the sampler, the trainer and the reference never become an update;
+    null: 1e-3 in float32, 0.3 with bf16 (autocast or weights), above the disagreement measured in
+    docs/maths.md."""
+
+    @property
+    def kl_mode_used(self) -> str:
+        """``kl_mode``, or the estimator's default when it is null (``reward`` for a critic, else ``loss``)."""
+        if self.kl_mode is not None:
+            return self.kl_mode
+        from .algorithms import resolve_family
+        return "reward" if resolve_family(self.name, self.advantage, self.loss).needs.critic else "loss"
 
     @property
     def kl_estimator_used(self) -> str:
         """``kl_estimator``, or the mode's estimator when it is null."""
-        return self.kl_estimator or ("k1" if self.kl_mode == "reward" else "k3")
+        return self.kl_estimator or ("k1" if self.kl_mode_used == "reward" else "k3")
+
     kl_target: float | None = None
     """Target KL for the adaptive controller (Ziegler et al. 2019); None keeps kl_coef fixed."""
     kl_horizon: int = 10000
@@ -695,6 +713,13 @@ def validate(cfg: TrainConfig) -> None:
                           "reinforce_baseline) or set sampling.dynamic_sampling=false")
     if a.kl_coef < 0:
         raise ConfigError(f"algo.kl_coef must be >= 0, got {a.kl_coef}")
+    if a.kl_coef > 0 and a.kl_mode_used == "loss" and a.kl_estimator == "k1":
+        raise ConfigError("algo.kl_estimator=k1 as a loss term (kl_mode=loss) holds nothing: its expected gradient "
+                          "E[grad log pi] is 0; use algo.kl_estimator=k3 (or k2) as a loss, or algo.kl_mode=reward "
+                          "for k1")
+    if a.kl_noise_floor is not None and not 0 <= a.kl_noise_floor < 1:
+        raise ConfigError(f"algo.kl_noise_floor must be in [0, 1) nats (null: the precision's default), "
+                          f"got {a.kl_noise_floor}")
     if a.kl_target is not None and a.kl_coef == 0:
         raise ConfigError("algo.kl_target (adaptive KL) needs an initial algo.kl_coef > 0")
     if not cfg.rewards and cfg.episode.env is None:

@@ -52,6 +52,8 @@ class StepSettings:
     kl_mode: str
     """``reward``: the KL to the reference is a per-token reward penalty; ``loss``: a loss term."""
     kl_estimator: str
+    kl_noise_floor: float
+    """|log pi - log pi_ref| at or below which a token's KL is exactly 0 (``algo.kl_noise_floor``, resolved)."""
     uses_reference: bool
     """``algo.kl_coef > 0``: the step computes reference log-probs."""
     bf16: bool
@@ -70,6 +72,11 @@ class StepSettings:
     def needs(self) -> Needs:
         return self.family.needs
 
+    @property
+    def kl_in_advantages(self) -> bool:
+        """KL as a reward penalty added after a sampled-baseline estimator (eq. (1) of :mod:`seqpg.core.kl`)."""
+        return self.kl_mode == "reward" and not self.needs.critic
+
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "StepSettings":
         a, o, s = cfg.algo, cfg.optim, cfg.sampling
@@ -81,11 +88,13 @@ class StepSettings:
                                 epochs=a.epochs or family.epochs, minibatches=a.minibatches,
                                 micro_batch_size=o.micro_batch_size, max_grad_norm=o.max_grad_norm,
                                 temperature=s.temperature, kl_estimator=a.kl_estimator_used,
+                                kl_noise_floor=kl_noise_floor(cfg),
                                 entropy_coef=a.entropy_coef, vf_coef=a.vf_coef, vf_clip=a.vf_clip, bf16=cfg.bf16,
                                 on_nonfinite=o.on_nonfinite, grad_noise=o.grad_noise)
         return cls(family=family, advantage_params=MappingProxyType(params), whiten=a.whiten,
                    sample=SampleSettings.from_config(s), samples_per_prompt=s.samples_per_prompt,
-                   seed_per_prompt=s.seed_per_prompt, seed=cfg.seed, kl_mode=a.kl_mode, kl_estimator=a.kl_estimator_used,
+                   seed_per_prompt=s.seed_per_prompt, seed=cfg.seed, kl_mode=a.kl_mode_used,
+                   kl_estimator=a.kl_estimator_used, kl_noise_floor=kl_noise_floor(cfg),
                    uses_reference=a.kl_coef > 0, bf16=cfg.bf16, update=update, on_scorer_error=cfg.on_scorer_error,
                    episode=EpisodeSettings.from_config(cfg),
                    sample_rounds=s.max_sample_rounds if s.dynamic_sampling else 1, overlong_filter=a.overlong_filter)
@@ -98,6 +107,20 @@ class StepSettings:
     def autocast(self, device: torch.device | str) -> ContextManager:
         """The step's precision on ``device`` (the only place a stage's autocast comes from)."""
         return autocast(torch.device(device).type, self.bf16)
+
+
+KL_NOISE_FLOOR = {False: 1e-3, True: 0.3}
+"""``algo.kl_noise_floor`` when null, by whether a pass runs in bfloat16: above the largest disagreement between
+sampler, trainer layouts and reference on the same weights (``bench/logprob_disagreement.py``; the figures, per
+model and precision, are in docs/maths.md). In bf16 that disagreement is large, so the KL there acts only on
+tokens whose log-ratio exceeds the floor."""
+
+
+def kl_noise_floor(cfg: TrainConfig) -> float:
+    """The run's KL noise floor: ``algo.kl_noise_floor``, or the precision's default (:data:`KL_NOISE_FLOOR`)."""
+    if cfg.algo.kl_noise_floor is not None:
+        return cfg.algo.kl_noise_floor
+    return KL_NOISE_FLOOR[bool(cfg.bf16) or cfg.model.dtype == "bfloat16"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +224,7 @@ def _score_episodes(model, tokenizer, rollout, prompts: list[Prompt], scorers, s
 class Judged:
     """Everything the update and the logs need from a scored rollout."""
 
-    rewards: Any  # the rewards the estimator saw: (B,) sequence rewards or (B, C) token rewards, KL shaped
+    rewards: Any  # the rewards the estimator saw: (B,) sequence or (B, C) token rewards (KL shaped for a critic)
     advantages_BC: torch.Tensor  # (B, C)
     returns_BC: torch.Tensor  # (B, C)
     kl_BC: torch.Tensor | None  # (B, C) estimated KL(sampler || reference) per token, None without a reference
@@ -209,6 +232,7 @@ class Judged:
     old_values_BC: torch.Tensor | None  # (B, C) critic values at sampling time
     kl_coef: float  # the KL coefficient this step used
     in_loss_B: torch.Tensor | None = None  # (B,) bool, rows the loss sees (overlong filtering); None: all
+    task_adv_abs_max: float = 0.0  # max |A| of the estimator's part (this process), before a KL penalty is added
 
     def train_batch(self, rollout: RolloutBatch, st: StepSettings) -> TrainBatch:
         """What :func:`seqpg.training.update.update` trains on (reference log-probs only when KL is a loss term)."""
@@ -235,8 +259,10 @@ def judge(rollout: RolloutBatch, scored: Scored, st: StepSettings, *, kl_coef: f
         ref_BC = reference.logprobs(rollout, temperature=st.sample.temperature) if reference is not None else None
         values_BC = critic.values_of(rollout) if critic is not None else None
     rewards = total_rewards(scored.batch)
-    kl_BC = core.kl_estimate(st.kl_estimator, rollout.sample_logprobs_BC, ref_BC) if ref_BC is not None else None
-    if kl_BC is not None and st.kl_mode == "reward":
+    kl_BC = (core.kl_estimate(st.kl_estimator, rollout.sample_logprobs_BC, ref_BC, tol=st.kl_noise_floor)
+             if ref_BC is not None else None)
+    shaped = kl_BC is not None and st.kl_mode == "reward"
+    if shaped and not st.kl_in_advantages:  # a critic learns the values of the KL-shaped return
         rewards = core.kl_penalty(rewards, kl_BC, kl_coef, mask_BC)
     params = dict(st.advantage_params)
     if scored.baseline_B is not None:
@@ -246,8 +272,11 @@ def judge(rollout: RolloutBatch, scored: Scored, st: StepSettings, *, kl_coef: f
                                                  values=values_BC, all_reduce=all_reduce, **params)
         if st.whiten:
             adv_BC = core.whiten(adv_BC, mask_BC, all_reduce=all_reduce)
+        task_adv_abs_max = float(adv_BC.abs().max()) if adv_BC.numel() else 0.0
+        if shaped and st.kl_in_advantages:  # the task's advantages, then the penalty at its own scale
+            adv_BC = adv_BC + core.kl_advantages(kl_BC, kl_coef, mask_BC, params.get("gamma", 1.0))
     in_loss_B = None
     if st.overlong_filter:  # DAPO: a truncated completion's reward judges an unfinished answer; it gets no loss
         in_loss_B = rollout.finished_B.clone()
         adv_BC = adv_BC * in_loss_B[:, None]
-    return Judged(rewards, adv_BC, ret_BC, kl_BC, ref_BC, values_BC, kl_coef, in_loss_B)
+    return Judged(rewards, adv_BC, ret_BC, kl_BC, ref_BC, values_BC, kl_coef, in_loss_B, task_adv_abs_max)

@@ -211,6 +211,7 @@ def train_step(cfg: TrainConfig, c: Components, dist: DistContext, step: int, lo
     kl_mean = float(core.masked_mean(kl_BC, mask_BC, all_reduce=dist.all_reduce_sum)) if kl_BC is not None else 0.0
     c.kl_ctl.update(kl_mean, rollout.batch_size * dist.world_size)
     metrics = {**_metrics(scored.batch, judged.advantages_BC, kl_mean, ustats, timer, c, dist), **dynamic_metrics}
+    metrics["adv_task_abs_max"] = float(dist.all_reduce_max(torch.tensor(judged.task_adv_abs_max)))
     if judged.in_loss_B is not None:
         metrics["overlong_masked"] = float(dist.gather_cat((~judged.in_loss_B).float()).mean())
     log.log_metrics(step, metrics)

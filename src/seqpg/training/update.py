@@ -89,6 +89,8 @@ class UpdateSettings:
     max_grad_norm: float = 1.0
     temperature: float = 1.0
     kl_estimator: str = "k3"
+    kl_noise_floor: float = 0.0
+    """|log pi - log pi_ref| at or below which the KL loss term of a token is 0 (:func:`seqpg.core.kl_estimate`)."""
     entropy_coef: float = 0.0
     vf_coef: float = 0.5
     vf_clip: float | None = 0.2
@@ -279,7 +281,7 @@ def _micro_loss(policy, critic, micro: TrainBatch, s: UpdateSettings, kl_loss_co
         loss = loss - s.entropy_coef * core.aggregate_loss(out.entropy_BC, mask, s.agg, **counts)
     if kl_loss_coef and micro.ref_logprobs_BC is not None:
         kl = core.kl_loss(out.logprobs_BC, micro.ref_logprobs_BC, mask, estimator=s.kl_estimator, agg=s.agg,
-                          **counts)
+                          tol=s.kl_noise_floor, **counts)
         loss = loss + kl_loss_coef * kl
         stats["kl_loss"] = float(kl.detach())
     if critic is not None:
