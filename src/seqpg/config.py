@@ -651,10 +651,9 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def _check_episode(cfg: TrainConfig) -> None:
-    """The episode section: numbers, the environment class (exists, has reset and step, takes ``env_params``)
-    and the tools (plain functions with a schema), loaded here so that a bad one fails before any model."""
-    from .rollout.environments import ENV_SCORE, load_environment, make_environment
-    from .rollout.tools import load_tools
+    """The episode section's numbers and names.  The environment class and the tools are loaded once, by
+    :func:`seqpg.rollout.interface.rollouts_from_config` (the step's settings, built before any model)."""
+    from .rollout.environments import ENV_SCORE
 
     e = cfg.episode
     for key in ("max_turns", "max_episode_tokens", "tool_max_chars"):
@@ -668,12 +667,6 @@ def _check_episode(cfg: TrainConfig) -> None:
     if any((r.name or r.kind) == ENV_SCORE for r in cfg.rewards):
         raise ConfigError(f"rewards: the name {ENV_SCORE!r} is the environment's (reward/{ENV_SCORE}); "
                           "give that scorer another `name`")
-    try:
-        if e.env is not None:
-            make_environment(load_environment(e.env), dict(e.env_params), spec=e.env)
-        load_tools(list(e.tools))
-    except (ValueError, TypeError, AttributeError, ImportError, OSError, SyntaxError) as err:
-        raise ConfigError(f"episode: {err}") from err
 
 
 def _check_estimator_params(family, a: AlgoConfig) -> None:

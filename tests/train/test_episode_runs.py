@@ -12,7 +12,6 @@ import torch
 import seqpg.model.policy as policy_mod
 from seqpg.config import ConfigError, load_config
 from seqpg.model.policy import completion_logprobs
-from seqpg.rollout.episode_stage import EpisodeRollout
 from seqpg.training.build import build_components
 from seqpg.training.distributed import DistContext
 from seqpg.training.runlog import read_jsonl
@@ -78,7 +77,7 @@ def test_sampler_logprobs_equal_trainer_logprobs_on_episodes(episode_overrides, 
         monkeypatch.setattr(policy_mod, "_takes_per_row_logits_to_keep", lambda: False)
     _, c = _components(episode_overrides, "sampling.temperature=0.7")
     rollout = sample(c.policy, c.tokenizer, c.stream.take(2), c.settings, step=1)
-    assert isinstance(rollout, EpisodeRollout)
+    assert rollout.episodes is not None and rollout.env_rewards_BC is not None
     holes = rollout.span_mask_BC & ~rollout.completion_mask_BC
     assert bool(holes.any())  # environment tokens inside the completions
     with torch.no_grad():
@@ -177,6 +176,20 @@ def test_example_environments_train(episode_overrides):
             run=env.split(".")[0]))
         rows = read_jsonl(train(cfg, progress=False).run_dir / "metrics.jsonl")
         assert rows[0]["episode/turns"] >= 1 and math.isfinite(rows[0]["loss"])
+
+
+def test_a_file_environment_is_executed_once_per_run(episode_overrides, tmp_path):
+    """The environment file is loaded once: by the step's settings, not again by the configuration's check,
+    the held-out evaluation or the trainer."""
+    marks = tmp_path / "executions.txt"
+    env_file = tmp_path / "counted_env.py"
+    env_file.write_text(f"with open({str(marks)!r}, 'a') as f:\n    f.write('x')\n"
+                        "from seqpg_test_envs import EchoEnv as Counted\n")
+    cfg = load_config(None, episode_overrides(f"episode.env={env_file}:Counted", "steps=1", "eval_every=1",
+                                              "eval_prompts=2"))
+    assert not marks.exists()  # reading the configuration runs no user code
+    train(cfg, progress=False)
+    assert marks.read_text() == "x"
 
 
 def test_tools_only_run_scores_the_final_answer(episode_overrides):

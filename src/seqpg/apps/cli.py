@@ -232,7 +232,10 @@ def report_failure(e: BaseException, *, debug: bool = False) -> int:
 
 
 def _cmd_config(args) -> int:
+    from ..training.step import StepSettings
+
     cfg = load_config(args.config, args.overrides)
+    StepSettings.from_config(cfg)  # the step's settings: the environment and tools load (and are checked) here
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 

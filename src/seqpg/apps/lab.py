@@ -37,10 +37,10 @@ from .. import core
 from ..batch import RolloutBatch, total_rewards
 from ..training.build import build_policy, build_prompts, build_scorers, seed_everything
 from ..config import ConfigError, TrainConfig
-from ..training.distributed import resolve_device
+from ..devices import resolve_device
 from ..model.policy import completion_logprobs, model_device, position_ids_from_mask
-from ..rollout.sampling import SampleSettings
-from ..rewards.scorers import score_batch
+from ..rollout.seeding import reset_seeds
+from ..training.step import StepSettings, estimator_params
 from .session import load_policy_for
 from ..rewards.tasks import PromptStream
 
@@ -181,6 +181,7 @@ def run_lab(cfg: TrainConfig, settings: LabSettings, *, checkpoint: str | None =
     if cfg.episode.enabled:
         raise ConfigError("seqpg lab measures single-turn completions; this configuration samples multi-turn "
                           "episodes (episode.env / episode.tools): run it without them")
+    st = StepSettings.from_config(cfg)  # the run's rollouts, as its training step samples and scores
     scorers = build_scorers(cfg.rewards)
     train_prompts, _ = build_prompts(cfg.task)
     t0 = time.monotonic()
@@ -197,24 +198,21 @@ def run_lab(cfg: TrainConfig, settings: LabSettings, *, checkpoint: str | None =
     stream = PromptStream(train_prompts, seed=settings.seed)
     gen = torch.Generator(device=model_device(model)).manual_seed(settings.seed)
     reference = "rloo" if "rloo" in names else "reinforce"
-    sample = SampleSettings.from_config(s)  # the run's sampling, as its training step samples
     g_EUK, ref_UK, all_rewards = [], [], []
     for u in range(units + ref_units):
         prompts = stream.take(P)
-        rollout = sample.generate(model, tok, prompts, n=n, generator=gen)
-        rewards = total_rewards(score_batch(rollout, scorers, on_error=cfg.on_scorer_error, tokenizer=tok))
+        rollout = st.rollouts.sample(model, tok, prompts, n=n, seeds=reset_seeds(settings.seed, u, 0, P), generator=gen)
+        rewards = total_rewards(st.rollouts.score(rollout, scorers, on_error=st.on_scorer_error, tokenizer=tok))
         with torch.no_grad():
-            score_BCK = sketch(model, rollout, s.temperature, check=u == 0)
+            score_BCK = sketch(model, rollout, st.sample.temperature, check=u == 0)
         unit_B = torch.zeros(rollout.batch_size, dtype=torch.long)
         fill = {}
-        if "remax" in names and u < units:
-            greedy = sample.generate(model, tok, prompts, n=1, greedy=True)
-            fill["baseline"] = score_batch(greedy, scorers, on_error="zero", tokenizer=tok).rewards_B[
-                rollout.group_ids_B].double()
+        if "remax" in names and u < units:  # the step's greedy baseline (seqpg.training.step.score)
+            fill["baseline"] = st.rollouts.greedy_baseline(model, tok, rollout, prompts, scorers).double()
 
         def grad(name: str) -> torch.Tensor:
-            params = {k: v for k, v in dict(cfg.algo.advantage_params, gamma=cfg.algo.gamma, **fill).items()
-                      if k in core.advantage_params(name)}
+            accepted = core.advantage_params(name)
+            params = {**estimator_params(cfg.algo, name), **{k: v for k, v in fill.items() if k in accepted}}
             return core.unit_gradients(name, rewards.double(), rollout.completion_mask_BC, score_BCK, unit_B,
                                        group_ids_B=rollout.group_ids_B, **params)[0]
 

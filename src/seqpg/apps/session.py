@@ -10,7 +10,7 @@ import torch
 from ..training.build import build_policy, build_prompts, build_scorers
 from ..training.checkpoint import latest_checkpoint, load_checkpoint
 from ..config import TrainConfig, load_config
-from ..training.distributed import resolve_device
+from ..devices import resolve_device
 from ..training.evaluate import EvalResult, evaluate_as_configured
 from .export import EXPORT_CONFIG, exported_step
 

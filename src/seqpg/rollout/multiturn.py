@@ -108,11 +108,21 @@ class KVRows:
 
 @dataclass
 class _Running:
-    """An episode in progress: its environment and the conversation its tokens hold."""
+    """An episode in progress (its environment and conversation are kept on the episode)."""
 
     episode: Episode
-    env: Any
-    messages: list[Message]
+
+    @property
+    def env(self) -> Any:
+        return self.episode.env
+
+    @property
+    def messages(self) -> list[Message]:
+        return self.episode.messages
+
+    @messages.setter
+    def messages(self, value: list[Message]) -> None:
+        self.episode.messages = value
 
 
 def sample_episodes(
@@ -122,7 +132,7 @@ def sample_episodes(
     make_env: Callable[[], Any],
     *,
     n: int = 1,
-    limits: EpisodeLimits = EpisodeLimits(),
+    limits: EpisodeLimits,
     sampling: SamplingArgs = SamplingArgs(),
     tools: dict[str, Tool] | None = None,
     tool_limits: ToolLimits = ToolLimits(),
@@ -144,7 +154,7 @@ def sample_episodes(
     A turn ends on EOS, on a stop string (the turn's text keeps it) or at its token allowance
     (``limits``); an episode ends when its environment says done, or is truncated at
     ``limits.max_turns`` or when its context reaches ``limits.max_tokens``.  The model is in eval
-    mode for the call.  Episodes hold plain lists (CPU); see :func:`.episodes.batch_episodes`.
+    mode for the call.  Episodes hold plain lists (CPU); see :func:`.episodes.episodes_to_rollout`.
     ``fast_decode``: one-token steps through :mod:`seqpg.rollout.fastdecode` where it takes the model.
     """
     if not prompts or n < 1:
@@ -198,9 +208,9 @@ def _start(prompt: Prompt, group: int, seed: int, env: Any, tokenizer, tools: di
     if len(ids) >= limits.max_tokens:
         raise ValueError(f"sample_episodes: prompt {prompt.id!r} is {len(ids)} tokens, no room under "
                          f"max_tokens={limits.max_tokens}")
-    episode = Episode(prompt=prompt, group=group, seed=seed, prompt_len=len(ids))
+    episode = Episode(prompt=prompt, group=group, seed=seed, prompt_len=len(ids), env=env, messages=messages)
     episode.append(ids, action=False)
-    return _Running(episode, env, messages)
+    return _Running(episode)
 
 
 def _model_turn(kv: KVRows, logits_BV: torch.Tensor, running: list[_Running], sampling: SamplingArgs,

@@ -65,7 +65,7 @@ def evaluate_held_out(cfg, c, dist, step: int, log) -> dict[str, float] | None:
     prompts = c.eval_prompts[:cfg.eval_prompts]
     t0 = time.perf_counter()
     with preserved_rng(), c.parallel.full_params() as model, dist.fail_together("held-out evaluation"):
-        result = evaluate_as_configured(cfg, model, c.tokenizer, prompts, c.scorers)
+        result = evaluate_as_configured(cfg, model, c.tokenizer, prompts, c.scorers, rollouts=c.settings.rollouts)
     metrics = eval_metrics(result, time.perf_counter() - t0)
     log.log_metrics(step, metrics)
     return metrics
