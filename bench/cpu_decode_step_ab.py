@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from seqpg import sampling
-from seqpg.bench.common import BenchSetup, quiet, task
-from seqpg.models import load_model_and_tokenizer, resolve_model
-from seqpg.policy import position_ids_from_mask
+from seqpg.rollout import sampling
+from seqpg.apps.bench.common import BenchSetup, quiet, task
+from seqpg.model.loading import load_model_and_tokenizer, resolve_model
+from seqpg.model.policy import position_ids_from_mask
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from cpu_sampling_ab import old_decoder  # noqa: E402

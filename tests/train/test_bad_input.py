@@ -238,10 +238,10 @@ def test_a_non_finite_loss_is_skipped_and_counted_or_stops_the_update():
     batch = TrainBatch(r, adv, ret, r.sample_logprobs_BC)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    stats = update(model, opt, batch, UpdateSettings(loss="pg", agg="token-mean", minibatches=2))
+    stats = update(model, opt, batch, UpdateSettings(kl_estimator="k3", grad_noise=False, loss="pg", agg="token-mean", minibatches=2))
     assert stats["nonfinite_steps"] == 1.0 and stats["skipped_steps"] == 0.5  # one of two mini-batches
     with pytest.raises(NonFiniteError, match="not finite; the run stopped .* optim.on_nonfinite=skip"):
-        update(model, opt, batch, UpdateSettings(loss="pg", agg="token-mean", on_nonfinite="stop"))
+        update(model, opt, batch, UpdateSettings(kl_estimator="k3", grad_noise=False, loss="pg", agg="token-mean", on_nonfinite="stop"))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the finite half did step
 

@@ -22,7 +22,7 @@ second case the token that completed the stop string stays in ``completion_ids_B
 True (it was sampled and is trained on), while the completion *text* is cut just before the
 first occurrence of the stop string.  After a row stops it gets pad tokens, mask False and
 log-prob 0.  ``finished_B`` is False for rows cut off by ``max_new_tokens``.  On the CPU decoder
-(:mod:`seqpg.fastdecode`) rows that stopped also leave the decode batch (``_keep``) so that they stop
+(:mod:`seqpg.rollout.fastdecode`) rows that stopped also leave the decode batch (``_keep``) so that they stop
 costing products; the rollout is bit for bit the same (one uniform per rollout row and step).
 """
 
@@ -61,7 +61,7 @@ def generate(
     prompts: list[Prompt],
     *,
     n: int = 1,
-    max_new_tokens: int = 64,
+    max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
@@ -413,7 +413,7 @@ class SampleSettings:
     """The sampling section of a run, resolved once: every caller of :func:`generate` in a run (the
     training step, the greedy baseline, ``seqpg explain``, evaluation and pass@k) samples from it."""
 
-    max_new_tokens: int = 32
+    max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
