@@ -43,7 +43,7 @@ def main() -> None:
             with torch.no_grad():
                 model.get_decoder()(input_ids=ids_GP[:, :-1], attention_mask=mask_GP[:, :-1].long(),
                                     position_ids=pos_GP[:, :-1], use_cache=True,
-                                    **{sampling._CACHE_KWARG: cache})
+                                    **{sampling.CACHE_KWARG: cache})
             cache.batch_repeat_interleave(n)
             side[name] = cls(model, cache, rows=G * n)
         attn_BW = torch.zeros((G * n, P + T), dtype=torch.bool)

@@ -14,8 +14,8 @@ import yaml
 from seqpg import config as C
 from seqpg.batch import Prompt
 from seqpg.apps.cli import main, parse_args
-from seqpg.training.checkpoint import step_dir_name
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.checkpoint_files import step_dir_name
+from seqpg.rundir.runfiles import read_jsonl
 
 
 def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
@@ -264,7 +264,7 @@ def test_nan_weights_are_never_checkpointed(tiny_overrides, tmp_path, capsys, mo
 
 
 def test_disk_full_is_one_line_exit_1(tiny_overrides, tmp_path, capsys, monkeypatch):
-    import seqpg.training.checkpoint as C
+    import seqpg.rundir.checkpoint as C
 
     def full(run_dir, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(Path(run_dir) / "checkpoints"))

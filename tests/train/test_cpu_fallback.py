@@ -11,7 +11,7 @@ import torch
 
 from seqpg.rollout import cpu_caps
 from seqpg.config import load_config
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 from seqpg.training.trainer import train
 
 

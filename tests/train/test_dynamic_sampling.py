@@ -14,7 +14,7 @@ from seqpg.batch import Prompt, RolloutBatch, ScoredBatch
 from seqpg.config import ConfigError, load_config, validate_for_processes
 from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
 from seqpg.training.dynamic import Draw, fill_batch
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 from seqpg.training.step import Scored
 from seqpg.training.trainer import train
 from seqpg.training.update import TrainBatch, UpdateSettings, update

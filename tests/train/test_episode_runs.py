@@ -14,7 +14,7 @@ from seqpg.config import ConfigError, load_config
 from seqpg.model.policy import completion_logprobs
 from seqpg.training.build import build_components
 from seqpg.training.distributed import DistContext
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 from seqpg.training.step import judge, sample, score
 from seqpg.training.trainer import train
 from seqpg.training.update import update

@@ -20,7 +20,7 @@ from seqpg.training.critic import build_critic
 from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
 from seqpg.training.reference import ReferencePolicy
 from seqpg.model.policy import completion_logprobs
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 from seqpg.rollout.sampling import generate, sample_categorical
 from seqpg.training.update import TrainBatch, UpdateSettings, update
 from resume_runs import full_and_resumed

@@ -29,8 +29,8 @@ from pathlib import Path
 import yaml
 
 from ..config import ConfigError, TrainConfig, describe_config, load_config, to_dict
-from ..training.runlock import RunInUse
-from ..training.signals import EXIT_STOPPED
+from ..rundir.runlock import RunInUse
+from ..rundir.signals import EXIT_STOPPED
 
 
 def _config_help() -> str:
@@ -261,8 +261,8 @@ def _cmd_train(args) -> int:
 
 def _refuse_used_run_dir(run_dir: Path) -> None:
     """A new run must not write over an earlier one's checkpoints or logs (checked before any model loads)."""
-    from ..training.runlog import METRICS_FILE, SAMPLES_FILE
-    from ..training.runlock import check_free
+    from ..rundir.runfiles import METRICS_FILE, SAMPLES_FILE
+    from ..rundir.runlock import check_free
 
     check_free(run_dir)  # a run writing there now is named first (RunInUse)
     ckpts = run_dir / "checkpoints"

@@ -35,7 +35,8 @@ import torch
 import yaml
 from torch import nn
 
-from ..training.checkpoint import META_FILE, load_checkpoint, resolve_checkpoint
+from ..rundir.checkpoint import load_checkpoint, resolve_checkpoint
+from ..rundir.checkpoint_files import META_FILE
 from ..config import ConfigError, TrainConfig, load_config, to_dict
 
 FORMATS = ("hf", "gguf")
@@ -152,9 +153,9 @@ def export_hf(target: str | os.PathLike, out: str | os.PathLike, *, lora: str = 
                 model.to(torch_dtype)
             _prepare_for_save(model, tok, trained.cfg)
             model.save_pretrained(str(tmp), safe_serialization=True)
-            _write_text(tmp / EXPORT_CONFIG, yaml.safe_dump(to_dict(trained.cfg), sort_keys=False))
+            write_text(tmp / EXPORT_CONFIG, yaml.safe_dump(to_dict(trained.cfg), sort_keys=False))
         tok.save_pretrained(str(tmp))
-        _write_text(tmp / EXPORT_META, json.dumps(meta, indent=2))
+        write_text(tmp / EXPORT_META, json.dumps(meta, indent=2))
 
     _write_dir_atomically(out, write)
     return out
@@ -431,13 +432,13 @@ def _check_out(out: Path, overwrite: bool) -> Path:
 
 def _write_dir_atomically(out: Path, write: Callable[[Path], None]) -> None:
     """Run ``write`` into a hidden directory beside ``out``, fsync it, then rename it to ``out``."""
-    from ..training.checkpoint_files import _fsync_dir, _fsync_tree
+    from ..rundir.checkpoint_files import fsync_dir, fsync_tree
 
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         write(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(out, old)
@@ -445,10 +446,10 @@ def _write_dir_atomically(out: Path, write: Callable[[Path], None]) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")

@@ -311,5 +311,5 @@ def write_report(res: LabResult, out: Path) -> list[Path]:
             "sketch": "output layer (LM head) per-token score gradients on random rank-one directions"}
     (out / "lab.json").write_text(json.dumps(data, indent=2))
     (out / "lab.md").write_text(render_markdown(res))
-    from ..training.plots import plot_lab
+    from ..rundir.plots import plot_lab
     return [out / "lab.json", out / "lab.md", *plot_lab(t, out / "plots")]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..training.build import build_policy, build_prompts, build_scorers
-from ..training.checkpoint import latest_checkpoint, load_checkpoint
+from ..rundir.checkpoint import latest_checkpoint, load_checkpoint
 from ..config import TrainConfig, load_config
 from ..devices import resolve_device
 from ..training.evaluate import EvalResult, evaluate_as_configured

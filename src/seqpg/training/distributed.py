@@ -221,7 +221,7 @@ class Parallel:
     the plain module); ``extra_modules`` (the critic) are sharded under FSDP2 and summed by hand
     under DDP.  Build with :meth:`wrap`, before the optimizer (FSDP2 replaces the parameters).
     ``sharded_checkpoints``: checkpoints are written by every process, each its own shards
-    (:mod:`seqpg.training.checkpoint_dcp`), rather than whole by rank 0; so under ``parallel=fsdp2``,
+    (:mod:`seqpg.rundir.checkpoint_dcp`), rather than whole by rank 0; so under ``parallel=fsdp2``,
     with any number of processes.
     """
 
@@ -320,11 +320,11 @@ class Parallel:
         """Write the checkpoint of ``step``; every process calls this.
 
         With :attr:`sharded_checkpoints` every process writes its own shards
-        (:func:`seqpg.training.checkpoint_dcp.save_sharded_checkpoint`); otherwise rank 0 writes the whole
-        model and optimizer state (:meth:`checkpoint_view`, then :func:`seqpg.training.checkpoint.save_checkpoint`).
+        (:func:`seqpg.rundir.checkpoint_dcp.save_sharded_checkpoint`); otherwise rank 0 writes the whole
+        model and optimizer state (:meth:`checkpoint_view`, then :func:`seqpg.rundir.checkpoint.save_checkpoint`).
         """
-        from .checkpoint import save_checkpoint
-        from .checkpoint_dcp import save_sharded_checkpoint
+        from ..rundir.checkpoint import save_checkpoint
+        from ..rundir.checkpoint_dcp import save_sharded_checkpoint
 
         if self.sharded_checkpoints:
             save_sharded_checkpoint(run_dir, step, modules={"policy": self.raw_policy, **self.extra_modules},
@@ -367,10 +367,10 @@ class Parallel:
         ones (rank 0's, or this rank's own in a sharded checkpoint that has them) on every process.
         A sharded checkpoint is read straight into this process's shards (DCP reshards); a full
         one is read whole into plain copies and cut into shards.  ``verify``: as in
-        :func:`seqpg.training.checkpoint.load_checkpoint` (False where the caller has verified ``ckpt``).
+        :func:`seqpg.rundir.checkpoint.load_checkpoint` (False where the caller has verified ``ckpt``).
         """
-        from .checkpoint import load_checkpoint, resolve_checkpoint
-        from .checkpoint_dcp import is_sharded_checkpoint
+        from ..rundir.checkpoint import load_checkpoint, resolve_checkpoint
+        from ..rundir.checkpoint_dcp import is_sharded_checkpoint
         from ..model.loading import is_lora_model
 
         if self.mode != "fsdp2" or is_sharded_checkpoint(resolve_checkpoint(ckpt)):

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .evaluate import EvalResult, evaluate_as_configured
-from .checkpoint_files import capture_rng_state, restore_rng_state
+from ..rundir.checkpoint_files import capture_rng_state, restore_rng_state
 
 
 def due(step: int, eval_every: int, last_step: int) -> bool:
@@ -46,7 +46,7 @@ def eval_metrics(result: EvalResult, seconds: float) -> dict[str, float]:
 @contextmanager
 def preserved_rng() -> Iterator[None]:
     """Every global random stream (Python's, NumPy's, torch's CPU and CUDA / MPS) restored on exit: the same
-    states a checkpoint saves (:func:`~seqpg.training.checkpoint_files.capture_rng_state`)."""
+    states a checkpoint saves (:func:`~seqpg.rundir.checkpoint_files.capture_rng_state`)."""
     state = capture_rng_state()
     try:
         yield

@@ -26,17 +26,18 @@ import torch
 from .. import core
 from ..batch import Prompt
 from .build import Components, build_components
-from .checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state
+from ..rundir.checkpoint import latest_checkpoint
+from ..rundir.checkpoint_files import capture_rng_state, restore_rng_state
 from ..config import TrainConfig, to_dict
 from .collapse import CollapseWatch, collapse_metrics
 from .dynamic import Draw, fill_batch
 from .distributed import DistContext, failed_together
 from .periodic_eval import evaluate_held_out
-from .resume import apply_resume_changes, record_resume_changes, resume_changes
-from .runlock import RunLock
-from .runlog import RunLogger, Timer, progress_bar
+from ..rundir.resume import apply_resume_changes, record_resume_changes, resume_changes
+from ..rundir.runlock import RunLock
+from ..rundir.runlog import RunLogger, Timer, progress_bar
 from ..rewards.scorers import reward_metrics, sample_scores
-from .signals import StopFlag
+from ..rundir.signals import StopFlag
 from .step import judge, sample, score
 from .update import refuse_nonfinite_parameters, update
 
