@@ -21,13 +21,10 @@ model on a GPU needs nothing else from the caller.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from .rollout.episodes import Episode
 
 
 @dataclass
@@ -66,7 +63,7 @@ class RolloutBatch:
     finished_B: torch.Tensor  # (B,) bool, True when the sample stopped on EOS or a stop string (not truncated)
     env_rewards_BC: torch.Tensor | None = None  # (B, C) float32, episodes: each turn's environment reward on its last token
     turn_BC: torch.Tensor | None = None  # (B, C) long, episodes: k on model turn k's tokens, -1 on context and padding
-    episodes: "list[Episode] | None" = None  # B, episodes: each row's episode as sampled
+    episodes: list[Any] | None = None  # B, episodes: each row's seqpg.rollout.episodes.Episode as sampled
 
     def __post_init__(self) -> None:
         B = len(self.prompts)

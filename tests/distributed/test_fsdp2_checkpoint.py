@@ -128,6 +128,7 @@ def _worker(rank: int, port: int, run: str, moment: str, results) -> None:
     import seqpg.rundir.checkpoint_dcp as cd
     from seqpg.training.distributed import DistContext, Parallel
     from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
+    from seqpg.rundir.parallel_checkpoint import save_parallel_checkpoint
 
     dist = DistContext.from_env("cpu", timeout_s=30)
     parallel = Parallel.wrap(build_tiny_model(len(build_tiny_tokenizer()), seed=0).train(), {}, dist, "fsdp2")
@@ -137,8 +138,8 @@ def _worker(rank: int, port: int, run: str, moment: str, results) -> None:
         parallel.policy(input_ids=torch.tensor([[5, 6, 7, 8 + rank]])).logits.sum().backward()
         optimizer.step()
         optimizer.zero_grad()
-        parallel.save_checkpoint(run, step, optimizer, trainer_state={"step": step}, scheduler=None, keep_last=2,
-                                 tokenizer=None)
+        save_parallel_checkpoint(parallel, run, step, optimizer, trainer_state={"step": step}, scheduler=None,
+                                 keep_last=2, tokenizer=None)
 
     step_and_save(1)
     full = {k: v.full_tensor() for k, v in parallel.policy.state_dict().items()}  # collective

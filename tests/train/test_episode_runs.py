@@ -245,7 +245,7 @@ def test_explain_shows_an_episode_with_environment_tokens_as_context(episode_ove
 def test_held_out_evaluation_runs_whole_episodes(episode_overrides):
     """eval_every evaluates greedy episodes on held-out prompts; each prompt's environment is reset the same
     way at every evaluation, so an unchanged policy scores the same."""
-    from seqpg.apps.session import evaluate_as_configured
+    from seqpg.training.evaluate import evaluate_as_configured
 
     cfg = load_config(None, episode_overrides("steps=1", "eval_every=1", "eval_prompts=2", "optim.lr=1e-12"))
     rows = [r for r in read_jsonl(train(cfg, progress=False).run_dir / "metrics.jsonl") if "eval/reward_mean" in r]

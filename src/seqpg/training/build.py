@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import core, cpu_caps
+from .. import core
+from ..rollout import cpu_caps
 from ..config import AlgoConfig, ConfigError, ModelConfig, OptimConfig, ScorerConfig, TaskConfig, TrainConfig, \
     validate_for_processes
 from .critic import Critic, build_critic

@@ -28,6 +28,7 @@ from ..batch import Prompt
 from .build import Components, build_components
 from ..rundir.checkpoint import latest_checkpoint
 from ..rundir.checkpoint_files import capture_rng_state, restore_rng_state
+from ..rundir.parallel_checkpoint import load_parallel_checkpoint, save_parallel_checkpoint
 from ..config import TrainConfig, to_dict
 from .collapse import CollapseWatch, collapse_metrics
 from .dynamic import Draw, fill_batch
@@ -80,7 +81,7 @@ def _run(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool, run_
         if resume and ckpt is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints; start without --resume")
         if ckpt is not None:
-            state = c.parallel.load_checkpoint(ckpt, c.optimizer, c.scheduler, verify=False)  # verified just above
+            state = load_parallel_checkpoint(c.parallel, ckpt, c.optimizer, c.scheduler, verify=False)  # verified
             start = state["step"]
             c.stream.load_state_dict(state["prompt_stream"])
             c.kl_ctl.load_state_dict(state["kl_controller"])
@@ -275,5 +276,5 @@ def _save(cfg: TrainConfig, c: Components, dist: DistContext, step: int) -> None
     state = {"step": step, "prompt_stream": c.stream.state_dict(), "kl_controller": c.kl_ctl.state_dict()}
     with dist.fail_together("checkpoint"):
         refuse_nonfinite_parameters({"policy": c.policy, **c.extra_modules}, step)  # never save a NaN model
-    c.parallel.save_checkpoint(cfg.run_dir, step, c.optimizer, trainer_state=state, scheduler=c.scheduler,
-                               keep_last=cfg.keep_checkpoints, tokenizer=c.tokenizer)
+    save_parallel_checkpoint(c.parallel, cfg.run_dir, step, c.optimizer, trainer_state=state, scheduler=c.scheduler,
+                             keep_last=cfg.keep_checkpoints, tokenizer=c.tokenizer)
