@@ -45,7 +45,7 @@ class ModelConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Module names that receive LoRA adapters."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, ~30% more time)."""
+    """Recompute activations in the backward pass (less memory, more time: docs/measurements.md)."""
     tiny_hidden_size: int = 32
     """Hidden size of the `tiny` model (ignored otherwise)."""
     tiny_layers: int = 2
@@ -189,7 +189,7 @@ class AlgoConfig:
     fraction masked is logged as `overlong_masked`."""
     kl_coef: float = 0.05
     """Coefficient of the KL to the reference (initial model); 0 disables the reference (no second copy of
-    the model, and no reference forward pass: 1.1 s of a 6.5 s step of SmolLM2-135M on 2 CPU cores). The default keeps a policy near its starting model: without it, a
+    the model, and no reference forward pass; its cost: docs/measurements.md). The default keeps a policy near its starting model: without it, a
     sentiment reward collapsed SmolLM2-135M to "I'm a wonderful and kind person ..." for every prompt in
     100 steps at the other defaults (README, "Defaults and collapse")."""
     kl_mode: str = "reward"
@@ -286,7 +286,7 @@ class TrainConfig:
     """torch intra-op threads (0: leave torch's default)."""
     keep_freed_memory: bool = True
     """glibc malloc keeps freed memory for reuse instead of returning it to the system each step
-    (``seqpg.training.memory``; 8-14% faster updates measured on 2 CPU cores, same peak memory)."""
+    (``seqpg.training.memory``; faster updates at the same peak memory: docs/measurements.md)."""
     on_scorer_error: str = "raise"
     """`raise`: a scorer that raises stops the run naming scorer and sample; `zero`: score 0, counted."""
     collapse_steps: int = 5

@@ -158,7 +158,7 @@ def head_inputs(model: torch.nn.Module, rollout: RolloutBatch) -> torch.Tensor:
 
     The trunk is called directly: asking the whole model for ``output_hidden_states`` makes
     transformers install output-capturing hooks that stay, after which the fast decoder declines
-    the model (``fastdecode.supports``) and every later sampling call runs ~5x slower.
+    the model (``fastdecode.supports``) and every later sampling call runs several times slower.
     """
     C = rollout.completion_ids_BC.shape[1]
     batch = rollout.to(model_device(model))

@@ -38,7 +38,7 @@ from seqpg.batch import Prompt
 from seqpg.model.policy import model_device
 from seqpg.rollout.fastdecode import FastDecoder
 from seqpg.rollout.fastdecode import supports as fastdecode_supports
-from seqpg.rollout.sampling import CACHE_KWARG, SamplingArgs, eos_ids, choose_tokens, preallocated_cache
+from seqpg.rollout.sampling import CACHE_KWARG, SamplingArgs, choose_tokens, eos_token_ids, preallocated_cache
 
 from .chat import render_delta, render_start
 from .environments import EpisodeLimits, Message, as_messages, coerce_step_result
@@ -163,7 +163,7 @@ def sample_episodes(
         model = model.module
     tools = tools or {}
     tool_kwargs = with_tools([], tools, template_takes_tools(tokenizer, tools))[1] if chat_template else {}
-    eos_ids = set(eos_ids(model, tokenizer))
+    eos_ids = set(eos_token_ids(model, tokenizer))
     if env_seeds is not None and len(env_seeds) != len(prompts):
         raise ValueError(f"sample_episodes: {len(env_seeds)} env_seeds for {len(prompts)} prompts")
     seeds = [[env_seeds[i]] * n if env_seeds is not None else [seed + i * n + j for j in range(n)]

@@ -168,7 +168,7 @@ def _decode(
     if isinstance(model, nn.parallel.DistributedDataParallel):  # sampling needs no gradient sync
         model = model.module
     device = prompt_ids_GP.device  # the model's
-    eos_ids_E = torch.tensor(eos_ids(model, tokenizer), dtype=torch.long, device=device)  # (E,)
+    eos_ids_E = torch.tensor(eos_token_ids(model, tokenizer), dtype=torch.long, device=device)  # (E,)
     positions_GP = position_ids_from_mask(prompt_mask_GP)
     cache = {CACHE_KWARG: preallocated_cache(model.config, P + max_new_tokens)}  # filled in place by each call
     if P > 1:  # columns 0 .. P-2 once per prompt, trunk only; then n copies of each row's cache
@@ -302,7 +302,7 @@ def preallocated_cache(config, capacity: int, grow: bool = False) -> transformer
     return transformers.Cache(layers=[_PreallocatedLayer(capacity, grow) for _ in range(n_layers)])
 
 
-def eos_ids(model: nn.Module, tokenizer) -> list[int]:
+def eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
     """EOS ids of the tokenizer and of the model's generation config (which may list several)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
