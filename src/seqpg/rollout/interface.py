@@ -89,6 +89,10 @@ class Rollouts(ABC):
     def describe(self) -> str:
         return type(self).__name__
 
+    def check_context(self, n_ctx: int) -> None:
+        """Refuse (a ``ConfigError``) a budget that a model of ``n_ctx`` positions cannot hold (a completion's
+        prompt and budget are fitted prompt by prompt: ``task.overlong_prompts``)."""
+
     def group_seeds(self, rollout: RolloutBatch) -> list[int]:
         """Each group's reset seed, in group order (what a greedy sample of the same prompts is reset with)."""
         return [0] * len(set(rollout.group_ids_B.tolist()))
@@ -159,6 +163,13 @@ class Episodes(Rollouts):
     @property
     def max_completion_tokens(self) -> int:
         return self.limits.max_tokens
+
+    def check_context(self, n_ctx: int) -> None:
+        from ..config import ConfigError
+
+        if self.limits.max_tokens > n_ctx:
+            raise ConfigError(f"episode.max_episode_tokens={self.limits.max_tokens} exceeds the model's context "
+                              f"of {n_ctx} positions; lower it")
 
     def make_env(self):
         return make_environment(self.env_cls, dict(self.env_params), spec=self.env_spec)
