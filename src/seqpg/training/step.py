@@ -4,8 +4,8 @@
 
 :class:`StepSettings` is built once from the configuration (:meth:`StepSettings.from_config`) and
 is immutable: the family's estimator and loss (or the ones ``algo.advantage`` / ``algo.loss``
-name), what the estimator needs, the estimator's parameters, the sampling settings, the precision
-and the update's arguments.  What changes between steps (the adaptive KL coefficient, the step
+name), what the estimator needs, the estimator's parameters, the rollouts (completions or episodes,
+with their sampling settings), the precision and the update's arguments.  What changes between steps (the adaptive KL coefficient, the step
 number) is an argument of the stage that uses it.
 
 The training loop (:mod:`seqpg.training.trainer`), ``seqpg explain`` and the tests call these functions;
@@ -60,7 +60,6 @@ class StepSettings:
     seed: int
     kl_mode: str
     """``reward``: the KL to the reference is a per-token reward penalty; ``loss``: a loss term."""
-    kl_estimator: str
     uses_reference: bool
     """``algo.kl_coef > 0``: the step computes reference log-probs."""
     update: UpdateSettings
@@ -81,6 +80,11 @@ class StepSettings:
         return self.rollouts.sampling
 
     @property
+    def kl_estimator(self) -> str:
+        """The KL estimator of the penalty and of the loss term (the update's)."""
+        return self.update.kl_estimator
+
+    @property
     def bf16(self) -> bool:
         """bfloat16 autocast for every forward pass (:func:`seqpg.training.precision.autocast`; the update's)."""
         return self.update.bf16
@@ -98,7 +102,7 @@ class StepSettings:
                                 on_nonfinite=o.on_nonfinite, grad_noise=o.grad_noise)
         return cls(family=family, advantage_params=MappingProxyType(params), whiten=a.whiten,
                    rollouts=rollouts_from_config(cfg), samples_per_prompt=s.samples_per_prompt,
-                   seed_per_prompt=s.seed_per_prompt, seed=cfg.seed, kl_mode=a.kl_mode, kl_estimator=a.kl_estimator_used,
+                   seed_per_prompt=s.seed_per_prompt, seed=cfg.seed, kl_mode=a.kl_mode,
                    uses_reference=a.kl_coef > 0, update=update, on_scorer_error=cfg.on_scorer_error,
                    sample_rounds=s.max_sample_rounds if s.dynamic_sampling else 1, overlong_filter=a.overlong_filter)
 
