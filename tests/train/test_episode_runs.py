@@ -257,8 +257,12 @@ def test_held_out_evaluation_runs_whole_episodes(episode_overrides):
     assert len(result.completions) == 2 and result.mean_length > 6  # several turns' tokens
 
 
-def test_lab_refuses_a_multi_turn_configuration(episode_overrides, tmp_path):
+def test_lab_measures_a_multi_turn_configuration(episode_overrides, tmp_path):
+    """The lab samples and scores through the run's rollouts: episodes, their environment rewards dense on
+    the model's turns, their context tokens outside the sketch."""
     from seqpg.apps.lab import LabSettings, run_lab
 
-    with pytest.raises(ConfigError, match="multi-turn"):
-        run_lab(load_config(None, episode_overrides()), LabSettings(out_dir=str(tmp_path / "lab")), log=lambda m: None)
+    res = run_lab(load_config(None, episode_overrides()), LabSettings(groups=6, reference_groups=4, directions=8,
+                  out_dir=str(tmp_path / "lab"), estimators=["rloo", "remax"]), log=lambda m: None)
+    assert res.estimators == ["reinforce", "rloo", "remax"] and res.mean_reward > 0  # EchoEnv's per-turn rewards
+    assert (tmp_path / "lab" / "lab.md").is_file()

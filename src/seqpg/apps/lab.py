@@ -19,8 +19,10 @@ inner product, norm and variance of the statistics is preserved in expectation. 
 sketches (B, C, K) are kept for one unit at a time, so per-token advantages (gamma < 1, dense
 rewards) are handled exactly; the unit is reduced to its K-vector at once.
 
-Rewards are the scorers' weighted total (no KL penalty). GAE needs a critic's values and is
-skipped; ReMax's baseline is the reward of one greedy completion per prompt.
+Samples and rewards are the run's (its rollouts: completions, or multi-turn episodes whose
+environment's tokens are context, outside the sketch): the scorers' weighted total, plus an episode's
+per-turn environment rewards (no KL penalty). GAE needs a critic's values and is skipped; ReMax's
+baseline is the reward of one greedy sample per prompt, as the training step's.
 """
 
 from __future__ import annotations
@@ -178,10 +180,7 @@ def run_lab(cfg: TrainConfig, settings: LabSettings, *, checkpoint: str | None =
     units, ref_units = max(settings.groups // P, 3), max(settings.reference_groups // P, 2)
     if not 0 < settings.cosine < 1:
         raise ConfigError(f"--cosine must be in (0, 1), got {settings.cosine}")
-    if cfg.episode.enabled:
-        raise ConfigError("seqpg lab measures single-turn completions; this configuration samples multi-turn "
-                          "episodes (episode.env / episode.tools): run it without them")
-    st = StepSettings.from_config(cfg)  # the run's rollouts, as its training step samples and scores
+    st = StepSettings.from_config(cfg)  # the run's rollouts (completions or episodes), as its step samples and scores
     scorers = build_scorers(cfg.rewards)
     train_prompts, _ = build_prompts(cfg.task)
     t0 = time.monotonic()
@@ -202,7 +201,8 @@ def run_lab(cfg: TrainConfig, settings: LabSettings, *, checkpoint: str | None =
     for u in range(units + ref_units):
         prompts = stream.take(P)
         rollout = st.rollouts.sample(model, tok, prompts, n=n, seeds=reset_seeds(settings.seed, u, 0, P), generator=gen)
-        rewards = total_rewards(st.rollouts.score(rollout, scorers, on_error=st.on_scorer_error, tokenizer=tok))
+        scored = st.rollouts.score(rollout, scorers, on_error=st.on_scorer_error, tokenizer=tok)
+        rewards, reported_B = total_rewards(scored), st.rollouts.reported_rewards(scored)  # (B,) or (B, C); (B,)
         with torch.no_grad():
             score_BCK = sketch(model, rollout, st.sample.temperature, check=u == 0)
         unit_B = torch.zeros(rollout.batch_size, dtype=torch.long)
@@ -218,11 +218,11 @@ def run_lab(cfg: TrainConfig, settings: LabSettings, *, checkpoint: str | None =
 
         if u < units:
             g_EUK.append(torch.stack([grad(name) for name in names]))
-            all_rewards.append(rewards)
+            all_rewards.append(reported_B)
         else:
             ref_UK.append(grad(reference))
         log(f"lab: unit {u + 1}/{units + ref_units} ({'compared' if u < units else 'reference'}), "
-            f"mean reward {float(rewards.mean()):+.3f}, {time.monotonic() - t0:.0f} s")
+            f"mean reward {float(reported_B.mean()):+.3f}, {time.monotonic() - t0:.0f} s")
     ref = torch.stack(ref_UK)
     ref_D = ref.mean(0)
     rm = core.Moments.from_sums(ref.sum(0), ref.pow(2).sum(-1).sum(), ref.shape[0])
