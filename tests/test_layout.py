@@ -101,6 +101,6 @@ def test_the_code_layout_names_every_module_and_nothing_gone():
                 break
     modules = {p.relative_to(SRC).as_posix() for p in SRC.rglob("*.py")
                if p.name not in ("__init__.py", "__main__.py") and "bench/" not in p.relative_to(SRC).as_posix()}
-    assert sorted(modules - named) == [], "modules missing from the README's code layout"
+    assert sorted(modules - named) == [], "modules missing from docs/layout.md"
     gone = sorted(n for n in named if not (SRC / n).exists())
-    assert gone == [], "the README's code layout names what does not exist"
+    assert gone == [], "docs/layout.md names what does not exist"
