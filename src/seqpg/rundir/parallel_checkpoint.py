@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from . import checkpoint as whole  # through the module: whole.save_checkpoint is what every whole save runs
 from .checkpoint_dcp import is_sharded_checkpoint, save_sharded_checkpoint
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def save_parallel_checkpoint(parallel: "Parallel", run_dir, step: int, optimizer
     view = parallel.checkpoint_view(optimizer)
     with parallel.dist.fail_together("checkpoint"):
         if view is not None:
-            save_checkpoint(run_dir, step, model=view.model, optimizer=view.optimizer,
+            whole.save_checkpoint(run_dir, step, model=view.model, optimizer=view.optimizer,
                             extra_modules=view.extra_modules, trainer_state=trainer_state, scheduler=scheduler,
                             keep_last=keep_last, tokenizer=tokenizer)
 
@@ -45,10 +45,10 @@ def load_parallel_checkpoint(parallel: "Parallel", ckpt, optimizer: torch.optim.
                              verify: bool = True) -> dict:
     """Load a checkpoint (written with any number of processes) on this process; its trainer state.
     ``verify``: as in :func:`seqpg.rundir.checkpoint.load_checkpoint` (False where the caller has)."""
-    if parallel.mode != "fsdp2" or is_sharded_checkpoint(resolve_checkpoint(ckpt)):
-        return load_checkpoint(ckpt, model=parallel.raw_policy, optimizer=optimizer,
+    if parallel.mode != "fsdp2" or is_sharded_checkpoint(whole.resolve_checkpoint(ckpt)):
+        return whole.load_checkpoint(ckpt, model=parallel.raw_policy, optimizer=optimizer,
                                extra_modules=parallel.extra_modules, scheduler=scheduler, verify=verify)
     return parallel.read_into_shards(
-        lambda view: load_checkpoint(ckpt, model=view.model, optimizer=view.optimizer,
+        lambda view: whole.load_checkpoint(ckpt, model=view.model, optimizer=view.optimizer,
                                      extra_modules=view.extra_modules, scheduler=scheduler, verify=verify),
         optimizer)
