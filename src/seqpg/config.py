@@ -46,7 +46,7 @@ class ModelConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Module names that receive LoRA adapters."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, ~30% more time)."""
+    """Recompute activations in the backward pass (less memory, more time: docs/measurements.md)."""
     tiny_hidden_size: int = 32
     """Hidden size of the `tiny` model (ignored otherwise)."""
     tiny_layers: int = 2
@@ -203,7 +203,7 @@ class AlgoConfig:
     fraction masked is logged as `overlong_masked`."""
     kl_coef: float = 0.05
     """Coefficient of the KL to the reference (initial model); 0 disables the reference (no second copy of
-    the model, and no reference forward pass: 1.1 s of a 6.5 s step of SmolLM2-135M on 2 CPU cores). The default keeps a policy near its starting model: without it, a
+    the model, and no reference forward pass; its cost: docs/measurements.md). The default keeps a policy near its starting model: without it, a
     sentiment reward collapsed SmolLM2-135M to "I'm a wonderful and kind person ..." for every prompt in
     100 steps at the other defaults (README, "Defaults and collapse")."""
     kl_mode: str | None = None
@@ -319,7 +319,7 @@ class TrainConfig:
     """torch intra-op threads (0: leave torch's default)."""
     keep_freed_memory: bool = True
     """glibc malloc keeps freed memory for reuse instead of returning it to the system each step
-    (``seqpg.training.memory``; 8-14% faster updates measured on 2 CPU cores, same peak memory)."""
+    (``seqpg.training.memory``; faster updates at the same peak memory: docs/measurements.md)."""
     on_scorer_error: str = "raise"
     """`raise`: a scorer that raises stops the run naming scorer and sample; `zero`: score 0, counted."""
     collapse_steps: int = 5
@@ -749,10 +749,9 @@ MAX_TOOL_TIMEOUT_S = 3600
 
 
 def _check_episode(cfg: TrainConfig) -> None:
-    """The episode section: numbers, the environment class (exists, has reset and step, takes ``env_params``)
-    and the tools (plain functions with a schema), loaded here so that a bad one fails before any model."""
-    from .rollout.environments import ENV_SCORE, load_environment, make_environment
-    from .rollout.tools import load_tools
+    """The episode section's numbers and names.  The environment class and the tools are loaded once, by
+    :func:`seqpg.rollout.interface.rollouts_from_config` (the step's settings, built before any model)."""
+    from .rollout.environments import ENV_SCORE
 
     e = cfg.episode
     for key in ("max_turns", "max_episode_tokens", "tool_max_chars", "tool_max_calls", "tool_max_parallel"):
@@ -770,12 +769,6 @@ def _check_episode(cfg: TrainConfig) -> None:
     if any((r.name or r.kind) == ENV_SCORE for r in cfg.rewards):
         raise ConfigError(f"rewards: the name {ENV_SCORE!r} is the environment's (reward/{ENV_SCORE}); "
                           "give that scorer another `name`")
-    try:
-        if e.env is not None:
-            make_environment(load_environment(e.env), dict(e.env_params), spec=e.env)
-        load_tools(list(e.tools))
-    except (ValueError, TypeError, AttributeError, ImportError, OSError, SyntaxError) as err:
-        raise ConfigError(f"episode: {err}") from err
 
 
 def _check_estimator_params(family, a: AlgoConfig) -> None:

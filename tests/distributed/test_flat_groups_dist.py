@@ -11,8 +11,8 @@ import torch
 
 from dist_helpers import HERE, torchrun
 from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
-from seqpg.training.checkpoint import full_model_state
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.checkpoint import full_model_state
+from seqpg.rundir.runlog import read_jsonl
 
 ZERO = "rewards=[{kind: callable, params: {fn: 'seqpg_test_rewards:zero'}}]"
 CASES = {"loss": [], "reward": ["algo.kl_mode=reward"]}

@@ -16,8 +16,8 @@ import torch
 import seqpg.model.policy as policy_mod
 from seqpg.config import load_config
 from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
-from seqpg.training.checkpoint import full_model_state
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.checkpoint import full_model_state
+from seqpg.rundir.runlog import read_jsonl
 from seqpg.training.trainer import train
 
 ZERO = "rewards=[{kind: callable, params: {fn: 'seqpg_test_rewards:zero'}}]"

@@ -65,15 +65,27 @@ ENV_SCORE = "env"
 """The name of the environment's rewards among a run's scores and in its logs (``reward/env``)."""
 
 
+class QuestionEnv:
+    """The environment of a tools-only run (``episode.tools`` without ``episode.env``): the task's prompt is
+    the question; the first model turn without a tool call is the answer and ends the episode (reward 0:
+    the scorers judge the answer)."""
+
+    def reset(self, prompt, seed: int) -> str:
+        return prompt.text
+
+    def step(self, model_text: str):
+        return None, 0.0, True, {}
+
+
 @dataclass(frozen=True)
 class EpisodeLimits:
     """When an episode is cut short (``truncated``) although its environment is not done."""
 
-    max_turns: int = 4
+    max_turns: int
     """Model turns per episode."""
-    max_new_tokens: int = 128
+    max_new_tokens: int
     """Tokens the model may write in one turn (a turn cut here still goes to the environment)."""
-    max_tokens: int = 1024
+    max_tokens: int
     """Token budget of the whole context: prompt, every model turn and every observation."""
 
     def __post_init__(self) -> None:

@@ -38,7 +38,7 @@ from seqpg.batch import Prompt
 from seqpg.model.policy import model_device
 from seqpg.rollout.fastdecode import FastDecoder
 from seqpg.rollout.fastdecode import supports as fastdecode_supports
-from seqpg.rollout.sampling import _CACHE_KWARG, SamplingArgs, _eos_ids, choose_tokens, preallocated_cache
+from seqpg.rollout.sampling import CACHE_KWARG, SamplingArgs, choose_tokens, eos_token_ids, preallocated_cache
 
 from .chat import render_delta, render_start
 from .environments import EpisodeLimits, Message, as_messages, coerce_step_result
@@ -101,18 +101,28 @@ class KVRows:
     def _forward(self, ids_BD: torch.Tensor, real_BD: torch.Tensor, pos_BD: torch.Tensor) -> torch.Tensor:
         self.attn_BW = torch.cat([self.attn_BW, real_BD], dim=1)
         out = self.model(input_ids=ids_BD, attention_mask=self.attn_BW.long(), position_ids=pos_BD, use_cache=True,
-                         logits_to_keep=1, **{_CACHE_KWARG: self.cache})
+                         logits_to_keep=1, **{CACHE_KWARG: self.cache})
         self.fed_B = self.fed_B + real_BD.sum(dim=1)
         return out.logits[:, -1]
 
 
 @dataclass
 class _Running:
-    """An episode in progress: its environment and the conversation its tokens hold."""
+    """An episode in progress (its environment and conversation are kept on the episode)."""
 
     episode: Episode
-    env: Any
-    messages: list[Message]
+
+    @property
+    def env(self) -> Any:
+        return self.episode.env
+
+    @property
+    def messages(self) -> list[Message]:
+        return self.episode.messages
+
+    @messages.setter
+    def messages(self, value: list[Message]) -> None:
+        self.episode.messages = value
 
 
 def sample_episodes(
@@ -122,7 +132,7 @@ def sample_episodes(
     make_env: Callable[[], Any],
     *,
     n: int = 1,
-    limits: EpisodeLimits = EpisodeLimits(),
+    limits: EpisodeLimits,
     sampling: SamplingArgs = SamplingArgs(),
     tools: dict[str, Tool] | None = None,
     tool_limits: ToolLimits = ToolLimits(),
@@ -144,7 +154,7 @@ def sample_episodes(
     A turn ends on EOS, on a stop string (the turn's text keeps it) or at its token allowance
     (``limits``); an episode ends when its environment says done, or is truncated at
     ``limits.max_turns`` or when its context reaches ``limits.max_tokens``.  The model is in eval
-    mode for the call.  Episodes hold plain lists (CPU); see :func:`.episodes.batch_episodes`.
+    mode for the call.  Episodes hold plain lists (CPU); see :func:`.episodes.episodes_to_rollout`.
     ``fast_decode``: one-token steps through :mod:`seqpg.rollout.fastdecode` where it takes the model.
     """
     if not prompts or n < 1:
@@ -153,7 +163,7 @@ def sample_episodes(
         model = model.module
     tools = tools or {}
     tool_kwargs = with_tools([], tools, template_takes_tools(tokenizer, tools))[1] if chat_template else {}
-    eos_ids = set(_eos_ids(model, tokenizer))
+    eos_ids = set(eos_token_ids(model, tokenizer))
     if env_seeds is not None and len(env_seeds) != len(prompts):
         raise ValueError(f"sample_episodes: {len(env_seeds)} env_seeds for {len(prompts)} prompts")
     seeds = [[env_seeds[i]] * n if env_seeds is not None else [seed + i * n + j for j in range(n)]
@@ -198,9 +208,9 @@ def _start(prompt: Prompt, group: int, seed: int, env: Any, tokenizer, tools: di
     if len(ids) >= limits.max_tokens:
         raise ValueError(f"sample_episodes: prompt {prompt.id!r} is {len(ids)} tokens, no room under "
                          f"max_tokens={limits.max_tokens}")
-    episode = Episode(prompt=prompt, group=group, seed=seed, prompt_len=len(ids))
+    episode = Episode(prompt=prompt, group=group, seed=seed, prompt_len=len(ids), env=env, messages=messages)
     episode.append(ids, action=False)
-    return _Running(episode, env, messages)
+    return _Running(episode)
 
 
 def _model_turn(kv: KVRows, logits_BV: torch.Tensor, running: list[_Running], sampling: SamplingArgs,

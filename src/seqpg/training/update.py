@@ -82,22 +82,24 @@ class UpdateSettings:
 
     loss: str
     agg: str
+    kl_estimator: str
+    """The KL estimator of the KL loss term (the config's ``algo.kl_estimator``, as resolved for its ``kl_mode``)."""
+    grad_noise: bool
+    """Split a mini-batch that would be one micro-batch in two, so that the gradient noise scale is measured."""
+    kl_noise_floor: float
+    """|log pi - log pi_ref| at or below which the KL loss term of a token is 0 (:func:`seqpg.core.kl_estimate`;
+    the config's ``algo.kl_noise_floor``, resolved for the run's precision)."""
     loss_params: dict = field(default_factory=dict)
     epochs: int = 1
     minibatches: int = 1
     micro_batch_size: int = 0
     max_grad_norm: float = 1.0
     temperature: float = 1.0
-    kl_estimator: str = "k3"
-    kl_noise_floor: float = 0.0
-    """|log pi - log pi_ref| at or below which the KL loss term of a token is 0 (:func:`seqpg.core.kl_estimate`)."""
     entropy_coef: float = 0.0
     vf_coef: float = 0.5
     vf_clip: float | None = 0.2
     bf16: bool = False
     on_nonfinite: str = "skip"
-    grad_noise: bool = False
-    """Split a mini-batch that would be one micro-batch in two, so that the gradient noise scale is measured."""
 
 
 class GradSync(Protocol):
