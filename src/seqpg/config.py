@@ -244,6 +244,27 @@ class OptimConfig:
 
 
 @dataclass
+class SftConfig:
+    data: str | None = None
+    """Demonstrations for `seqpg sft`: a JSONL file, one row a line, either {"messages": [...]} (a chat: system,
+    user, assistant with content and/or tool_calls, tool) or {"prompt": ..., "completion": ...}. Only the
+    assistant's tokens are trained (maximum likelihood: the policy-gradient update with advantage 1 on them)."""
+    eval_data: str | None = None
+    """Held-out demonstrations (same format) for the held-out loss; null: hold out sft.eval_fraction of sft.data."""
+    eval_fraction: float = 0.1
+    """Fraction of sft.data held out (at least one row when above 0) when sft.eval_data is null; 0: none."""
+    epochs: int = 3
+    """Passes over the training demonstrations; `seqpg sft` runs epochs x (rows // batch_size) steps."""
+    batch_size: int = 8
+    """Demonstrations per optimizer step, over all processes (optim.micro_batch_size splits it for memory)."""
+    max_length: int = 2048
+    """Tokens a rendered demonstration may have (system prompt and tool descriptions included); a longer
+    row is refused, naming its line."""
+    eval_every: int = 10
+    """Steps between held-out losses (also before the first step and after the last); 0: only those two."""
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy model."""
@@ -259,6 +280,8 @@ class TrainConfig:
     """Multi-turn episodes with an environment and/or tools (off unless `episode.env` or `episode.tools` is set)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """The optimizer."""
+    sft: SftConfig = field(default_factory=SftConfig)
+    """Supervised fine-tuning on demonstrations (`seqpg sft`); `seqpg train` ignores it."""
     steps: int = 100
     """Training steps (each: sample, score, advantages, update)."""
     max_minutes: float | None = None
@@ -648,6 +671,18 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"dist_timeout_s must be > 0, got {cfg.dist_timeout_s}")
     if cfg.episode.enabled:
         _check_episode(cfg)
+    _check_sft(cfg.sft)
+
+
+def _check_sft(s: SftConfig) -> None:
+    """The sft section's numbers (its files are read by `seqpg sft`, which names a bad row's line)."""
+    for key in ("epochs", "batch_size", "max_length"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"sft.{key} must be at least 1, got {getattr(s, key)}")
+    if not 0 <= s.eval_fraction < 1:
+        raise ConfigError(f"sft.eval_fraction must be in [0, 1), got {s.eval_fraction}")
+    if s.eval_every < 0:
+        raise ConfigError(f"sft.eval_every must be >= 0, got {s.eval_every}")
 
 
 def _check_episode(cfg: TrainConfig) -> None:
