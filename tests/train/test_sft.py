@@ -184,7 +184,7 @@ def test_an_sft_run_exports_and_starts_rl_with_its_weights(sft_overrides, tiny_o
      "is empty"),
     ([None, {"messages": [{"role": "user", "content": "hi"}]}], 2, "no assistant message"),
     ([None, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x" * 300}]}], 2,
-     "over sft.max_length=200"),
+     "over the limit of 200 (sft.max_length"),
     ([None, {"text": "hi"}], 2, "give `messages`"),
 ])
 def test_a_bad_row_is_one_line_naming_its_line_and_exits_2(rows, line, says, sft_overrides, capsys):

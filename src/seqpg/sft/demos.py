@@ -264,8 +264,8 @@ def render_demo(tokenizer, conv: Conversation, s: RenderSettings, where: str) ->
     enc = tokenizer(text, add_special_tokens=not s.chat_template, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     if len(ids) > s.max_length:
-        raise DemoError(f"{where}: {len(ids)} tokens rendered, over sft.max_length={s.max_length}; shorten the row "
-                        "or raise sft.max_length")
+        raise DemoError(f"{where}: {len(ids)} tokens rendered, over the limit of {s.max_length} (sft.max_length, or "
+                        "the model's context if shorter); shorten the row or raise sft.max_length")
     action = [False] * len(ids)
     for k, (start, end) in enumerate(spans):
         hit = [t for t, (a, b) in enumerate(offsets) if start <= a < end and b > a]
