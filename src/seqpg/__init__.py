@@ -9,6 +9,7 @@ modules (which need transformers) load when imported by name.  The packages foll
     seqpg.rollout    sampling, the fast decoder, multi-turn episodes
     seqpg.rewards    prompt sources and scorers
     seqpg.training   the loop, its stages, update, reference, critic, checkpoints, processes
+    seqpg.sft        supervised fine-tuning on demonstrations: the update with advantage 1
     seqpg.apps       the command line, demo, explain, eval, export, bench
 """
 
