@@ -202,6 +202,9 @@ class AlgoConfig:
     def kl_estimator_used(self) -> str:
         """``kl_estimator``, or the mode's estimator when it is null."""
         return self.kl_estimator or ("k1" if self.kl_mode == "reward" else "k3")
+    kl_reference: str | None = None
+    """The model the KL term holds the policy near: null, the policy as the run starts (model.name, or the
+    `seqpg train --init` model); or a model directory or alias, e.g. the base model of an --init run."""
     kl_target: float | None = None
     """Target KL for the adaptive controller (Ziegler et al. 2019); None keeps kl_coef fixed."""
     kl_horizon: int = 10000
@@ -649,6 +652,9 @@ def validate(cfg: TrainConfig) -> None:
                           "reinforce_baseline) or set sampling.dynamic_sampling=false")
     if a.kl_coef < 0:
         raise ConfigError(f"algo.kl_coef must be >= 0, got {a.kl_coef}")
+    if a.kl_reference is not None and a.kl_coef == 0:
+        raise ConfigError("algo.kl_reference names the KL's reference model, but algo.kl_coef=0 turns the KL off; "
+                          "set algo.kl_coef > 0 or drop algo.kl_reference")
     if a.kl_target is not None and a.kl_coef == 0:
         raise ConfigError("algo.kl_target (adaptive KL) needs an initial algo.kl_coef > 0")
     if not cfg.rewards and cfg.episode.env is None:

@@ -174,6 +174,9 @@ def test_an_sft_run_exports_and_starts_rl_with_its_weights(sft_overrides, tiny_o
     assert all(torch.equal(start.state_dict()[k], v) for k, v in trained.items())
     step1 = read_jsonl(tmp_path / "rl" / "metrics.jsonl")[0]
     assert abs(step1["kl"]) < 1e-5  # the reference is the warm-started model, not the tiny base
+    base_ref = tiny_overrides("steps=1", "algo.kl_coef=0.1", "algo.kl_reference=tiny", run="rl-base-ref")
+    assert main(["train", "--init", str(run), "--no-progress", *base_ref]) == 0
+    assert read_jsonl(tmp_path / "rl-base-ref" / "metrics.jsonl")[0]["kl"] > 1e-3  # held near the base instead
     assert main(["train", "--init", str(tmp_path / "nowhere"), *tiny_overrides(run="rl2")]) == 2
 
 
@@ -201,3 +204,8 @@ def test_config_errors_of_the_sft_section_exit_2(sft_overrides, capsys):
     assert main(["sft", "model.name=tiny"]) == 2
     assert "sft.data is not set" in capsys.readouterr().err
     assert main(["sft", *sft_overrides("sft.eval_fraction=1")]) == 2
+
+
+def test_a_kl_reference_without_a_kl_is_refused(tiny_overrides, capsys):
+    assert main(["train", *tiny_overrides("algo.kl_reference=tiny")]) == 2  # tiny_overrides turns the KL off
+    assert "algo.kl_coef=0 turns the KL off" in capsys.readouterr().err
