@@ -9,6 +9,8 @@ Each arm gets ``--minutes`` of training wall clock (``max_minutes``; model loadi
   (b) ``seqpg sft`` on the demonstrations for the whole budget (many epochs, stopped by max_minutes);
   (c) ``seqpg sft`` for the config's ``sft.epochs``, then ``seqpg train --init`` for the time left.
 
+The SFT runs use ``--sft-lr`` (the config's ``optim.lr`` is RL's).
+
 The demonstrations are written first from training prompts only (scripts/secret_code_demos.py).  Every
 arm, the base model and (c)'s SFT checkpoint are then evaluated by ``seqpg eval`` on the same held-out
 prompts (greedy episodes; the reward is 1 for the right code), and ``OUT/results.md`` / ``results.json``
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--config", default="examples/env_secret_code.yaml")
     p.add_argument("--out", default="bench/sft_rl")
+    p.add_argument("--sft-lr", default="1e-4", help="optim.lr of the SFT runs (the config's is RL's)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     out, cfg, ov = ROOT / args.out, args.config, list(args.overrides)
@@ -73,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
     seqpg("train", "-c", cfg, "--no-progress", "steps=100000", f"max_minutes={args.minutes}",
           f"run_dir={runs / 'a_rl'}", *ov)
-    seqpg("sft", "-c", cfg, "--no-progress", "sft.epochs=100000", f"max_minutes={args.minutes}",
+    sft_lr = f"optim.lr={args.sft_lr}"
+    seqpg("sft", "-c", cfg, "--no-progress", "sft.epochs=100000", f"max_minutes={args.minutes}", sft_lr,
           f"run_dir={runs / 'b_sft'}", *ov)
-    seqpg("sft", "-c", cfg, "--no-progress", f"max_minutes={args.minutes}", f"run_dir={runs / 'c_sft'}", *ov)
+    seqpg("sft", "-c", cfg, "--no-progress", f"max_minutes={args.minutes}", sft_lr, f"run_dir={runs / 'c_sft'}", *ov)
     left = max(args.minutes - trained_minutes(runs / "c_sft"), 0.1)
     seqpg("train", "-c", cfg, "--init", str(runs / "c_sft"), "--no-progress", "steps=100000", f"max_minutes={left}",
           f"run_dir={runs / 'c_sft_rl'}", *ov)
