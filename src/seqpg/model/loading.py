@@ -76,6 +76,11 @@ def build_tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
 TINY_CONTEXT = 512
 """Positions of the ``tiny`` model (its ``max_position_embeddings``)."""
 
+TINY_SLIDING_WINDOW = 8
+"""Window of the tiny Gemma 3's sliding-window layers (short, so that test prompts exceed it)."""
+
+TINY_ARCHS = ("llama", "gemma3")
+
 
 def build_tiny_model(
     vocab_size: int,
@@ -86,24 +91,35 @@ def build_tiny_model(
     seed: int = 0,
     arch: str = "llama",
 ) -> transformers.PreTrainedModel:
-    """A randomly initialised causal LM in float32, seeded, in eval mode (no dropout anyway)."""
-    if arch != "llama":
-        raise ValueError(f"build_tiny_model: unknown arch {arch!r}; valid: ['llama']")
-    config = transformers.LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=TINY_CONTEXT,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=None,
-    )
+    """A randomly initialised causal LM in float32, seeded, in eval mode (no dropout anyway).
+
+    ``arch="gemma3"``: a Gemma 3 text decoder laid out like Gemma 3 270M, scaled down: every third
+    layer global, the others over a sliding window of ``TINY_SLIDING_WINDOW`` positions with their
+    own rotary base, two key/value heads, q/k norms, sandwich norms, scaled and tied embeddings, and
+    random (not zero) norm weights so that every norm shows in the output.
+    """
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"build_tiny_model: unknown arch {arch!r}; valid: {list(TINY_ARCHS)}")
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                  num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=TINY_CONTEXT,
+                  pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    if arch == "gemma3":
+        head_dim = hidden_size // num_heads
+        config = transformers.Gemma3TextConfig(
+            **common, num_key_value_heads=max(num_heads // 2, 1), head_dim=head_dim, query_pre_attn_scalar=head_dim,
+            sliding_window=TINY_SLIDING_WINDOW, tie_word_embeddings=True,
+            layer_types=["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(num_layers)])
+        model_class = transformers.Gemma3ForCausalLM
+    else:
+        config = transformers.LlamaConfig(**common, num_key_value_heads=num_heads, tie_word_embeddings=False)
+        model_class = transformers.LlamaForCausalLM
     with _fork_rng(seed):
-        model = transformers.LlamaForCausalLM(config)
+        model = model_class(config)
+        if arch == "gemma3":  # Gemma's norms start at weight 0 (a scale of 1 + weight)
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name.endswith("norm.weight"):
+                        param.normal_(0.0, 0.3)
     model.to(torch.float32)
     model.eval()
     return model
