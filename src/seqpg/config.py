@@ -105,8 +105,9 @@ class SamplingConfig:
     """Top-k sampling (0 disables)."""
     stop_strings: list[str] = field(default_factory=list)
     """Strings that end a completion (besides EOS)."""
-    chat_template: bool = True
-    """Wrap prompts in the tokenizer's chat template."""
+    chat_template: bool | None = None
+    """Wrap prompts in the tokenizer's chat template. null: when the tokenizer has one (a base model such
+    as gemma3-270m has none, and gets raw text); true for a model without one is an error before training."""
     system_prompt: str | None = None
     """Optional system message for the chat template."""
     seed_per_prompt: bool = False
