@@ -122,7 +122,7 @@ class SamplingConfig:
     max_sample_rounds: int = 4
     """Dynamic sampling: at most this many draws of prompts_per_step prompts per step (the first included)."""
     fast_decode: bool = True
-    """Decode Llama-family models (Llama, SmolLM2, Mistral, Qwen2/3) with seqpg's lean one-token step
+    """Decode Llama-family models (Llama, SmolLM2, Mistral, Qwen2/3) and Gemma 3 with seqpg's lean one-token step
     (same maths as the model's forward, tested equal); false: always the model's own forward."""
 
 

@@ -1,4 +1,4 @@
-"""A lean one-token decode step for Llama-family decoders (Llama, SmolLM2, Mistral, Qwen2, Qwen3).
+"""A lean one-token decode step for Llama-family decoders (Llama, SmolLM2, Mistral, Qwen2, Qwen3) and Gemma 3.
 
 Profiling ``seqpg.rollout.sampling`` on 2 CPU cores (SmolLM2-135M, 16 rows, 32 tokens) showed that
 a decode step through the Hugging Face forward spends more time around its matmuls than in
@@ -15,6 +15,16 @@ does the norms, the attention and the matrix products itself, one row per sequen
 
 ``bias`` is 0 on the columns a row may attend to and -inf elsewhere (left padding, and the
 columns after a row stopped).
+
+Gemma 3 (``gemma3_text``) differs in five places, each taken from the model's own modules: the
+embedding is scaled by sqrt(E) (its embedding module does it); its RMSNorm multiplies by
+(1 + weight) in float32; each sub-block's output is normed before it joins the residual
+(``post_attention_layernorm``, and ``pre_``/``post_feedforward_layernorm`` around the MLP); its
+layers are of two types with their own rotary bases, and the "sliding_attention" ones see only the
+``sliding_window`` most recent real columns (counted over real columns, so a multi-turn cache's
+padding inside a row does not shrink the window); the logits may be soft-capped,
+``cap * tanh(z / cap)``.  Attention logit soft-capping, which Gemma 3's own forward does not apply,
+sends such a config back to that forward.
 
 The products are the decode's cost: 16 rows against weights far larger than the cache.  On CPU
 each weight is repacked once per sampling call into oneDNN's blocked layout for that row count
