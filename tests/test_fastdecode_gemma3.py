@@ -141,3 +141,13 @@ def test_gemma3_training_logprobs_equal_each_row_alone(tiny_tokenizer, make_roll
     for i, (r, c) in enumerate(zip(rows, completions)):
         torch.testing.assert_close(got_BC[i, :len(c)], one_row_logprobs(model, prompts[r], c), atol=1e-5, rtol=0)
     assert max(map(len, completions)) > 2 * TINY_SLIDING_WINDOW
+
+
+def test_gemma3_fast_decode_under_bf16_autocast_stays_close(tiny_tokenizer):
+    """bf16 sampling (autocast, products in bf16): the first step sees identical inputs on both paths."""
+    model = gemma3(tiny_tokenizer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = generate(model, tiny_tokenizer, PROMPTS, n=2, max_new_tokens=4, greedy=True)
+        slow = generate(model, tiny_tokenizer, PROMPTS, n=2, max_new_tokens=4, greedy=True, fast_decode=False)
+    assert torch.equal(fast.completion_ids_BC[:, 0], slow.completion_ids_BC[:, 0])
+    torch.testing.assert_close(fast.sample_logprobs_BC[:, 0], slow.sample_logprobs_BC[:, 0], atol=3e-2, rtol=0)
