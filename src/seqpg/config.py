@@ -106,8 +106,9 @@ class SamplingConfig:
     """Top-k sampling (0 disables)."""
     stop_strings: list[str] = field(default_factory=list)
     """Strings that end a completion (besides EOS)."""
-    chat_template: bool = True
-    """Wrap prompts in the tokenizer's chat template."""
+    chat_template: bool | None = None
+    """Wrap prompts in the tokenizer's chat template. null: when the tokenizer has one (a base model such
+    as gemma3-270m has none, and gets raw text); true for a model without one is an error before training."""
     system_prompt: str | None = None
     """Optional system message for the chat template."""
     seed_per_prompt: bool = False
@@ -122,7 +123,7 @@ class SamplingConfig:
     max_sample_rounds: int = 4
     """Dynamic sampling: at most this many draws of prompts_per_step prompts per step (the first included)."""
     fast_decode: bool = True
-    """Decode Llama-family models (Llama, SmolLM2, Mistral, Qwen2/3) with seqpg's lean one-token step
+    """Decode Llama-family models (Llama, SmolLM2, Mistral, Qwen2/3) and Gemma 3 with seqpg's lean one-token step
     (same maths as the model's forward, tested equal); false: always the model's own forward."""
 
 

@@ -80,11 +80,12 @@ def fit_to_context(cfg: TrainConfig, rollouts: Rollouts, *prompt_lists: list) ->
     """The rollouts' budget checked against the model's context (``Rollouts.check_context``), and each
     list of prompts measured against the context minus ``sampling.max_new_tokens``
     (chat template and system prompt included), as ``task.overlong_prompts`` says. Reads only the
-    tokenizer and the model's config: nothing heavy loads."""
+    tokenizer and the model's config: nothing heavy loads.  A chat template asked of a tokenizer
+    without one fails here (``sampling.chat_template``)."""
     import sys
 
     from ..model.loading import TINY_CONTEXT, context_length, load_tokenizer
-    from ..rollout.sampling import encode_prompt
+    from ..rollout.sampling import encode_prompt, uses_chat_template
     from ..rewards.tasks import fit_prompts
 
     if cfg.model.name == "tiny":
@@ -92,6 +93,10 @@ def fit_to_context(cfg: TrainConfig, rollouts: Rollouts, *prompt_lists: list) ->
     else:
         path = resolve_model(cfg.model.name)
         tok, n_ctx = load_tokenizer(path), context_length(path)
+    try:
+        uses_chat_template(tok, cfg.sampling.chat_template)
+    except ValueError as e:
+        raise ConfigError(f"model {cfg.model.name!r}: {e}") from e
     if n_ctx is None:
         return prompt_lists
     rollouts.check_context(n_ctx)
