@@ -119,10 +119,11 @@ def run_bench(steps: int | None = None, out_dir: str = "bench", dtypes=None, thr
             summary = summarise(raw, peak, bandwidth)
             report["runs"].append({"dtype": dtype, "threads": n_threads, "summary": summary, "raw": raw,
                                    "peaks_measured": [before, after], "bandwidths_measured": [bw_before, bw_after]})
-            mine = summary["libraries"]["seqpg"]
+            mine, trl = summary["libraries"]["seqpg"], summary["libraries"]["trl"]
             print(f"  -> {dtype}, {n_threads} thread(s): seqpg {summary['speedup']:.2f}x faster per step; training "
                   f"phase at {100 * mine['mfu_training']:.1f}% of the matmul peak, sampling at "
-                  f"{100 * mine['sampling_floor_share']:.1f}% of its bandwidth floor's speed", flush=True)
+                  f"{100 * mine['sampling_floor_share']:.1f}% of its bandwidth floor's speed (TRL: "
+                  f"{100 * trl['mfu_training']:.1f}%, {100 * trl['sampling_floor_share']:.1f}%)", flush=True)
     report.update(headline(report["runs"]))
     report["machine"]["load_average_at_end"] = os.getloadavg()
     write_report(out_dir, "latest", report, markdown)
