@@ -85,3 +85,18 @@ def test_the_reward_example_scores(tmp_path, monkeypatch):
     from seqpg.training.build import build_scorers
     assert len(build_scorers(cfg.rewards)) == 2
     sys.modules.pop("my_rewards", None)
+
+
+def test_the_environment_example_trains(tiny_overrides, tmp_path):
+    """The README's environment, saved as cart.py, trains two steps on the tiny model; its tool is the method."""
+    from seqpg.rundir.runlog import read_jsonl
+    from seqpg.training.trainer import train
+
+    cart_py = next(b for b in blocks("python") if b.startswith("# cart.py"))
+    (tmp_path / "cart.py").write_text(cart_py)
+    cfg = load_config(None, tiny_overrides("rewards=[]", f"episode.env={tmp_path / 'cart.py'}:CartEnv",
+                                           "episode.max_turns=2", "episode.max_episode_tokens=600",
+                                           "sampling.chat_template=true", "sampling.prompts_per_step=2",
+                                           "sampling.samples_per_prompt=2", "steps=2"))
+    rows = read_jsonl(train(cfg, progress=False).run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all("episode/turns" in r for r in rows)
