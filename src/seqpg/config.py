@@ -165,6 +165,13 @@ class EpisodeConfig:
     tool_max_processes: int = 16
     """Processes (and threads) a tool call may start, beyond those the user already runs (RLIMIT_NPROC; not
     applied to root); 0: no limit. Tools run with the user's permissions: this is no sandbox (docs/episodes.md)."""
+    env_timeout_s: float = 30.0
+    """Wall-clock seconds each call into the environment (reset, step, one of its methods called as a tool) may
+    take; past it the call is abandoned and the episode fails (see on_env_error). Its methods run in-process."""
+    on_env_error: str = "drop"
+    """drop: an episode whose environment or chat template fails (raises, times out, returns a bad reward, a
+    first observation over max_episode_tokens) is closed as truncated, its failing turn unrewarded, counted in
+    episode/env_errors; a step where every episode fails stops the run. raise: the first failure stops it."""
 
     @property
     def enabled(self) -> bool:
@@ -726,6 +733,7 @@ MAX_TOOL_TIMEOUT_S = 3600
 def _check_episode(cfg: TrainConfig) -> None:
     """The episode section: numbers, the environment class (exists, has reset and step, takes ``env_params``)
     and the tools (plain functions with a schema), loaded here so that a bad one fails before any model."""
+    from .rollout.env_adapters import merge_tools, method_tools
     from .rollout.environments import ENV_SCORE, load_environment, make_environment
     from .rollout.tools import load_tools
 
@@ -736,6 +744,13 @@ def _check_episode(cfg: TrainConfig) -> None:
     for key in ("tool_memory_mb", "tool_cpu_s", "tool_file_mb", "tool_max_processes"):
         if getattr(e, key) < 0:
             raise ConfigError(f"episode.{key} must be >= 0 (0: no limit), got {getattr(e, key)}")
+    from .rollout.env_errors import ON_ENV_ERROR
+
+    if e.on_env_error not in ON_ENV_ERROR:
+        raise ConfigError(f"episode.on_env_error must be one of {', '.join(ON_ENV_ERROR)}, got {e.on_env_error!r}")
+    if not 0 < e.env_timeout_s <= MAX_TOOL_TIMEOUT_S:
+        raise ConfigError(f"episode.env_timeout_s must be > 0 and at most {MAX_TOOL_TIMEOUT_S} (an hour), got "
+                          f"{e.env_timeout_s}")
     if not 0 < e.tool_timeout_s <= MAX_TOOL_TIMEOUT_S:
         raise ConfigError(f"episode.tool_timeout_s must be > 0 and at most {MAX_TOOL_TIMEOUT_S} (an hour), got "
                           f"{e.tool_timeout_s}")
@@ -746,9 +761,10 @@ def _check_episode(cfg: TrainConfig) -> None:
         raise ConfigError(f"rewards: the name {ENV_SCORE!r} is the environment's (reward/{ENV_SCORE}); "
                           "give that scorer another `name`")
     try:
+        free = load_tools(list(e.tools))
         if e.env is not None:
-            make_environment(load_environment(e.env), dict(e.env_params), spec=e.env)
-        load_tools(list(e.tools))
+            merge_tools(free, method_tools(make_environment(load_environment(e.env), dict(e.env_params), spec=e.env),
+                                           spec=e.env))
     except (ValueError, TypeError, AttributeError, ImportError, OSError, SyntaxError) as err:
         raise ConfigError(f"episode: {err}") from err
 

@@ -38,6 +38,8 @@ from .environments import ENV_SCORE, EpisodeLimits, load_environment, make_envir
 from .episodes import Episode
 from .multiturn import sample_episodes
 from .sampling import SamplingArgs, SampleSettings, left_pad
+from .env_adapters import merge_tools, method_tools
+from .env_errors import check_not_all_failed
 from .tools import Tool, ToolLimits, ToolStats, load_tools
 
 
@@ -76,6 +78,8 @@ class EpisodeSettings:
     tools: Mapping[str, Tool]
     limits: EpisodeLimits
     tool_limits: ToolLimits
+    env_timeout_s: float = 30.0
+    on_env_error: str = "drop"
 
     @classmethod
     def from_config(cls, cfg) -> "EpisodeSettings | None":
@@ -86,7 +90,8 @@ class EpisodeSettings:
         env_cls = load_environment(e.env) if e.env is not None else QuestionEnv
         spec = e.env or "tools-only (QuestionEnv)"
         make_environment(env_cls, dict(e.env_params), spec=spec)  # a constructor that refuses its params, now
-        tools = load_tools(list(e.tools))
+        tools = merge_tools(load_tools(list(e.tools)), method_tools(make_environment(env_cls, dict(e.env_params),
+                                                                                    spec=spec), spec=spec))
         limits = EpisodeLimits(max_turns=e.max_turns, max_new_tokens=cfg.sampling.max_new_tokens,
                                max_tokens=e.max_episode_tokens)
         return cls(env_cls=env_cls, env_spec=spec, env_params=MappingProxyType(dict(e.env_params)),
@@ -94,7 +99,8 @@ class EpisodeSettings:
                    tool_limits=ToolLimits(timeout_s=e.tool_timeout_s, max_chars=e.tool_max_chars,
                                           max_calls=e.tool_max_calls, max_parallel=e.tool_max_parallel,
                                           memory_mb=e.tool_memory_mb, cpu_s=e.tool_cpu_s, file_mb=e.tool_file_mb,
-                                          max_processes=e.tool_max_processes))
+                                          max_processes=e.tool_max_processes),
+                   env_timeout_s=e.env_timeout_s, on_env_error=e.on_env_error)
 
     def make_env(self):
         return make_environment(self.env_cls, dict(self.env_params), spec=self.env_spec)
@@ -109,7 +115,8 @@ class EpisodeSettings:
                                    tools=dict(self.tools), tool_limits=self.tool_limits, tool_stats=stats,
                                    stop_strings=sample.stop_strings, system_prompt=sample.system_prompt,
                                    chat_template=sample.chat_template, env_seeds=env_seeds, generator=generator,
-                                   env_name=self.env_spec, fast_decode=sample.fast_decode)
+                                   env_name=self.env_spec, fast_decode=sample.fast_decode,
+                                   env_timeout_s=self.env_timeout_s, on_env_error=self.on_env_error)
         return episodes_to_rollout(episodes, tokenizer.pad_token_id, n=n, tool_stats=stats)
 
 
@@ -171,9 +178,12 @@ def sample_episode_step(model, tokenizer, prompts: list[Prompt], st, *, step: in
         parts = [ep.sample(model, tokenizer, [p], st.sample, n=n, env_seeds=[seeds[i]],
                            generator=seeded("prompt", first + i))
                  for i, p in enumerate(prompts)]
-        return concat_episode_rollouts(parts, tokenizer.pad_token_id, n)
-    gen = seeded("rank", rank) if rank is not None else None
-    return ep.sample(model, tokenizer, prompts, st.sample, n=n, env_seeds=seeds, generator=gen)
+        rollout = concat_episode_rollouts(parts, tokenizer.pad_token_id, n)
+    else:
+        gen = seeded("rank", rank) if rank is not None else None
+        rollout = ep.sample(model, tokenizer, prompts, st.sample, n=n, env_seeds=seeds, generator=gen)
+    check_not_all_failed(rollout.episodes, ep.env_spec)  # one bad episode never stops a run; all of them do
+    return rollout
 
 
 def env_seed(seed: int, step: int, prompt_index: int) -> int:
@@ -217,4 +227,6 @@ def episode_metrics(rollout: EpisodeRollout, gather_cat, all_reduce_sum) -> dict
     from .tools import ERROR_KINDS
     errors = all_reduce_sum(torch.tensor([float(rollout.tool_errors.get(k, 0)) for k in ERROR_KINDS]))
     m.update({f"episode/tool_errors/{k}": float(v) for k, v in zip(ERROR_KINDS, errors.tolist())})
+    env_errors = all_reduce_sum(torch.tensor(float(sum(ep.env_error is not None for ep in rollout.episodes))))
+    m["episode/env_errors"] = float(env_errors)
     return m

@@ -75,6 +75,13 @@ class Episode:
     """The environment said done."""
     truncated: bool = False
     """Cut at the turn limit or the token budget before the environment said done."""
+    env_error: str | None = None
+    """Why the environment (or the chat template) failed in this episode, which was then closed as truncated
+    (``episode.on_env_error: drop``); None when nothing failed."""
+    env: Any = None
+    """The episode's environment instance, as the user's class built it (what ``environments=`` rewards see)."""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    """The conversation the tokens hold: first observation, model turns, tool results and observations."""
 
     def append(self, ids: list[int], *, action: bool, logprobs: list[float] | None = None) -> None:
         """Extend the context with ``ids``: model tokens (``action``, with their log-probs) or environment ones."""
