@@ -89,6 +89,8 @@ def fit_to_context(cfg: TrainConfig, *prompt_lists: list) -> tuple[list, ...]:
     else:
         path = resolve_model(cfg.model.name)
         tok, n_ctx = load_tokenizer(path), context_length(path)
+    if cfg.episode.enabled and cfg.sampling.chat_template:
+        _probe_episode_template(cfg, tok)
     if n_ctx is None:
         return prompt_lists
     if cfg.episode.enabled and cfg.episode.max_episode_tokens > n_ctx:
@@ -116,6 +118,22 @@ def fit_to_context(cfg: TrainConfig, *prompt_lists: list) -> tuple[list, ...]:
             raise ConfigError(f"task ({cfg.task.source} {cfg.task.name!r}): every prompt is over {limit} tokens")
         out.append(kept)
     return tuple(out)
+
+
+def _probe_episode_template(cfg: TrainConfig, tok) -> None:
+    """Refuse, before any model loads, a chat template that rewrites history or rejects the order of an
+    episode's messages (a tool turn is probed when the run has tools)."""
+    from ..rollout.chat import probe_chat_template
+    from ..rollout.env_adapters import method_tools
+    from ..rollout.environments import load_environment, make_environment
+
+    e = cfg.episode
+    tools = bool(e.tools) or (e.env is not None and bool(method_tools(
+        make_environment(load_environment(e.env), dict(e.env_params), spec=e.env), spec=e.env)))
+    try:
+        probe_chat_template(tok, tool_turn=tools)
+    except ValueError as err:
+        raise ConfigError(f"sampling.chat_template (model {cfg.model.name}): {err}") from err
 
 
 def build_policy(m: ModelConfig, seed: int, device: torch.device):
