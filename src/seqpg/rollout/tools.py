@@ -10,7 +10,8 @@
 * **Parsing**: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, the common form
   (Hermes, Qwen, SmolLM3).  Malformed JSON, an unclosed tag, an unknown tool or arguments that
   do not bind to the function's signature become an error observation, never an exception.
-* **Running**: each call runs in a forked child process, and no more than ``max_calls`` per turn
+* **Running**: an environment's own methods (``Tool.method``) run in-process on the episode's
+  instance (:mod:`.env_adapters`); every function tool runs in a forked child process, and no more than ``max_calls`` per turn
   nor ``max_parallel`` at once (every call forks the trainer).  A thread could stop the *waiting*
   but not a runaway function; a process is the one unit the OS lets us stop.  ``fork`` (not
   ``spawn``) because the function may come from a ``file.py`` that a fresh interpreter could not
