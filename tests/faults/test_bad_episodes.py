@@ -62,6 +62,17 @@ def test_raise_stops_at_the_first_failure_naming_environment_prompt_and_turn(tin
                         on_env_error="raise")
 
 
+def test_a_template_rejecting_the_message_order_closes_the_episode(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' and loop.index0 > 1 %}"
+                         "{{ raise_exception('roles must alternate user/assistant once') }}{% endif %}"
+                         "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    eps = sample_episodes(model, tok, PROMPTS, lambda: Flaky("step_raises", "none"), limits=LIMITS, env_name="F")
+    assert all(ep.truncated and len(ep.turns) == 1 and "roles must alternate" in ep.env_error for ep in eps)
+    assert all(ep.turns[0].reward == 0 for ep in eps)
+
+
 EPISODE = ["rewards=[]", "episode.env=fault_envs:Flaky", "episode.max_episode_tokens=300", "steps=2", "save_every=1000"]
 
 

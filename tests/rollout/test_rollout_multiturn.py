@@ -141,6 +141,7 @@ def test_template_that_rewrites_history_is_refused(tiny_model_and_tokenizer):
     with pytest.raises(EpisodeFailure, match="rendering the conversation changes text already in the context"):
         sample_episodes(scripted, tok, PROMPTS[:1], lambda: CountdownEnv(3), limits=LIMITS,
                         sampling=SamplingArgs(greedy=True), on_env_error="raise")
+    scripted = ScriptedModel(model, tok, ["  padded answer  "])
     [ep] = sample_episodes(scripted, tok, PROMPTS[:1], lambda: CountdownEnv(3), limits=LIMITS,
                            sampling=SamplingArgs(greedy=True))  # drop: that episode ends, the run goes on
     assert ep.truncated and not ep.done and "rewrites earlier turns" in ep.env_error and ep.turns[0].reward == 0
