@@ -207,3 +207,22 @@ def test_in_process_calls_have_a_time_limit():
     assert time.monotonic() - t0 < 2
     with pytest.raises(KeyError):
         call_with_timeout({}.__getitem__, "x", timeout_s=1, what="w")
+
+
+def test_gymnasium_base_class_methods_are_not_tools():
+    class Base:  # stands in for gymnasium.Env (not installed here): its public helpers are not tools
+        def get_wrapper_attr(self, name):
+            return getattr(self, name)
+
+    Base.__module__ = "gymnasium.core"
+
+    class Game(Base, GymEnv):
+        def move(self, direction: str) -> str:
+            """Move.
+
+            Args:
+                direction: up or down
+            """
+            return direction
+
+    assert env_kind(Game) == "gymnasium" and sorted(method_tools(Game(), spec="t")) == ["move"]
