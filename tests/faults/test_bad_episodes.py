@@ -79,9 +79,13 @@ EPISODE = ["rewards=[]", "episode.env=fault_envs:Flaky", "episode.max_episode_to
 def test_a_run_with_bad_episodes_trains_and_counts_them(prompt_file, tmp_path):
     cfg = load_config(None, overrides(prompt_file, tmp_path / "run", *EPISODE,
                                       "episode.env_params={mode: step_raises, fail_on: 'cat,sun,sky,big'}"))
-    rows = read_jsonl(train(cfg, progress=False).run_dir / "metrics.jsonl")
+    run = train(cfg, progress=False).run_dir
+    rows = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     assert sum(r["episode/env_errors"] for r in rows) > 0 and all(r["episode/env_errors"] < 16 for r in rows)
+    failed = [s for s in read_jsonl(run / "samples.jsonl") if s["env_error"]]
+    assert failed and all(s["prompt"] in ("cat", "sun", "sky", "big") and "step failed" in s["env_error"]
+                          for s in failed)
 
 
 def test_every_episode_failing_stops_the_run_with_one_line(prompt_file, tmp_path, capsys):

@@ -274,6 +274,7 @@ def _sample_rows(scored, adv_BC) -> list[dict]:
         if episodes:  # every model turn, what answered it, and the environment's reward for it
             rows[-1]["turns"] = [{"text": t.text, "reward": t.reward,
                                   "tools": [res.content for res in t.tool_results]} for t in r.episodes[i].turns]
+            rows[-1]["env_error"] = r.episodes[i].env_error  # why the environment failed (on_env_error: drop)
     return rows
 
 
