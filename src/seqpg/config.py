@@ -131,8 +131,10 @@ class EpisodeConfig:
     env: str | None = None
     """Multi-turn episodes: the environment class, `module:Class` or `path/to/file.py:Class`, with
     reset(prompt, seed) -> first observation and step(model_text) -> (observation or None, reward, done,
-    info). The model writes, the environment answers, the model writes again; only the model's tokens are
-    trained on. null with `tools` set: the task's prompt is the question and the first turn without a
+    info). Gymnasium's reset -> (obs, info) and 5-tuple step, and TRL environment_factory classes (reset(**row),
+    no step) are accepted; the class's public methods are tools bound to each episode's instance
+    (docs/episodes.md). The model writes, the environment answers, the model writes again; only the model's
+    tokens are trained on. null with `tools` set: the task's prompt is the question and the first turn without a
     tool call ends the episode. null without tools: single-turn training."""
     env_params: dict[str, Any] = field(default_factory=dict)
     """Constructor arguments of the environment class."""
