@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from seqpg import sampling
-from seqpg.bench.common import BenchSetup, quiet, task
-from seqpg.models import load_model_and_tokenizer, resolve_model
-from seqpg.policy import position_ids_from_mask
+from seqpg.rollout import sampling
+from seqpg.apps.bench.common import BenchSetup, quiet, task
+from seqpg.model.loading import load_model_and_tokenizer, resolve_model
+from seqpg.model.policy import position_ids_from_mask
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from cpu_sampling_ab import old_decoder  # noqa: E402
@@ -43,7 +43,7 @@ def main() -> None:
             with torch.no_grad():
                 model.get_decoder()(input_ids=ids_GP[:, :-1], attention_mask=mask_GP[:, :-1].long(),
                                     position_ids=pos_GP[:, :-1], use_cache=True,
-                                    **{sampling._CACHE_KWARG: cache})
+                                    **{sampling.CACHE_KWARG: cache})
             cache.batch_repeat_interleave(n)
             side[name] = cls(model, cache, rows=G * n)
         attn_BW = torch.zeros((G * n, P + T), dtype=torch.bool)

@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from seqpg import sampling
-from seqpg.bench.common import BenchSetup, quiet, task
-from seqpg.models import load_model_and_tokenizer, resolve_model
+from seqpg.rollout import sampling
+from seqpg.apps.bench.common import BenchSetup, quiet, task
+from seqpg.model.loading import load_model_and_tokenizer, resolve_model
 
 
 @contextlib.contextmanager

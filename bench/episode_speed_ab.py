@@ -62,7 +62,8 @@ def main() -> None:
                                         f"episode.env={HERE}:StoryEnv", "episode.max_turns=3",
                                         "episode.max_episode_tokens=1024"])
     c = build_components(multi, DistContext.from_env("cpu", "auto", 600))
-    plain = dataclasses.replace(c.settings, sample=dataclasses.replace(c.settings.sample, fast_decode=False))
+    plain = dataclasses.replace(c.settings, rollouts=dataclasses.replace(
+        c.settings.rollouts, sampling=dataclasses.replace(c.settings.sample, fast_decode=False)))
     settings = {"single": StepSettings.from_config(single), "multi": c.settings, "plain": plain}
     scorers = {"single": build_scorers(single.rewards), "multi": c.scorers, "plain": c.scorers}
     out = {k: [] for k in settings}

@@ -41,9 +41,9 @@ r = generate(model, tok, prompts, n=8, max_new_tokens=32, chat_template=chat,
 rewards = torch.randn(r.batch_size, generator=torch.Generator().manual_seed(1))
 adv, ret = core.compute_advantages("grpo", rewards, r.completion_mask_BC, group_ids=r.group_ids_B)
 batch = TrainBatch(r, adv, ret, r.sample_logprobs_BC)
-s = UpdateSettings(loss="ppo", agg="seq-mean-token-mean", micro_batch_size=0 if mode == "default" else micro,
+s = UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, loss="ppo", agg="seq-mean-token-mean", micro_batch_size=0 if mode == "default" else micro,
                    grad_noise=mode == "default")
-whole = UpdateSettings(loss="ppo", agg="seq-mean-token-mean", micro_batch_size=0)
+whole = UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, grad_noise=False, loss="ppo", agg="seq-mean-token-mean", micro_batch_size=0)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-12, fused=True)
 real = gradnoise.GradientNoiseProbe.after_partial_backward
 

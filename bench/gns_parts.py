@@ -20,7 +20,7 @@ r = generate(model, tok, [Prompt(t, str(i)) for i, t in enumerate(texts)], n=8, 
              generator=torch.Generator().manual_seed(0))
 adv, ret = core.compute_advantages("grpo", torch.randn(16), r.completion_mask_BC, group_ids=r.group_ids_B)
 batch = TrainBatch(r, adv, ret, r.sample_logprobs_BC)
-s = UpdateSettings(loss="ppo", agg="seq-mean-token-mean")
+s = UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, grad_noise=False, loss="ppo", agg="seq-mean-token-mean")
 params = list(model.parameters())
 N, S = float(batch.mask_BC.sum()), 16.0
 def fb(bounds, norm):

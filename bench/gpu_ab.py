@@ -21,7 +21,9 @@ from functools import partial
 
 import torch
 
-from seqpg import core, fastdecode, policy, sampling, segment_attention
+from seqpg import core
+from seqpg.rollout import fastdecode, sampling
+from seqpg.model import policy, segment_attention
 from seqpg.apps.bench.common import BenchSetup, task
 from seqpg.model.loading import load_model_and_tokenizer, resolve_model
 from seqpg.training.update import TrainBatch, UpdateSettings, update
@@ -81,7 +83,7 @@ def main() -> None:
         rewards = torch.randn(batch.batch_size, generator=torch.Generator().manual_seed(2))
         adv, ret = core.compute_advantages("grpo", rewards, batch.completion_mask_BC, group_ids=batch.group_ids_B)
         tb = TrainBatch(batch, adv, ret, batch.sample_logprobs_BC)
-        s = UpdateSettings(loss="ppo", agg="seq-mean-token-mean", bf16=bf16)
+        s = UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, grad_noise=False, loss="ppo", agg="seq-mean-token-mean", bf16=bf16)
         upd = lambda: update(model, opt, tb, s, max_len=32)  # noqa: E731
         update_variants = {
             "shared prompt, dense mask": upd,

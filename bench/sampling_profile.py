@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from seqpg import fastdecode, sampling
-from seqpg.bench.common import BenchSetup, quiet, task
-from seqpg.models import load_model_and_tokenizer, resolve_model
+from seqpg.rollout import fastdecode, sampling
+from seqpg.apps.bench.common import BenchSetup, quiet, task
+from seqpg.model.loading import load_model_and_tokenizer, resolve_model
 
 quiet()
 torch.set_num_threads(int(sys.argv[1]))
@@ -95,7 +95,7 @@ for c in range(calls + 1):
 print(f"seqpg sampling: median {statistics.median(totals) * 1000:.0f} ms over {calls} calls")
 
 # TRL's sampling: HF generate on the padded prompts (TRL's _generate, transformers paged=False path)
-from seqpg.sampling import encode_prompt, left_pad  # noqa: E402
+from seqpg.rollout.sampling import encode_prompt, left_pad  # noqa: E402
 
 ids, mask = left_pad([encode_prompt(tok, p.text) for p in prompts], tok.pad_token_id)
 ids, mask = ids.repeat_interleave(8, 0), mask.repeat_interleave(8, 0).long()

@@ -19,8 +19,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-import seqpg.training.checkpoint as ckpt_mod
-from seqpg.training.checkpoint import StopFlag, latest_checkpoint, load_checkpoint, save_checkpoint
+import seqpg.rundir.checkpoint as ckpt_mod
+from seqpg.rundir.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from seqpg.rundir.signals import StopFlag
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +273,7 @@ def _fail_on_meta(path, text):
     return _real_write_text(path, text)
 
 
-_real_write_text = ckpt_mod._write_text
+_real_write_text = ckpt_mod.write_text
 
 
 @pytest.mark.parametrize("stage", ["weights", "extra", "optimizer", "meta", "fsync", "rename", "pointer"])
@@ -295,13 +296,13 @@ def test_failed_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch, 
     elif stage == "optimizer":
         monkeypatch.setattr(torch, "save", _partial_then_fail)
     elif stage == "meta":
-        monkeypatch.setattr(ckpt_mod, "_write_text", _fail_on_meta)
+        monkeypatch.setattr(ckpt_mod, "write_text", _fail_on_meta)
     elif stage == "fsync":
-        monkeypatch.setattr(ckpt_mod, "_fsync_tree", _fail)
+        monkeypatch.setattr(ckpt_mod, "fsync_tree", _fail)
     elif stage == "rename":
-        monkeypatch.setattr(ckpt_mod, "_move_into_place", _fail)
+        monkeypatch.setattr(ckpt_mod, "move_into_place", _fail)
     elif stage == "pointer":  # the new directory is in place, `latest` not yet updated
-        monkeypatch.setattr(ckpt_mod, "_write_pointer", _fail)
+        monkeypatch.setattr(ckpt_mod, "write_pointer", _fail)
     with pytest.raises(OSError, match="simulated"):
         save_checkpoint(tmp_path, 2, model=model, optimizer=opt, extra_modules={"head": head},
                         trainer_state={"step": 2})
@@ -351,7 +352,7 @@ def test_resaving_a_step_swaps_it_atomically(tmp_path, monkeypatch):
 _KILL_SCRIPT = textwrap.dedent("""
     import sys, torch
     from torch import nn
-    from seqpg.training.checkpoint import save_checkpoint
+    from seqpg.rundir.checkpoint import save_checkpoint
     model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
     for step in range(1, 10_000):
         with torch.no_grad():

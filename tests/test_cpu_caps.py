@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from seqpg import cpu_caps
+from seqpg.rollout import cpu_caps
 
 
 def test_the_checks_are_torchs_own():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqpg.training.distributed import resolve_device
+from seqpg.devices import resolve_device
 
 
 def test_resolve_device_names_and_refusals(monkeypatch):

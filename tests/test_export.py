@@ -62,8 +62,8 @@ def _base_logits():
 
 def test_a_sharded_fsdp2_checkpoint_is_reassembled_into_a_whole_model(tmp_path):
     """parallel=fsdp2 writes each process's shards (torch.distributed.checkpoint); export reassembles them."""
-    from seqpg.training.checkpoint import latest_checkpoint
-    from seqpg.training.checkpoint_files import META_FILE
+    from seqpg.rundir.checkpoint import latest_checkpoint
+    from seqpg.rundir.checkpoint_files import META_FILE
 
     run = _train_run(tmp_path, "parallel=fsdp2")
     assert json.loads((latest_checkpoint(run) / META_FILE).read_text())["weights"] == "dcp"
@@ -297,7 +297,7 @@ def test_export_into_a_run_being_trained_names_the_holder(full_run, tmp_path, ca
     import os
     import shutil
 
-    from seqpg.training.runlock import RunLock
+    from seqpg.rundir.runlock import RunLock
 
     run = tmp_path / "run"
     shutil.copytree(full_run, run)

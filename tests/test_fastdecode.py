@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from seqpg import cpu_caps, fastdecode
+from seqpg.rollout import cpu_caps, fastdecode
 from seqpg.batch import Prompt
 from seqpg.rollout.fastdecode import supports
 from seqpg.model.policy import completion_logprobs
@@ -137,7 +137,7 @@ def test_the_fixed_buffer_step_of_the_cuda_graph_equals_the_plain_step(tiny_toke
     the same draws, tokens and log-probs as the plain step, also for rows that stop early."""
     from functools import partial
 
-    from seqpg import sampling
+    from seqpg.rollout import sampling
 
     model = tiny(arch, len(tiny_tokenizer), **extra)
     kw = dict(n=3, max_new_tokens=14, temperature=1.0, stop_strings=("e", "7"))  # some rows stop, some run on
@@ -279,7 +279,7 @@ def eos_prone(model: transformers.PreTrainedModel, eos_id: int, bonus: float = 2
 def test_rows_that_stopped_leave_the_decode_batch_and_change_nothing(tiny_tokenizer, monkeypatch, kw):
     """Rows leave (down to two), yet the rollout is bit for bit the one decoded with every row to the end:
     the same uniform draw per rollout row and step, and each row's logits independent of the others."""
-    from seqpg import sampling
+    from seqpg.rollout import sampling
 
     model = eos_prone(tiny("llama", len(tiny_tokenizer)), tiny_tokenizer.eos_token_id)
     assert supports(model)
@@ -307,7 +307,7 @@ def test_rows_that_stopped_leave_the_decode_batch_and_change_nothing(tiny_tokeni
 
 
 def test_which_rows_leave():
-    from seqpg.sampling import _keep
+    from seqpg.rollout.sampling import _keep
 
     f = torch.tensor
     assert _keep(f([False, False, False, False]), steps_left=10) is None  # none stopped

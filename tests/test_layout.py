@@ -1,4 +1,4 @@
-"""The package layout: stage packages, the 0.1 module names still importable, no import cycles."""
+"""The package layout: stage packages named in docs/layout.md, no import hook, no import cycles."""
 
 from __future__ import annotations
 
@@ -9,23 +9,18 @@ from pathlib import Path
 import pytest
 
 import seqpg
-from seqpg._moved import MOVED
 
 SRC = Path(seqpg.__file__).parent
 
 
-@pytest.mark.parametrize("old", sorted(MOVED))
-def test_a_moved_module_is_the_same_object_under_its_old_name(old):
-    assert importlib.import_module(old) is importlib.import_module(MOVED[old])
+def test_seqpg_modules_import_by_their_own_names_only():
+    """No import hook, no module that re-exports another's names under an old path."""
+    import sys
 
-
-def test_from_imports_and_submodules_of_moved_packages():
-    from seqpg.sampling import generate
-    from seqpg.rollout.sampling import generate as new_generate
-    import seqpg.bench.report
-    import seqpg.apps.bench.report
-
-    assert generate is new_generate and seqpg.bench.report is seqpg.apps.bench.report
+    assert not any(type(f).__module__.startswith("seqpg") for f in sys.meta_path)
+    for old in ("seqpg.trainer", "seqpg.sampling", "seqpg.training.checkpoint", "seqpg.bench"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(old)
 
 
 def _imports(path: Path) -> set[str]:
@@ -84,9 +79,9 @@ def test_the_core_imports_nothing_else_of_seqpg():
         assert all(i.startswith("seqpg.core") for i in _imports(p)), p
 
 
-def test_the_readme_code_layout_names_every_module_and_nothing_gone():
-    readme = (SRC.parent.parent / "README.md").read_text()
-    block = readme.split("## Code layout", 1)[1].split("```", 2)[1]
+def test_the_code_layout_names_every_module_and_nothing_gone():
+    readme = (SRC.parent.parent / "docs" / "layout.md").read_text()
+    block = readme.split("```", 2)[1]
     named, folder_stack = set(), []
     for line in block.splitlines()[2:]:
         indent = len(line) - len(line.lstrip())
@@ -106,6 +101,6 @@ def test_the_readme_code_layout_names_every_module_and_nothing_gone():
                 break
     modules = {p.relative_to(SRC).as_posix() for p in SRC.rglob("*.py")
                if p.name not in ("__init__.py", "__main__.py") and "bench/" not in p.relative_to(SRC).as_posix()}
-    assert sorted(modules - named) == [], "modules missing from the README's code layout"
+    assert sorted(modules - named) == [], "modules missing from docs/layout.md"
     gone = sorted(n for n in named if not (SRC / n).exists())
-    assert gone == [], "the README's code layout names what does not exist"
+    assert gone == [], "docs/layout.md names what does not exist"

@@ -204,7 +204,7 @@ def tiny_family(arch: str, vocab: int = 100) -> torch.nn.Module:
 def test_segment_attention_serves_every_layer_and_equals_the_padded_layout(make_rollout, arch):
     """Each layer's attention goes through the blocks (so the test can fail), and the values and
     gradients are those of the padded layout."""
-    from seqpg import segment_attention
+    from seqpg.model import segment_attention
 
     model = tiny_family(arch)
     assert segment_attention.applies(model)
@@ -242,7 +242,7 @@ def test_segment_attention_under_bf16_autocast_stays_close(make_rollout):
 
 
 def test_segment_attention_is_off_for_other_attention_and_checkpointing():
-    from seqpg import segment_attention
+    from seqpg.model import segment_attention
 
     model = tiny_family("llama")
     model.config._attn_implementation = "eager"

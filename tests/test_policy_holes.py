@@ -45,7 +45,7 @@ def test_span_mask_reaches_the_last_action(make_rollout):
 @pytest.mark.parametrize("layout", ["padded", "shared-dense", "shared-segments"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_holes_give_plain_forward_logprobs_at_actions(tiny_model_and_tokenizer, make_rollout, layout, temperature):
-    from seqpg import segment_attention
+    from seqpg.model import segment_attention
 
     model, _ = tiny_model_and_tokenizer
     batch = holed(make_rollout)

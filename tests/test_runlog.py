@@ -13,8 +13,9 @@ import pytest
 import torch
 import yaml
 
-from seqpg.training.plots import plot_before_after, plot_run
-from seqpg.training.runlog import RunLogger, Timer, progress_bar, read_jsonl
+from seqpg.rundir.plots import plot_before_after, plot_run
+from seqpg.rundir.runfiles import read_jsonl
+from seqpg.rundir.runlog import RunLogger, Timer, progress_bar
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

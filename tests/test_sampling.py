@@ -172,9 +172,9 @@ def test_generate_restores_training_mode_and_rejects_bad_args(tiny_model_and_tok
     generate(model, tok, PROMPTS[:1], max_new_tokens=2, generator=seeded(0))
     assert model.training
     with pytest.raises(ValueError, match="temperature"):
-        generate(model, tok, PROMPTS, temperature=0.0)
+        generate(model, tok, PROMPTS, max_new_tokens=4, temperature=0.0)
     with pytest.raises(ValueError, match="top_p"):
-        generate(model, tok, PROMPTS, top_p=0.0)
+        generate(model, tok, PROMPTS, max_new_tokens=4, top_p=0.0)
 
 
 def test_lora_model_samples_with_matching_logprobs(tiny_model_and_tokenizer):

@@ -8,15 +8,14 @@ modules (which need transformers) load when imported by name.  The packages foll
     seqpg.model      loading models, the trainer's log-prob layout
     seqpg.rollout    sampling, the fast decoder, multi-turn episodes
     seqpg.rewards    prompt sources and scorers
-    seqpg.training   the loop, its stages, update, reference, critic, checkpoints, processes
+    seqpg.training   the loop, its stages, update, reference, critic, processes
+    seqpg.rundir     the run directory: checkpoints, lock, signals, resume, logs, plots
     seqpg.apps       the command line, demo, explain, eval, export, bench
 """
 
-from . import _moved
 from .core import *  # noqa: F401,F403  (the public core API, listed in seqpg.core.__all__)
 from .core import __all__ as _core_all
 
-_moved.install()  # seqpg.training.trainer, seqpg.rollout.sampling, ...: the 0.1 module names, now in stage packages
 
 __version__ = "0.1.0"
 __all__ = ["__version__", *_core_all]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -44,6 +45,11 @@ class RolloutBatch:
 
     Row ``i`` is sample ``i``; ``prompts[i]`` is its prompt (repeated for n samples),
     ``group_ids_B[i]`` numbers the prompt within the batch (rows sharing a prompt share it).
+
+    A batch of multi-turn episodes (:class:`seqpg.rollout.interface.Episodes`) fills the optional
+    fields too: the environment's rewards, which turn each token belongs to, and the episodes
+    themselves (their turns, tool results and environments); a batch of single-turn completions
+    leaves them None.
     """
 
     prompts: list[Prompt]  # B
@@ -55,6 +61,9 @@ class RolloutBatch:
     sample_logprobs_BC: torch.Tensor  # (B, C) float32, log pi_sample(token) at the sampling temperature, 0 on padding
     group_ids_B: torch.Tensor  # (B,) long
     finished_B: torch.Tensor  # (B,) bool, True when the sample stopped on EOS or a stop string (not truncated)
+    env_rewards_BC: torch.Tensor | None = None  # (B, C) float32, episodes: each turn's environment reward on its last token
+    turn_BC: torch.Tensor | None = None  # (B, C) long, episodes: k on model turn k's tokens, -1 on context and padding
+    episodes: list[Any] | None = None  # B, episodes: each row's seqpg.rollout.episodes.Episode as sampled
 
     def __post_init__(self) -> None:
         B = len(self.prompts)
@@ -73,6 +82,12 @@ class RolloutBatch:
                              f"{tuple(self.sample_logprobs_BC.shape)}")
         if len(self.completions) != B or self.group_ids_B.shape != (B,) or self.finished_B.shape != (B,):
             raise ValueError(f"RolloutBatch: completions, group_ids_B and finished_B need length B={B}")
+        for name in ("env_rewards_BC", "turn_BC"):
+            t = getattr(self, name)
+            if t is not None and t.shape != C:
+                raise ValueError(f"RolloutBatch.{name} must have the completions' shape {tuple(C)}, got {tuple(t.shape)}")
+        if self.episodes is not None and len(self.episodes) != B:
+            raise ValueError(f"RolloutBatch: {len(self.episodes)} episodes for B={B} rows")
 
     @property
     def batch_size(self) -> int:
@@ -117,7 +132,8 @@ class RolloutBatch:
                  "group_ids_B", "finished_B")
         if all(_on(getattr(self, n), device) for n in names):
             return self
-        return RolloutBatch(prompts=self.prompts, completions=self.completions,
+        return RolloutBatch(prompts=self.prompts, completions=self.completions, env_rewards_BC=self.env_rewards_BC,
+                            turn_BC=self.turn_BC, episodes=self.episodes,
                             **{n: getattr(self, n).to(device) for n in names})
 
     def select(self, rows: torch.Tensor | list[int]) -> "RolloutBatch":
@@ -134,7 +150,37 @@ class RolloutBatch:
             sample_logprobs_BC=self.sample_logprobs_BC[idx],
             group_ids_B=self.group_ids_B[idx],
             finished_B=self.finished_B[idx],
+            env_rewards_BC=None if self.env_rewards_BC is None else self.env_rewards_BC[idx],
+            turn_BC=None if self.turn_BC is None else self.turn_BC[idx],
+            episodes=None if self.episodes is None else [self.episodes[i] for i in il],
         )
+
+
+def concat_rollouts(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """One rollout from several, in order: prompts left-padded, completions right-padded to common widths,
+    group ids renumbered so that the parts' groups stay distinct (episode fields concatenated too)."""
+    P = max(r.prompt_ids_BP.shape[1] for r in parts)
+    C = max(r.completion_ids_BC.shape[1] for r in parts)
+
+    def cat(name: str, width: int, left: bool, fill) -> torch.Tensor | None:
+        ts = [getattr(r, name) for r in parts]
+        if any(t is None for t in ts):
+            return None
+        return torch.cat([F.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=fill)
+                          for t in ts])
+
+    offsets = torch.tensor([0] + [int(r.group_ids_B.max()) + 1 for r in parts[:-1]]).cumsum(0).tolist()
+    episodes = [r.episodes for r in parts]
+    return RolloutBatch(
+        prompts=[p for r in parts for p in r.prompts], completions=[t for r in parts for t in r.completions],
+        prompt_ids_BP=cat("prompt_ids_BP", P, True, pad_id), prompt_mask_BP=cat("prompt_mask_BP", P, True, False),
+        completion_ids_BC=cat("completion_ids_BC", C, False, pad_id),
+        completion_mask_BC=cat("completion_mask_BC", C, False, False),
+        sample_logprobs_BC=cat("sample_logprobs_BC", C, False, 0.0),
+        group_ids_B=torch.cat([r.group_ids_B + o for r, o in zip(parts, offsets)]),
+        finished_B=torch.cat([r.finished_B for r in parts]),
+        env_rewards_BC=cat("env_rewards_BC", C, False, 0.0), turn_BC=cat("turn_BC", C, False, -1),
+        episodes=None if any(e is None for e in episodes) else [ep for e in episodes for ep in e])
 
 
 def _on(t: torch.Tensor, device: torch.device) -> bool:

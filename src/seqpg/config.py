@@ -46,7 +46,7 @@ class ModelConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Module names that receive LoRA adapters."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, ~30% more time)."""
+    """Recompute activations in the backward pass (less memory, more time: docs/measurements.md)."""
     tiny_hidden_size: int = 32
     """Hidden size of the `tiny` model (ignored otherwise)."""
     tiny_layers: int = 2
@@ -212,19 +212,37 @@ class AlgoConfig:
     fraction masked is logged as `overlong_masked`."""
     kl_coef: float = 0.05
     """Coefficient of the KL to the reference (initial model); 0 disables the reference (no second copy of
-    the model, and no reference forward pass: 1.1 s of a 6.5 s step of SmolLM2-135M on 2 CPU cores). The default keeps a policy near its starting model: without it, a
+    the model, and no reference forward pass; its cost: docs/measurements.md). The default keeps a policy near its starting model: without it, a
     sentiment reward collapsed SmolLM2-135M to "I'm a wonderful and kind person ..." for every prompt in
     100 steps at the other defaults (README, "Defaults and collapse")."""
-    kl_mode: str = "reward"
-    """Where the KL goes: `reward` (per-token penalty) or `loss` (added loss term)."""
+    kl_mode: str | None = None
+    """Where the KL goes: `loss` (an added loss term, GRPO's; the default for estimators whose baseline comes
+    from samples: grpo, dr_grpo, rloo, reinforce*, remax) or `reward` (a per-token reward penalty; the default
+    for a critic's estimator, gae). In `reward` mode with a sampled baseline, the estimator sees the task
+    reward only and the penalty is added to its advantages at its own scale (docs/maths.md, "Where the KL
+    enters")."""
     kl_estimator: str | None = None
     """KL estimator: k1, k2 or k3; null: k1 with kl_mode=reward (its score-function gradient is the KL's;
     Ziegler et al. 2019), k3 with kl_mode=loss (GRPO's)."""
+    kl_noise_floor: float | None = None
+    """Tokens whose |log pi - log pi_ref| is at most this count as agreeing exactly (KL 0, no gradient), so
+    that rounding differences between the sampler, the trainer and the reference never become an update;
+    null: 1e-3 in float32, 0.3 with bf16 (autocast or weights), above the disagreement measured in
+    docs/maths.md."""
+
+    @property
+    def kl_mode_used(self) -> str:
+        """``kl_mode``, or the estimator's default when it is null (``reward`` for a critic, else ``loss``)."""
+        if self.kl_mode is not None:
+            return self.kl_mode
+        from .algorithms import resolve_family
+        return "reward" if resolve_family(self.name, self.advantage, self.loss).needs.critic else "loss"
 
     @property
     def kl_estimator_used(self) -> str:
         """``kl_estimator``, or the mode's estimator when it is null."""
-        return self.kl_estimator or ("k1" if self.kl_mode == "reward" else "k3")
+        return self.kl_estimator or ("k1" if self.kl_mode_used == "reward" else "k3")
+
     kl_target: float | None = None
     """Target KL for the adaptive controller (Ziegler et al. 2019); None keeps kl_coef fixed."""
     kl_horizon: int = 10000
@@ -310,7 +328,7 @@ class TrainConfig:
     """torch intra-op threads (0: leave torch's default)."""
     keep_freed_memory: bool = True
     """glibc malloc keeps freed memory for reuse instead of returning it to the system each step
-    (``seqpg.training.memory``; 8-14% faster updates measured on 2 CPU cores, same peak memory)."""
+    (``seqpg.training.memory``; faster updates at the same peak memory: docs/measurements.md)."""
     on_scorer_error: str = "raise"
     """`raise`: a scorer that raises stops the run naming scorer and sample; `zero`: score 0, counted."""
     collapse_steps: int = 5
@@ -704,6 +722,13 @@ def validate(cfg: TrainConfig) -> None:
                           "reinforce_baseline) or set sampling.dynamic_sampling=false")
     if a.kl_coef < 0:
         raise ConfigError(f"algo.kl_coef must be >= 0, got {a.kl_coef}")
+    if a.kl_coef > 0 and a.kl_mode_used == "loss" and a.kl_estimator == "k1":
+        raise ConfigError("algo.kl_estimator=k1 as a loss term (kl_mode=loss) holds nothing: its expected gradient "
+                          "E[grad log pi] is 0; use algo.kl_estimator=k3 (or k2) as a loss, or algo.kl_mode=reward "
+                          "for k1")
+    if a.kl_noise_floor is not None and not 0 <= a.kl_noise_floor < 1:
+        raise ConfigError(f"algo.kl_noise_floor must be in [0, 1) nats (null: the precision's default), "
+                          f"got {a.kl_noise_floor}")
     if a.kl_target is not None and a.kl_coef == 0:
         raise ConfigError("algo.kl_target (adaptive KL) needs an initial algo.kl_coef > 0")
     if not cfg.rewards and cfg.episode.env is None:
@@ -733,11 +758,9 @@ MAX_TOOL_TIMEOUT_S = 3600
 
 
 def _check_episode(cfg: TrainConfig) -> None:
-    """The episode section: numbers, the environment class (exists, has reset and step, takes ``env_params``)
-    and the tools (plain functions with a schema), loaded here so that a bad one fails before any model."""
-    from .rollout.env_adapters import merge_tools, method_tools
-    from .rollout.environments import ENV_SCORE, load_environment, make_environment
-    from .rollout.tools import load_tools
+    """The episode section's numbers and names.  The environment class and the tools are loaded once, by
+    :func:`seqpg.rollout.interface.rollouts_from_config` (the step's settings, built before any model)."""
+    from .rollout.environments import ENV_SCORE
 
     e = cfg.episode
     for key in ("max_turns", "max_episode_tokens", "tool_max_chars", "tool_max_calls", "tool_max_parallel"):
@@ -762,13 +785,6 @@ def _check_episode(cfg: TrainConfig) -> None:
     if any((r.name or r.kind) == ENV_SCORE for r in cfg.rewards):
         raise ConfigError(f"rewards: the name {ENV_SCORE!r} is the environment's (reward/{ENV_SCORE}); "
                           "give that scorer another `name`")
-    try:
-        free = load_tools(list(e.tools))
-        if e.env is not None:
-            merge_tools(free, method_tools(make_environment(load_environment(e.env), dict(e.env_params), spec=e.env),
-                                           spec=e.env))
-    except (ValueError, TypeError, AttributeError, ImportError, OSError, SyntaxError) as err:
-        raise ConfigError(f"episode: {err}") from err
 
 
 def _check_estimator_params(family, a: AlgoConfig) -> None:

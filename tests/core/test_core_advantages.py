@@ -159,7 +159,7 @@ def test_registry_errors():
         compute_advantages("gae", torch.ones(1), torch.ones(1, 1), values=torch.ones(1, 1), **{"lambda": 0.9})
     with pytest.raises(ValueError, match=r"requires parameter\(s\) \['baseline'\]"):
         compute_advantages("remax", torch.ones(1), torch.ones(1, 1))
-    assert set(advantage_params("grpo")) == {"gamma", "scale_by_std", "eps"}
+    assert set(advantage_params("grpo")) == {"gamma", "scale_by_std", "eps", "min_std"}
     assert set(ADVANTAGE_ESTIMATORS) == {"reinforce", "reinforce_baseline", "rloo", "grpo", "dr_grpo",
                                          "reinforce_pp", "remax", "gae"}
 
@@ -200,3 +200,18 @@ def test_door_checks():
         compute_advantages("reinforce", torch.ones(2), ones, gamma=1.5)
     with pytest.raises(ValueError, match="group_ids must be integer ids"):
         compute_advantages("grpo", torch.ones(2), ones, group_ids=torch.tensor([0.0, 1.0]))
+
+
+def test_grpo_min_std_keeps_rounding_from_becoming_unit_advantages():
+    """A group whose returns differ by rounding (1e-5) gets |A| <= 1e-5 / min_std, not +-0.6; a real spread is
+    untouched."""
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    ids = torch.tensor([0, 0, 1, 1])
+    rewards = torch.tensor([0.5, 0.5 + 1e-5, 0.0, 1.0], dtype=torch.float64)
+    adv, _ = compute_advantages("grpo", rewards, mask, group_ids=ids)
+    assert float(adv[:2].abs().max()) <= 0.5e-5 / 1e-3
+    torch.testing.assert_close(adv[2:, 0], torch.tensor([-0.5, 0.5], dtype=torch.float64) / (0.5 ** 0.5 + 1e-6))
+    loose, _ = compute_advantages("grpo", rewards, mask, group_ids=ids, min_std=0.0)
+    assert float(loose[:2].abs().max()) > 0.5  # the guard is what keeps it small
+    with pytest.raises(ValueError, match="min_std"):
+        compute_advantages("grpo", rewards, mask, group_ids=ids, min_std=-1.0)

@@ -21,10 +21,11 @@ SIGNATURES = {
     "policy_loss": "(name, logprobs, advantages, mask, *, old_logprobs=None, agg='token-mean', num_tokens=None, "
                    "num_seqs=None, max_len=None, **params)",
     "aggregate_loss": "(loss_BT, mask_BT, mode, *, num_tokens=None, num_seqs=None, max_len=None)",
-    "kl_estimate": "(name, logprobs_BT, ref_logprobs_BT)",
+    "kl_estimate": "(name, logprobs_BT, ref_logprobs_BT, *, tol=0.0)",
+    "kl_advantages": "(kl_BT, coef, mask, gamma=1.0)",
     "kl_penalty": "(rewards, kl_BT, coef, mask)",
     "kl_loss": "(logprobs, ref_logprobs, mask, *, estimator='k3', agg='token-mean', num_tokens=None, "
-               "num_seqs=None, max_len=None)",
+               "num_seqs=None, max_len=None, tol=0.0)",
     "value_loss": "(values_BT, returns_BT, mask_BT, *, old_values=None, clip_range=None, agg='token-mean', "
                   "num_tokens=None, num_seqs=None, max_len=None)",
     "combine_rewards": "(scores, weights, *, mask=None)",

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from seqpg import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, aggregate_loss, kl_estimate, kl_loss,
-                   kl_penalty)
+from seqpg import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, aggregate_loss, kl_advantages, kl_estimate,
+                   kl_loss, kl_penalty)
 
 
 def test_known_values():
@@ -100,3 +100,52 @@ def test_door_checks():
         kl_estimate("k3", torch.zeros(2, 3), torch.zeros(2, 2))
     with pytest.raises(ValueError, match=r"kl_BT must have the shape of mask \(2, 3\)"):
         kl_penalty(torch.ones(2), torch.zeros(2, 2), 0.1, torch.ones(2, 3))
+
+
+def test_kl_estimate_noise_floor_zeroes_rounding_and_its_gradient():
+    lp = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0 + 5e-5, -2.5, -3.0 - 2e-3]])
+    for name in ("k1", "k2", "k3"):
+        k = kl_estimate(name, lp, ref, tol=1e-3)
+        assert k[0, 0] == 0 and k[0, 1] != 0 and k[0, 2] != 0  # inside the floor: exactly 0
+        (grad,) = torch.autograd.grad(k.sum(), lp)
+        assert grad[0, 0] == 0 and grad[0, 1] != 0
+        torch.testing.assert_close(k[0, 1:], kl_estimate(name, lp, ref)[0, 1:])  # outside: unchanged
+    with pytest.raises(ValueError, match="tol"):
+        kl_estimate("k1", lp, ref, tol=-1.0)
+
+
+def test_kl_advantages_are_minus_beta_times_the_kl_return_to_go():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    kl = torch.tensor([[0.1, 0.2, 9.0], [0.3, 9.0, 0.5]])
+    adv = kl_advantages(kl, 0.5, mask)
+    torch.testing.assert_close(adv, torch.tensor([[-0.15, -0.1, 0.0], [-0.4, 0.0, -0.25]]))
+    adv_g = kl_advantages(kl, 1.0, mask, gamma=0.5)  # holes are skipped: the next real token is discounted once
+    torch.testing.assert_close(adv_g, torch.tensor([[-0.2, -0.2, 0.0], [-0.55, 0.0, -0.5]]))
+
+
+def test_kl_advantages_give_the_exact_gradient_of_the_kl_penalty():
+    """On a two-token policy small enough to enumerate, E[sum_t grad log pi(y_t) * A_t] with A = kl_advantages of
+    k1 equals -beta * grad KL(pi || pi_ref), exactly: the penalty's share needs no baseline and no group."""
+    V, beta = 3, 0.7
+    g = torch.Generator().manual_seed(0)
+    theta1 = torch.randn(V, generator=g, dtype=torch.float64).requires_grad_()
+    theta2 = torch.randn(V, V, generator=g, dtype=torch.float64).requires_grad_()
+    ref1, ref2 = torch.randn(V, generator=g, dtype=torch.float64), torch.randn(V, V, generator=g, dtype=torch.float64)
+    ys = [(a, b) for a in range(V) for b in range(V)]
+
+    def logps(t1, t2, y):  # (1, 2): log pi(y_1), log pi(y_2 | y_1)
+        return torch.stack([t1.log_softmax(0)[y[0]], t2[y[0]].log_softmax(0)[y[1]]])[None]
+
+    kl_exact = sum(logps(theta1, theta2, y).sum().exp() * (logps(theta1, theta2, y) - logps(ref1, ref2, y)).sum()
+                   for y in ys)
+    exact = torch.autograd.grad(-beta * kl_exact, (theta1, theta2))
+    surrogate = 0
+    for y in ys:
+        lp = logps(theta1, theta2, y)
+        A = kl_advantages(kl_estimate("k1", lp.detach(), logps(ref1, ref2, y)), beta, torch.ones(1, 2, dtype=torch.bool))
+        surrogate = surrogate + lp.sum().exp().detach() * (lp * A).sum()  # E_y[sum_t log pi_t * A_t], y weighted by pi
+    estimate = torch.autograd.grad(surrogate, (theta1, theta2))
+    for e, x in zip(estimate, exact):
+        torch.testing.assert_close(e, x, rtol=1e-12, atol=1e-12)
+    assert float(exact[0].abs().max()) > 1e-2  # not a comparison of two zeros

@@ -13,7 +13,7 @@ import pytest
 
 from dist_helpers import HERE, torchrun
 from seqpg.config import load_config
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 from seqpg.training.trainer import train
 from test_same_update import _assert_same_metrics, _assert_same_weights, _weights
 

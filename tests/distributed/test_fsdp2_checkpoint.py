@@ -24,9 +24,10 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from dist_helpers import HERE, free_port, torchrun
-from seqpg.training.checkpoint import CheckpointDamaged, full_model_state, latest_checkpoint, load_checkpoint
+from seqpg.rundir.checkpoint import full_model_state, latest_checkpoint, load_checkpoint
+from seqpg.rundir.checkpoint_files import CheckpointDamaged
 from seqpg.config import load_config
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 from seqpg.training.trainer import train
 from test_same_update import DENSE, _assert_same_metrics
 
@@ -124,9 +125,10 @@ def _worker(rank: int, port: int, run: str, moment: str, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import seqpg.training.checkpoint_dcp as cd
+    import seqpg.rundir.checkpoint_dcp as cd
     from seqpg.training.distributed import DistContext, Parallel
     from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
+    from seqpg.rundir.parallel_checkpoint import save_parallel_checkpoint
 
     dist = DistContext.from_env("cpu", timeout_s=30)
     parallel = Parallel.wrap(build_tiny_model(len(build_tiny_tokenizer()), seed=0).train(), {}, dist, "fsdp2")
@@ -136,8 +138,8 @@ def _worker(rank: int, port: int, run: str, moment: str, results) -> None:
         parallel.policy(input_ids=torch.tensor([[5, 6, 7, 8 + rank]])).logits.sum().backward()
         optimizer.step()
         optimizer.zero_grad()
-        parallel.save_checkpoint(run, step, optimizer, trainer_state={"step": step}, scheduler=None, keep_last=2,
-                                 tokenizer=None)
+        save_parallel_checkpoint(parallel, run, step, optimizer, trainer_state={"step": step}, scheduler=None,
+                                 keep_last=2, tokenizer=None)
 
     step_and_save(1)
     full = {k: v.full_tensor() for k, v in parallel.policy.state_dict().items()}  # collective
@@ -154,7 +156,7 @@ def _worker(rank: int, port: int, run: str, moment: str, results) -> None:
         if rank == 1:  # the kill: once its shard file is written (DCP then fsyncs it), before anything else
             os.fsync = lambda fd: os._exit(KILLED)
     elif rank == 0:  # the kill: the temporary directory is complete, meta.json included, not yet renamed
-        cd._move_into_place = lambda tmp, final: os._exit(KILLED)
+        cd.move_into_place = lambda tmp, final: os._exit(KILLED)
     step_and_save(2)
     results[f"survived-{rank}"] = True
 
@@ -165,7 +167,7 @@ def _raise_disk_full(obj, path):
 
 @pytest.mark.parametrize("moment", ["shards", "rename"])
 def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(moment, tmp_path):
-    from seqpg.training.checkpoint_dcp import save_sharded_checkpoint
+    from seqpg.rundir.checkpoint_dcp import save_sharded_checkpoint
     from seqpg.training.distributed import DistContext
     from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
 

@@ -9,7 +9,7 @@ import pytest
 
 from dist_helpers import torchrun
 from seqpg.config import ConfigError, load_config, validate_for_processes
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 from seqpg.training.trainer import train
 
 

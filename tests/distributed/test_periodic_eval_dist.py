@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dist_helpers import torchrun
 from seqpg.config import load_config
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 from seqpg.training.trainer import train
 
 HERE = Path(__file__).parent

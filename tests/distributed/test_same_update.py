@@ -24,10 +24,10 @@ import pytest
 import torch
 
 from dist_helpers import HERE, torchrun
-from seqpg.training.checkpoint import full_model_state
+from seqpg.rundir.checkpoint import full_model_state
 from seqpg.config import load_config
 from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 from seqpg.training.trainer import train
 
 # A dense reward, so that every group has non-zero advantages whatever the samples happen to be.

@@ -6,9 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from seqpg.training.checkpoint import latest_checkpoint
+from seqpg.rundir.checkpoint import latest_checkpoint
 from seqpg.config import load_config
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 from seqpg.training.trainer import train
 
 HERE = Path(__file__).parent

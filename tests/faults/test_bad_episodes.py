@@ -14,7 +14,7 @@ from seqpg.model.loading import build_tiny_tokenizer
 from seqpg.rollout.env_errors import EpisodeFailure
 from seqpg.rollout.environments import EpisodeLimits
 from seqpg.rollout.multiturn import sample_episodes
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runlog import read_jsonl
 from seqpg.training.trainer import train
 
 from fault_envs import Flaky
@@ -120,5 +120,5 @@ def test_template_that_rewrites_history_is_refused_before_any_model_loads(prompt
     monkeypatch.setattr(build_mod, "build_tiny_tokenizer", trimming_tokenizer)
     monkeypatch.setattr(build_mod, "build_policy", lambda *a, **k: pytest.fail("a model loaded"))
     cfg = load_config(None, overrides(prompt_file, tmp_path / "run", *EPISODE, "sampling.chat_template=true"))
-    with pytest.raises(ConfigError, match="sampling.chat_template .*rewrites text already in the context"):
+    with pytest.raises(ConfigError, match="sampling.chat_template: .*rewrites text already in the context"):
         train(cfg, progress=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from seqpg.rollout.tools import ToolCall, ToolLimits, load_tools, parse_tool_calls, run_tool_calls
-from seqpg.training.runlock import RunInUse, RunLock
+from seqpg.rundir.runlock import RunInUse, RunLock
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "rollout"))
 NAMES = ("add", "start_sleep", "start_sleep_and_hang", "leave_a_daemon", "survive_sigterm", "chatty", "allocate",

@@ -10,7 +10,8 @@ import pytest
 import torch
 from faultkit import maths, resume, weights_sha
 
-from seqpg.training.checkpoint import CheckpointDamaged, file_checksums, latest_checkpoint, load_checkpoint, verify_checkpoint
+from seqpg.rundir.checkpoint import latest_checkpoint, load_checkpoint, verify_checkpoint
+from seqpg.rundir.checkpoint_files import CheckpointDamaged, file_checksums
 from safetensors import safe_open
 
 from seqpg.model.loading import build_tiny_model

@@ -11,9 +11,9 @@ import pytest
 from fault_rewards import ARMED
 from faultkit import maths, overrides, resume, weights_sha
 
-import seqpg.training.checkpoint as checkpoint_mod
+import seqpg.rundir.checkpoint as checkpoint_mod
 import seqpg.training.trainer as trainer_mod
-from seqpg.training.checkpoint import latest_checkpoint
+from seqpg.rundir.checkpoint import latest_checkpoint
 from seqpg.config import load_config
 from seqpg.rewards.scorers import ScorerError
 from seqpg.training.trainer import train

@@ -15,25 +15,25 @@ import pytest
 import torch
 from faultkit import STEPS, maths, overrides, resume, weights_sha
 
-import seqpg.training.checkpoint as ckpt_mod
-import seqpg.training.checkpoint_files as files_mod
-from seqpg.training.checkpoint import latest_checkpoint
+import seqpg.rundir.checkpoint as ckpt_mod
+import seqpg.rundir.checkpoint_files as files_mod
+from seqpg.rundir.checkpoint import latest_checkpoint
 from seqpg.config import load_config
 from seqpg.training.trainer import train
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
-# stage -> (function in seqpg.training.checkpoint or .checkpoint_files, which call of it while saving step 4 to die in)
+# stage -> (function in seqpg.rundir.checkpoint or .checkpoint_files, which call of it while saving step 4 to die in)
 _STAGES = {
     "weights": ("save_model", lambda *a: True),
     "optimizer": ("torch_save", lambda obj, path: Path(path).name == "optimizer.pt"),
     "rng": ("torch_save", lambda obj, path: Path(path).name == "rng.pt"),
-    "trainer_state": ("_write_text", lambda path, text: Path(path).name == "trainer_state.json"),
+    "trainer_state": ("write_text", lambda path, text: Path(path).name == "trainer_state.json"),
     "checksums": ("file_checksums", lambda *a: True),
-    "meta": ("_write_text", lambda path, text: Path(path).name == "meta.json"),
-    "fsync": ("_fsync_tree", lambda *a: True),
-    "rename": ("_move_into_place", lambda *a: True),
-    "pointer": ("_write_pointer", lambda *a: True),
+    "meta": ("write_text", lambda path, text: Path(path).name == "meta.json"),
+    "fsync": ("fsync_tree", lambda *a: True),
+    "rename": ("move_into_place", lambda *a: True),
+    "pointer": ("write_pointer", lambda *a: True),
     "prune": ("_discard", lambda *a: True),
 }
 

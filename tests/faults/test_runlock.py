@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from seqpg.training.runlock import LOCK_FILE, RunInUse, RunLock
+from seqpg.rundir.runlock import LOCK_FILE, RunInUse, RunLock
 
-_HOLD = "import sys, time; from seqpg.training.runlock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
+_HOLD = "import sys, time; from seqpg.rundir.runlock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
 
 
 def test_a_lock_is_refused_while_held_and_free_after_kill9(tmp_path):

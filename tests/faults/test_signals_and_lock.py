@@ -12,9 +12,9 @@ import time
 import pytest
 from faultkit import maths, overrides, subprocess_env
 
-from seqpg.training.checkpoint import latest_checkpoint, verify_checkpoint
+from seqpg.rundir.checkpoint import latest_checkpoint, verify_checkpoint
 from seqpg.apps.cli import main
-from seqpg.training.signals import EXIT_STOPPED
+from seqpg.rundir.signals import EXIT_STOPPED
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
 

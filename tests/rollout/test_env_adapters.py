@@ -11,9 +11,10 @@ import pytest
 
 from seqpg.batch import Prompt
 from seqpg.rewards.scorers import make_scorer, score_batch
-from seqpg.rollout.env_adapters import EnvCallError, EpisodeEnv, call_with_timeout, env_kind, merge_tools, method_tools
+from seqpg.rollout.env_adapters import EnvCallError, EpisodeEnv, call_with_timeout, merge_tools, method_tools
+from seqpg.rollout.environments import env_kind
 from seqpg.rollout.environments import EpisodeLimits, load_environment
-from seqpg.rollout.episode_stage import episodes_to_rollout
+from seqpg.rollout.episodes import episodes_to_rollout
 from seqpg.rollout.multiturn import sample_episodes
 from seqpg.rollout.sampling import SamplingArgs
 from seqpg.rollout.tools import load_tools

@@ -93,4 +93,4 @@ def test_limits_cut_turns_and_tokens():
     assert not lim.truncated(turns=1, context_tokens=49)
     assert lim.truncated(turns=2, context_tokens=10) and lim.truncated(turns=1, context_tokens=50)
     with pytest.raises(ValueError, match="max_turns must be >= 1"):
-        EpisodeLimits(max_turns=0)
+        EpisodeLimits(max_turns=0, max_new_tokens=10, max_tokens=50)

@@ -9,7 +9,8 @@ import torch
 
 from seqpg.batch import Prompt
 from seqpg.rollout.environments import EpisodeLimits, load_environment, make_environment
-from seqpg.rollout.episodes import batch_episodes, episode_logprobs
+from seqpg.model.policy import completion_logprobs
+from seqpg.rollout.episodes import episodes_to_rollout
 from seqpg.rollout.multiturn import sample_episodes
 from seqpg.rollout.tools import ToolStats, load_tools
 
@@ -70,8 +71,8 @@ def test_examples_run_against_the_tiny_model(tiny_model_and_tokenizer, name, cls
                           limits=LIMITS, tools=load_tools([f"{ENVS / name}:{t}" for t in tools]), tool_stats=stats,
                           generator=torch.Generator().manual_seed(0), env_name=spec)
     assert all(ep.done or ep.truncated for ep in eps) and all(ep.turns for ep in eps)
-    batch = batch_episodes(eps, tok.pad_token_id)
+    batch = episodes_to_rollout(eps, tok.pad_token_id, n=1)
     with torch.no_grad():
-        lp_BL, _ = episode_logprobs(model, batch)
-    act = batch.action_mask_BL
-    torch.testing.assert_close(lp_BL[act], batch.sample_logprobs_BL[act], atol=1e-5, rtol=0)
+        lp_BC = completion_logprobs(model, batch).logprobs_BC
+    act = batch.completion_mask_BC
+    torch.testing.assert_close(lp_BC[act], batch.sample_logprobs_BC[act], atol=1e-5, rtol=0)

@@ -12,8 +12,9 @@ import torch
 from seqpg.batch import Prompt
 from seqpg.rollout.chat import decode_kept
 from seqpg.rollout.environments import EpisodeLimits
-from seqpg.rollout.episodes import batch_episodes, episode_logprobs
+from seqpg.model.policy import completion_logprobs
 from seqpg.rollout.env_errors import EpisodeFailure
+from seqpg.rollout.episodes import episodes_to_rollout
 from seqpg.rollout.multiturn import KVRows, sample_episodes
 from seqpg.rollout.tools import ToolStats, load_tools
 from seqpg.rollout.sampling import SamplingArgs
@@ -90,15 +91,15 @@ def test_sampler_logprobs_equal_trainer_logprobs(tiny_model_and_tokenizer, tempe
     eos_prone(model, tok.eos_token_id)
     eps = sample_episodes(model, tok, PROMPTS, lambda: CountdownEnv(3), n=3, limits=LIMITS,
                           sampling=SamplingArgs(temperature=temperature), generator=seeded(0))
-    batch = batch_episodes(eps, tok.pad_token_id)
+    batch = episodes_to_rollout(eps, tok.pad_token_id, n=3)
     turn_lens = {t.end - t.start for ep in eps for t in ep.turns}
     assert len(turn_lens) > 2 and all(len(ep.turns) == 3 and ep.done for ep in eps)
     with torch.no_grad():
-        lp_BL, _ = episode_logprobs(model, batch, temperature=temperature)
-    act = batch.action_mask_BL
-    torch.testing.assert_close(lp_BL[act], batch.sample_logprobs_BL[act], atol=1e-5, rtol=0)
-    assert (lp_BL[~act] == 0).all() and (batch.sample_logprobs_BL[~act] == 0).all()
-    assert batch.rewards_BL.sum(1).tolist() == [6.0] * 6  # rewards 1 + 2 + 3, one per turn's last token
+        lp_BC = completion_logprobs(model, batch, temperature=temperature).logprobs_BC
+    act = batch.completion_mask_BC
+    torch.testing.assert_close(lp_BC[act], batch.sample_logprobs_BC[act], atol=1e-5, rtol=0)
+    assert (lp_BC[~act] == 0).all() and (batch.sample_logprobs_BC[~act] == 0).all()
+    assert batch.env_rewards_BC.sum(1).tolist() == [6.0] * 6  # rewards 1 + 2 + 3, one per turn's last token
     for i, ep in enumerate(eps):  # env tokens are context: the rendered observation is in the kept tokens
         text = decode_kept(tok, ep.token_ids)
         assert "<|im_start|>user\ntry again 1<|im_end|>\n<|im_start|>user" not in text
@@ -130,7 +131,7 @@ def test_turn_limit_and_token_budget_truncate(tiny_model_and_tokenizer):
                                                                                  max_tokens=budget))
     assert all(ep.truncated and len(ep.turns) > 1 and len(ep.token_ids) <= budget for ep in eps)
     with pytest.raises(ValueError, match="prompt 'short' is 99 tokens, no room under max_tokens=20"):
-        sample_episodes(model, tok, PROMPTS, never_done, limits=EpisodeLimits(max_tokens=20))
+        sample_episodes(model, tok, PROMPTS, never_done, limits=EpisodeLimits(max_turns=4, max_new_tokens=128, max_tokens=20))
 
 
 def test_template_that_rewrites_history_is_refused(tiny_model_and_tokenizer):
@@ -171,7 +172,8 @@ def test_tool_calls_answer_a_turn_then_the_environment_rewards(tiny_model_and_to
     text = decode_kept(tok, ep.token_ids)
     assert "You may call these tools" in text  # the tiny template has no tools=: described in the system message
     assert "</tool_call><|im_end|>\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n" in text
-    batch = batch_episodes([ep], tok.pad_token_id)
+    batch = episodes_to_rollout([ep], tok.pad_token_id, n=1)
     tool_pos = text.index("<|im_start|>tool")  # char-level tokenizer: special tokens are one char of text apart
-    assert not batch.action_mask_BL[0, ep.turns[0].end:ep.turns[1].start].any()
-    assert batch.rewards_BL[0, ep.turns[2].end - 1] == 1.0 and tool_pos > 0
+    p = ep.prompt_len  # episode position t is completion column t - p
+    assert not batch.completion_mask_BC[0, ep.turns[0].end - p:ep.turns[1].start - p].any()
+    assert batch.env_rewards_BC[0, ep.turns[2].end - 1 - p] == 1.0 and tool_pos > 0

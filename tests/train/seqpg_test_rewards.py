@@ -48,3 +48,8 @@ def flat_before_n(prompt: str, completion: str, meta: dict) -> float:
     """0 for every completion of a prompt before `n` in the alphabet (a group without spread), else
     `target_fraction`: dynamic sampling must never train on the first kind while the second is at hand."""
     return 0.0 if prompt.strip()[:1] < "n" else target_fraction(prompt, completion, meta)
+
+
+def zero(prompt: str, completion: str, meta: dict) -> float:
+    """0 for everything: a sparse task that no sample solves yet (every group flat)."""
+    return 0.0

@@ -15,8 +15,8 @@ import yaml
 from seqpg import config as C
 from seqpg.batch import Prompt
 from seqpg.apps.cli import main, parse_args
-from seqpg.training.checkpoint import step_dir_name
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.checkpoint_files import step_dir_name
+from seqpg.rundir.runfiles import read_jsonl
 
 
 def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
@@ -239,10 +239,10 @@ def test_a_non_finite_loss_is_skipped_and_counted_or_stops_the_update():
     batch = TrainBatch(r, adv, ret, r.sample_logprobs_BC)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    stats = update(model, opt, batch, UpdateSettings(loss="pg", agg="token-mean", minibatches=2))
+    stats = update(model, opt, batch, UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, grad_noise=False, loss="pg", agg="token-mean", minibatches=2))
     assert stats["nonfinite_steps"] == 1.0 and stats["skipped_steps"] == 0.5  # one of two mini-batches
     with pytest.raises(NonFiniteError, match="not finite; the run stopped .* optim.on_nonfinite=skip"):
-        update(model, opt, batch, UpdateSettings(loss="pg", agg="token-mean", on_nonfinite="stop"))
+        update(model, opt, batch, UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, grad_noise=False, loss="pg", agg="token-mean", on_nonfinite="stop"))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the finite half did step
 
@@ -265,7 +265,7 @@ def test_nan_weights_are_never_checkpointed(tiny_overrides, tmp_path, capsys, mo
 
 
 def test_disk_full_is_one_line_exit_1(tiny_overrides, tmp_path, capsys, monkeypatch):
-    import seqpg.training.checkpoint as C
+    import seqpg.rundir.checkpoint as C
 
     def full(run_dir, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(Path(run_dir) / "checkpoints"))
@@ -381,7 +381,7 @@ def test_a_tool_timeout_that_would_overflow_is_refused(tmp_path, capsys):
 
 
 def test_reaching_max_minutes_is_done_exit_0_with_a_checkpoint(tiny_overrides, capsys):
-    from seqpg.training.checkpoint import latest_checkpoint
+    from seqpg.rundir.checkpoint import latest_checkpoint
 
     argv = tiny_overrides("steps=50", "max_minutes=0.0001", "--no-progress")
     assert main(["train", *argv]) == 0

@@ -67,7 +67,8 @@ def test_watch_warns_once_after_k_consecutive_collapsed_steps():
     seq = [flat, flat, healthy, flat, flat, flat, flat, flat]
     notes = [watch.update(i + 1, m) for i, m in enumerate(seq)]
     assert [i + 1 for i, n in enumerate(notes) if n] == [6]  # the run restarts after the healthy step 3
-    assert "every advantage is 0" in notes[5] and "kl_coef" in notes[5]
+    assert "every advantage is 0" in notes[5] and "seqpg sft" in notes[5]
+    assert "kl_coef" not in notes[5] and "KL penalty" not in notes[5]  # a KL penalty adds no task signal
     repeated = collapse_metrics(torch.tensor([0.0, 1.0] * 3), GROUPS, ["so amazing amazing amazing amazing"] * 6)
     assert "near-identical" in CollapseWatch().collapsed(repeated)
     assert CollapseWatch(steps=0).update(1, flat) is None  # off
@@ -84,17 +85,52 @@ def test_a_run_with_no_signal_warns(tiny_overrides, tmp_path, capsys):
     assert all(r["collapse/shared_opening"] == 0.0 for r in lines)  # 6-token answers: too short to count
     warnings = [json.loads(x) for x in (tmp_path / "run" / "warnings.jsonl").read_text().splitlines()]
     assert [w["step"] for w in warnings] == [3]
-    assert "looks collapsed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no learning signal" in err and "every advantage is 0" in err and "the policy does not move" in err
 
 
-def test_the_defaults_keep_a_kl_penalty_to_the_starting_model():
-    """The defaults that did not collapse on a sentiment reward in 10 minutes (README): KL 0.05, k1 as a reward
-    penalty (its score-function gradient is the KL's), k3 when the KL is a loss term; 0 turns the reference off."""
+FLAT = {"collapse/flat_groups": 1.0, "collapse/distinct_2": 0.9, "collapse/distinct_in_group": 1.0}
+FLAT_CASES = [  # what the step trained on -> what the warning must say
+    ({"adv_task_abs_max": 0.0, "adv_abs_max": 0.0}, "every advantage is 0: no learning signal"),
+    ({"adv_task_abs_max": 0.0, "adv_abs_max": 0.004}, "come only from the KL penalty"),
+    ({"adv_task_abs_max": 0.0, "adv_abs_max": 0.0, "kl_loss": 1e-3}, "only the KL loss term moves the policy"),
+    ({"adv_task_abs_max": 0.7, "adv_abs_max": 0.7}, "come from the critic's value errors"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(FLAT_CASES)))
+def test_the_flat_group_message_says_what_the_advantages_are(case):
+    """A step whose task rewards are flat is described by what it trained on (and by nothing else), and is never
+    told to add a KL penalty."""
+    trained, says = FLAT_CASES[case]
+    note = CollapseWatch(steps=1).update(7, {**FLAT, **trained})
+    assert says in note and "no learning signal at step 7" in note
+    assert not any(other in note for _, other in FLAT_CASES if other != says)
+    assert "kl_coef" not in note and "a KL penalty to the reference" not in note
+
+
+def test_the_defaults_keep_a_kl_term_to_the_starting_model():
+    """Defaults: KL 0.05 to the starting model, as a loss term (k3, GRPO's) for estimators with a sampled
+    baseline, as a reward penalty (k1) for a critic's estimator; 0 turns the reference off."""
     from seqpg.config import load_config
     from seqpg.training.step import StepSettings
 
     st = StepSettings.from_config(load_config(None, []))
-    assert st.uses_reference and st.kl_mode == "reward" and st.kl_estimator == "k1"
+    assert st.uses_reference and st.kl_mode == "loss" and st.kl_estimator == "k3" and not st.kl_in_advantages
+    ppo = StepSettings.from_config(load_config(None, ["algo.name=ppo"]))
+    assert ppo.kl_mode == "reward" and ppo.kl_estimator == "k1" and not ppo.kl_in_advantages
+    grpo_reward = StepSettings.from_config(load_config(None, ["algo.kl_mode=reward"]))
+    assert grpo_reward.kl_estimator == "k1" and grpo_reward.kl_in_advantages
     assert StepSettings.from_config(load_config(None, ["algo.kl_mode=loss"])).update.kl_estimator == "k3"
     assert StepSettings.from_config(load_config(None, ["algo.kl_estimator=k2"])).kl_estimator == "k2"
     assert not StepSettings.from_config(load_config(None, ["algo.kl_coef=0"])).uses_reference
+
+
+def test_k1_as_a_loss_term_is_refused():
+    """k1's loss gradient is grad log pi, whose expectation is 0: as a loss term it holds nothing."""
+    from seqpg.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="k1 as a loss term"):
+        load_config(None, ["algo.kl_estimator=k1"])  # kl_mode null: a loss term for grpo
+    load_config(None, ["algo.kl_estimator=k1", "algo.kl_mode=reward"])
+    load_config(None, ["algo.kl_estimator=k1", "algo.kl_coef=0"])  # no KL at all: nothing to refuse

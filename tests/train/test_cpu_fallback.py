@@ -9,9 +9,9 @@ import statistics
 import pytest
 import torch
 
-from seqpg import cpu_caps
+from seqpg.rollout import cpu_caps
 from seqpg.config import load_config
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 from seqpg.training.trainer import train
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from seqpg.apps.demo import run_demo
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 

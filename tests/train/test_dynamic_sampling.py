@@ -14,7 +14,7 @@ from seqpg.batch import Prompt, RolloutBatch, ScoredBatch
 from seqpg.config import ConfigError, load_config, validate_for_processes
 from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
 from seqpg.training.dynamic import Draw, fill_batch
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 from seqpg.training.step import Scored
 from seqpg.training.trainer import train
 from seqpg.training.update import TrainBatch, UpdateSettings, update
@@ -137,7 +137,7 @@ def test_masked_rows_contribute_no_gradient(agg):
                            ("all", batch, 0)):
         model = copy.deepcopy(base).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        update(model, opt, b, UpdateSettings(loss="ppo", agg=agg, micro_batch_size=micro, max_grad_norm=0),
+        update(model, opt, b, UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, grad_noise=False, loss="ppo", agg=agg, micro_batch_size=micro, max_grad_norm=0),
                max_len=batch.mask_BC.shape[1])
         params[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(params["masked"], params["kept_only"], rtol=0, atol=1e-6)
@@ -153,7 +153,7 @@ def test_a_batch_masked_entirely_takes_a_zero_step():
                       in_loss_B=torch.zeros(12, dtype=torch.bool))
     before = [p.detach().clone() for p in model.parameters()]
     stats = update(model, torch.optim.SGD(model.parameters(), lr=0.5), none,
-                   UpdateSettings(loss="ppo", agg="token-mean"))
+                   UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, grad_noise=False, loss="ppo", agg="token-mean"))
     assert stats["loss"] == 0.0 and stats["grad_norm"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from seqpg.config import load_config
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runlog import read_jsonl
 from seqpg.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ def test_example_environment_trains_on_the_tiny_model(example, tools, tmp_path, 
     rows = read_jsonl(result.run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all(r["episode/env_errors"] == 0 for r in rows)
     assert all("reward/env" in r and r["episode/turns"] >= 1 for r in rows)
-    from seqpg.rollout.episode_stage import EpisodeSettings
+    from seqpg.rollout.interface import rollouts_from_config
 
-    settings = EpisodeSettings.from_config(cfg)
-    assert sorted(n for n, t in settings.tools.items() if t.method) == tools  # its methods are the model's tools
+    rollouts = rollouts_from_config(cfg)
+    assert sorted(n for n, t in rollouts.tools.items() if t.method) == tools  # its methods are the model's tools

@@ -12,10 +12,9 @@ import torch
 import seqpg.model.policy as policy_mod
 from seqpg.config import ConfigError, load_config
 from seqpg.model.policy import completion_logprobs
-from seqpg.rollout.episode_stage import EpisodeRollout
 from seqpg.training.build import build_components
 from seqpg.training.distributed import DistContext
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 from seqpg.training.step import judge, sample, score
 from seqpg.training.trainer import train
 from seqpg.training.update import update
@@ -78,7 +77,7 @@ def test_sampler_logprobs_equal_trainer_logprobs_on_episodes(episode_overrides, 
         monkeypatch.setattr(policy_mod, "_takes_per_row_logits_to_keep", lambda: False)
     _, c = _components(episode_overrides, "sampling.temperature=0.7")
     rollout = sample(c.policy, c.tokenizer, c.stream.take(2), c.settings, step=1)
-    assert isinstance(rollout, EpisodeRollout)
+    assert rollout.episodes is not None and rollout.env_rewards_BC is not None
     holes = rollout.span_mask_BC & ~rollout.completion_mask_BC
     assert bool(holes.any())  # environment tokens inside the completions
     with torch.no_grad():
@@ -179,6 +178,20 @@ def test_example_environments_train(episode_overrides):
         assert rows[0]["episode/turns"] >= 1 and math.isfinite(rows[0]["loss"])
 
 
+def test_a_file_environment_is_executed_once_per_run(episode_overrides, tmp_path):
+    """The environment file is loaded once: by the step's settings, not again by the configuration's check,
+    the held-out evaluation or the trainer."""
+    marks = tmp_path / "executions.txt"
+    env_file = tmp_path / "counted_env.py"
+    env_file.write_text(f"with open({str(marks)!r}, 'a') as f:\n    f.write('x')\n"
+                        "from seqpg_test_envs import EchoEnv as Counted\n")
+    cfg = load_config(None, episode_overrides(f"episode.env={env_file}:Counted", "steps=1", "eval_every=1",
+                                              "eval_prompts=2"))
+    assert not marks.exists()  # reading the configuration runs no user code
+    train(cfg, progress=False)
+    assert marks.read_text() == "x"
+
+
 def test_tools_only_run_scores_the_final_answer(episode_overrides):
     cfg = load_config(None, episode_overrides(
         "episode.env=null", "episode.tools=['seqpg_test_envs:add']", "episode.max_episode_tokens=512",
@@ -237,7 +250,7 @@ def test_explain_shows_an_episode_with_environment_tokens_as_context(episode_ove
 def test_held_out_evaluation_runs_whole_episodes(episode_overrides):
     """eval_every evaluates greedy episodes on held-out prompts; each prompt's environment is reset the same
     way at every evaluation, so an unchanged policy scores the same."""
-    from seqpg.apps.session import evaluate_as_configured
+    from seqpg.training.evaluate import evaluate_as_configured
 
     cfg = load_config(None, episode_overrides("steps=1", "eval_every=1", "eval_prompts=2", "optim.lr=1e-12"))
     rows = [r for r in read_jsonl(train(cfg, progress=False).run_dir / "metrics.jsonl") if "eval/reward_mean" in r]
@@ -249,8 +262,12 @@ def test_held_out_evaluation_runs_whole_episodes(episode_overrides):
     assert len(result.completions) == 2 and result.mean_length > 6  # several turns' tokens
 
 
-def test_lab_refuses_a_multi_turn_configuration(episode_overrides, tmp_path):
+def test_lab_measures_a_multi_turn_configuration(episode_overrides, tmp_path):
+    """The lab samples and scores through the run's rollouts: episodes, their environment rewards dense on
+    the model's turns, their context tokens outside the sketch."""
     from seqpg.apps.lab import LabSettings, run_lab
 
-    with pytest.raises(ConfigError, match="multi-turn"):
-        run_lab(load_config(None, episode_overrides()), LabSettings(out_dir=str(tmp_path / "lab")), log=lambda m: None)
+    res = run_lab(load_config(None, episode_overrides()), LabSettings(groups=6, reference_groups=4, directions=8,
+                  out_dir=str(tmp_path / "lab"), estimators=["rloo", "remax"]), log=lambda m: None)
+    assert res.estimators == ["reinforce", "rloo", "remax"] and res.mean_reward > 0  # EchoEnv's per-turn rewards
+    assert (tmp_path / "lab" / "lab.md").is_file()

@@ -36,7 +36,7 @@ def test_metrics_are_the_core_fit_of_the_nested_micro_batch_gradients(agg, micro
     base = build_tiny_model(len(tok), seed=3).train()
     batch = _batch(base, tok)
     B = batch.mask_BC.shape[0]
-    s = UpdateSettings(loss="ppo", agg=agg, micro_batch_size=micro, max_grad_norm=0)
+    s = UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, grad_noise=False, loss="ppo", agg=agg, micro_batch_size=micro, max_grad_norm=0)
     prefixes = list(range(micro, B, micro)) + [B]
     sq = [_prefix_sq(copy.deepcopy(base), batch, s, r) for r in prefixes]
     want = core.gradient_noise_scale(torch.tensor(sq, dtype=torch.float64), torch.tensor(prefixes, dtype=torch.float64))
@@ -54,7 +54,7 @@ def test_one_micro_batch_logs_no_noise_scale():
     batch = _batch(model, tok)
     for micro in (0, 12, 20):
         stats = update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch,
-                       UpdateSettings(loss="pg", agg="token-mean", micro_batch_size=micro))
+                       UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, grad_noise=False, loss="pg", agg="token-mean", micro_batch_size=micro))
         assert not set(METRICS) & set(stats), micro
 
 
@@ -63,7 +63,7 @@ def test_several_mini_batches_pool_their_observations():
     model = build_tiny_model(len(tok), seed=3).train()
     batch = _batch(model, tok)
     stats = update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch,
-                   UpdateSettings(loss="pg", agg="token-mean", minibatches=2, epochs=2, micro_batch_size=3),
+                   UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, grad_noise=False, loss="pg", agg="token-mean", minibatches=2, epochs=2, micro_batch_size=3),
                    generator=torch.Generator().manual_seed(0))
     assert set(METRICS) <= set(stats) and all(torch.isfinite(torch.tensor(stats[k])) for k in METRICS)
 
@@ -88,8 +88,8 @@ def test_grad_noise_splits_one_micro_batch_in_two_without_changing_the_update(ag
     B = batch.mask_BC.shape[0]
     cut = noise_split(batch.rollout.group_ids_B)
     assert 0 < cut < B and cut % 4 == 0  # whole groups of 4 on each side
-    plain = UpdateSettings(loss="ppo", agg=agg, micro_batch_size=0, max_grad_norm=0)
-    split = UpdateSettings(loss="ppo", agg=agg, micro_batch_size=0, max_grad_norm=0, grad_noise=True)
+    plain = UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, grad_noise=False, loss="ppo", agg=agg, micro_batch_size=0, max_grad_norm=0)
+    split = UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, loss="ppo", agg=agg, micro_batch_size=0, max_grad_norm=0, grad_noise=True)
     sq = [_prefix_sq(copy.deepcopy(base), batch, plain, r) for r in (cut, B)]
     want = core.gradient_noise_scale(torch.tensor(sq, dtype=torch.float64),
                                      torch.tensor([cut, B], dtype=torch.float64))
@@ -114,7 +114,7 @@ def test_grad_noise_leaves_an_explicit_micro_batch_split_alone():
     for flag in (False, True):
         m = copy.deepcopy(base)
         got[flag] = update(m, torch.optim.SGD(m.parameters(), lr=0.0), batch,
-                           UpdateSettings(loss="pg", agg="token-mean", micro_batch_size=5, grad_noise=flag))
+                           UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, loss="pg", agg="token-mean", micro_batch_size=5, grad_noise=flag))
     assert got[True]["gns/b_simple"] == pytest.approx(got[False]["gns/b_simple"], rel=1e-6)
 
 

@@ -12,7 +12,7 @@ import statistics
 import pytest
 
 from seqpg.config import load_config
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 from seqpg.training.trainer import train
 
 FAMILY_SETTINGS = {

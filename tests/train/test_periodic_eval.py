@@ -13,7 +13,7 @@ import torch
 
 from seqpg.config import ConfigError, load_config
 from seqpg.training.periodic_eval import due, preserved_rng
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 from seqpg.training.trainer import train
 
 TRL_REWARD = "rewards=[{kind: trl_reward, params: {fn: 'seqpg_test_rewards:trl_target_fraction'}}]"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from seqpg.config import load_config
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 from seqpg.rewards.scorers import ScorerError
 from seqpg.training.trainer import train
 

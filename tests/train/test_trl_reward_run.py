@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from seqpg.config import load_config
-from seqpg.training.runlog import read_jsonl
+from seqpg.rundir.runfiles import read_jsonl
 from seqpg.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,6 +13,7 @@ from seqpg.apps.cli import main
 from seqpg.config import load_config
 from seqpg.training.evaluate import evaluate, pass_at_k
 from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
+from seqpg.rollout.interface import Completions
 from seqpg.rollout.sampling import SampleSettings
 from seqpg.rewards.scorers import make_scorer
 from seqpg.training.trainer import train
@@ -33,7 +34,7 @@ def test_gradient_accumulation_does_not_change_the_update(agg, loss):
     for micro in (0, 1, 5):
         model = copy.deepcopy(base).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        update(model, opt, batch, UpdateSettings(loss=loss, agg=agg, micro_batch_size=micro, max_grad_norm=0))
+        update(model, opt, batch, UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, grad_noise=False, loss=loss, agg=agg, micro_batch_size=micro, max_grad_norm=0))
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     moved = (params[0] - torch.cat([p.flatten() for p in base.parameters()])).abs().max()
     assert moved > 1e-4
@@ -68,13 +69,13 @@ def test_a_non_finite_gradient_skips_the_optimizer_step():
     model.lm_head.weight.register_hook(lambda g: g * float("nan"))
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
-    stats = update(model, opt, batch, UpdateSettings(loss="ppo", agg="token-mean"))
+    stats = update(model, opt, batch, UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, grad_noise=False, loss="ppo", agg="token-mean"))
     assert stats["skipped_steps"] == 1.0 and stats["grad_norm"] != stats["grad_norm"]  # nan
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert not opt.state  # the moments were not touched either
     handle_free = build_tiny_model(len(tok), seed=3).train()
     assert update(handle_free, torch.optim.SGD(handle_free.parameters(), lr=0.1), batch,
-                  UpdateSettings(loss="ppo", agg="token-mean"))["skipped_steps"] == 0.0
+                  UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, grad_noise=False, loss="ppo", agg="token-mean"))["skipped_steps"] == 0.0
 
 
 def test_pass_at_k_matches_its_definition():
@@ -90,8 +91,8 @@ def test_evaluate_reports_reward_accuracy_standard_errors_and_pass_at_k():
     model = build_tiny_model(len(tok), seed=0)
     prompts = [Prompt(w, w, {"answer": "x"}) for w in ("cat", "dog", "sun", "sea", "sky")]
     scorers = [(make_scorer("contains", name="has_x", column="answer"), 1.0)]
-    res = evaluate(model, tok, prompts, scorers, sampling=SampleSettings(max_new_tokens=8, chat_template=False),
-                   ks=(1, 2), samples=4)
+    rollouts = Completions(SampleSettings(max_new_tokens=8, chat_template=False))
+    res = evaluate(model, tok, prompts, scorers, rollouts=rollouts, ks=(1, 2), samples=4)
     assert res.n_prompts == 5 and res.accuracy is not None
     assert res.mean_reward == pytest.approx(res.accuracy)  # contains gives 1 exactly when correct
     assert set(res.pass_at_k) == {1, 2} and res.pass_at_k[2] >= res.pass_at_k[1]

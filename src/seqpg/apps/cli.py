@@ -29,8 +29,8 @@ from pathlib import Path
 import yaml
 
 from ..config import ConfigError, TrainConfig, describe_config, load_config, to_dict
-from ..training.runlock import RunInUse
-from ..training.signals import EXIT_STOPPED
+from ..rundir.runlock import RunInUse
+from ..rundir.signals import EXIT_STOPPED
 
 
 def _config_help() -> str:
@@ -232,7 +232,10 @@ def report_failure(e: BaseException, *, debug: bool = False) -> int:
 
 
 def _cmd_config(args) -> int:
+    from ..training.step import StepSettings
+
     cfg = load_config(args.config, args.overrides)
+    StepSettings.from_config(cfg)  # the step's settings: the environment and tools load (and are checked) here
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
@@ -259,8 +262,8 @@ def _cmd_train(args) -> int:
 
 def _refuse_used_run_dir(run_dir: Path) -> None:
     """A new run must not write over an earlier one's checkpoints or logs (checked before any model loads)."""
-    from ..training.runlog import METRICS_FILE, SAMPLES_FILE
-    from ..training.runlock import check_free
+    from ..rundir.runfiles import METRICS_FILE, SAMPLES_FILE
+    from ..rundir.runlock import check_free
 
     check_free(run_dir)  # a run writing there now is named first (RunInUse)
     ckpts = run_dir / "checkpoints"

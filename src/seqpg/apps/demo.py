@@ -13,9 +13,9 @@ from pathlib import Path
 
 from ..training.build import build_prompts, build_scorers
 from ..config import load_config
-from .evaluate import EvalResult
-from ..training.plots import plot_before_after, plot_run
-from .session import evaluate_as_configured, load_policy_for
+from ..training.evaluate import EvalResult, evaluate_as_configured
+from ..rundir.plots import plot_before_after, plot_run
+from .session import load_policy_for
 from ..training.trainer import train
 
 DEFAULT_CONFIG = "examples/demo.yaml"

@@ -29,12 +29,10 @@ from ..batch import Prompt, RolloutBatch
 from ..training.build import build_kl_controller, build_policy, build_prompts, build_scorers
 from ..config import TrainConfig
 from ..training.critic import build_critic
-from ..training.distributed import resolve_device
+from ..devices import resolve_device
 from .export import exported_step
 from ..training.reference import ReferencePolicy
 from ..model.policy import completion_logprobs
-from ..rollout.episode_stage import reported_rewards
-from ..rollout.sampling import encode_prompt
 from .session import is_run_dir, load_run_checkpoint, resolve_target_config
 from ..training.step import Judged, Scored, StepSettings, judge, score
 from ..rewards.tasks import normalise_prompt_text
@@ -58,26 +56,6 @@ class Explanation:
     @property
     def utility(self) -> float:
         return float(self.contributions.contribution_BT.sum())
-
-
-def _with_completion(rollout: RolloutBatch, tok, completion: str, prompt_ids: list[int]) -> RolloutBatch:
-    """Replace row 0 of a one-prompt rollout by ``completion`` (tokenised, EOS appended)."""
-    ids = list(tok(completion, add_special_tokens=False).input_ids) + [tok.eos_token_id]
-    C = max(len(ids), rollout.completion_ids_BC.shape[1])
-    B = rollout.batch_size
-    comp = torch.full((B, C), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((B, C), dtype=torch.bool)
-    lp = torch.zeros((B, C))
-    c0 = rollout.completion_ids_BC.shape[1]
-    comp[:, :c0], mask[:, :c0], lp[:, :c0] = rollout.completion_ids_BC, rollout.completion_mask_BC, \
-        rollout.sample_logprobs_BC
-    comp[0], mask[0], lp[0] = tok.pad_token_id, False, 0.0
-    comp[0, :len(ids)] = torch.tensor(ids)
-    mask[0, :len(ids)] = True
-    finished = rollout.finished_B.clone()
-    finished[0] = True
-    return RolloutBatch(rollout.prompts, [completion] + rollout.completions[1:], rollout.prompt_ids_BP,
-                        rollout.prompt_mask_BP, comp, mask, lp, rollout.group_ids_B, finished)
 
 
 @dataclass
@@ -141,18 +119,12 @@ def explain(target: str, prompt_text: str, completion: str | None = None, *, rew
     train_p, eval_p = build_prompts(cfg.task)
     known = {normalise_prompt_text(p.text): p for p in train_p + eval_p}
     prompt = known.get(normalise_prompt_text(prompt_text), Prompt(text=prompt_text, id="explain"))
-    n = max(2, j.settings.samples_per_prompt)
-    episodes = j.settings.episode
-    if episodes is not None and completion is not None:
-        raise ValueError("--completion cannot be given for a multi-turn run (episode.env / episode.tools): the "
-                         "environment answers each turn; leave it out to explain a sampled episode")
+    n, rollouts = max(2, j.settings.samples_per_prompt), j.settings.rollouts
     with j.settings.autocast(j.model.device):
         gen = torch.Generator().manual_seed(seed)
-        rollout = (episodes.sample(j.model, j.tokenizer, [prompt], s, n=n, env_seeds=[seed], generator=gen)
-                   if episodes is not None else s.generate(j.model, j.tokenizer, [prompt], n=n, generator=gen))
+        rollout = rollouts.sample(j.model, j.tokenizer, [prompt], n=n, seeds=[seed], generator=gen)
     if completion is not None:
-        ids = encode_prompt(j.tokenizer, prompt.text, chat_template=s.chat_template, system_prompt=s.system_prompt)
-        rollout = _with_completion(rollout, j.tokenizer, completion, ids)
+        rollout = rollouts.with_completion(rollout, j.tokenizer, completion)
     scored, judged = j.judge(rollout, [prompt], reward=reward)
     row = rollout.select([0])
     with torch.no_grad():
@@ -160,13 +132,10 @@ def explain(target: str, prompt_text: str, completion: str | None = None, *, rew
     contrib = core.token_contributions(lp, judged.advantages_BC[:1], row.completion_mask_BC)
     L = int(row.span_lengths_B[0])  # through the last action: an episode's environment tokens included
     tokens = [j.tokenizer.decode([i]) for i in row.completion_ids_BC[0, :L].tolist()]
-    rewards_B = reported_rewards(scored.batch)
-    actions = None
-    if episodes is not None:
-        actions = row.completion_mask_BC[0, :L].tolist()
-        completion = j.tokenizer.decode(row.completion_ids_BC[0, :L].tolist())
-    return Explanation(prompt.text, completion if episodes is not None else rollout.completions[0],
-                       float(rewards_B[0]), rewards_B.tolist(), tokens, contrib, j.step, actions)
+    rewards_B = rollouts.reported_rewards(scored.batch)
+    actions = row.completion_mask_BC[0, :L].tolist()
+    return Explanation(prompt.text, rollouts.transcript(rollout, j.tokenizer, 0), float(rewards_B[0]),
+                       rewards_B.tolist(), tokens, contrib, j.step, None if all(actions) else actions)
 
 
 _ARROW = {1: "raises", -1: "lowers", 0: "-"}

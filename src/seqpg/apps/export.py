@@ -37,9 +37,10 @@ import torch
 import yaml
 from torch import nn
 
-from ..training.checkpoint import CHECKPOINTS_DIR, META_FILE, load_checkpoint, resolve_checkpoint
-from ..training.runfiles import METRICS_FILE
-from ..training.runlock import LOCK_FILE, RunInUse, check_free
+from ..rundir.checkpoint import load_checkpoint, resolve_checkpoint
+from ..rundir.checkpoint_files import CHECKPOINTS_DIR, META_FILE
+from ..rundir.runfiles import METRICS_FILE
+from ..rundir.runlock import LOCK_FILE, RunInUse, check_free
 from ..config import ConfigError, TrainConfig, load_config, to_dict
 
 FORMATS = ("hf", "gguf")
@@ -156,9 +157,9 @@ def export_hf(target: str | os.PathLike, out: str | os.PathLike, *, lora: str = 
                 model.to(torch_dtype)
             _prepare_for_save(model, tok, trained.cfg)
             model.save_pretrained(str(tmp), safe_serialization=True)
-            _write_text(tmp / EXPORT_CONFIG, yaml.safe_dump(to_dict(trained.cfg), sort_keys=False))
+            write_text(tmp / EXPORT_CONFIG, yaml.safe_dump(to_dict(trained.cfg), sort_keys=False))
         tok.save_pretrained(str(tmp))
-        _write_text(tmp / EXPORT_META, json.dumps(meta, indent=2))
+        write_text(tmp / EXPORT_META, json.dumps(meta, indent=2))
 
     _write_dir_atomically(out, write)
     return out
@@ -497,13 +498,13 @@ def _is_gguf(path: Path) -> bool:
 
 def _write_dir_atomically(out: Path, write: Callable[[Path], None]) -> None:
     """Run ``write`` into a hidden directory beside ``out``, fsync it, then rename it to ``out``."""
-    from ..training.checkpoint_files import _fsync_dir, _fsync_tree
+    from ..rundir.checkpoint_files import fsync_dir, fsync_tree
 
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         write(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(out, old)
@@ -511,10 +512,10 @@ def _write_dir_atomically(out: Path, write: Callable[[Path], None]) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")

@@ -19,8 +19,10 @@ inner product, norm and variance of the statistics is preserved in expectation. 
 sketches (B, C, K) are kept for one unit at a time, so per-token advantages (gamma < 1, dense
 rewards) are handled exactly; the unit is reduced to its K-vector at once.
 
-Rewards are the scorers' weighted total (no KL penalty). GAE needs a critic's values and is
-skipped; ReMax's baseline is the reward of one greedy completion per prompt.
+Samples and rewards are the run's (its rollouts: completions, or multi-turn episodes whose
+environment's tokens are context, outside the sketch): the scorers' weighted total, plus an episode's
+per-turn environment rewards (no KL penalty). GAE needs a critic's values and is skipped; ReMax's
+baseline is the reward of one greedy sample per prompt, as the training step's.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ from .. import core
 from ..batch import RolloutBatch, total_rewards
 from ..training.build import build_policy, build_prompts, build_scorers, seed_everything
 from ..config import ConfigError, TrainConfig
-from ..training.distributed import resolve_device
+from ..devices import resolve_device
 from ..model.policy import completion_logprobs, model_device, position_ids_from_mask
-from ..rollout.sampling import SampleSettings
-from ..rewards.scorers import score_batch
+from ..rollout.seeding import reset_seeds
+from ..training.step import StepSettings, estimator_params
 from .session import load_policy_for
 from ..rewards.tasks import PromptStream
 
@@ -158,7 +160,7 @@ def head_inputs(model: torch.nn.Module, rollout: RolloutBatch) -> torch.Tensor:
 
     The trunk is called directly: asking the whole model for ``output_hidden_states`` makes
     transformers install output-capturing hooks that stay, after which the fast decoder declines
-    the model (``fastdecode.supports``) and every later sampling call runs ~5x slower.
+    the model (``fastdecode.supports``) and every later sampling call runs several times slower.
     """
     C = rollout.completion_ids_BC.shape[1]
     batch = rollout.to(model_device(model))
@@ -178,9 +180,7 @@ def run_lab(cfg: TrainConfig, settings: LabSettings, *, checkpoint: str | None =
     units, ref_units = max(settings.groups // P, 3), max(settings.reference_groups // P, 2)
     if not 0 < settings.cosine < 1:
         raise ConfigError(f"--cosine must be in (0, 1), got {settings.cosine}")
-    if cfg.episode.enabled:
-        raise ConfigError("seqpg lab measures single-turn completions; this configuration samples multi-turn "
-                          "episodes (episode.env / episode.tools): run it without them")
+    st = StepSettings.from_config(cfg)  # the run's rollouts (completions or episodes), as its step samples and scores
     scorers = build_scorers(cfg.rewards)
     train_prompts, _ = build_prompts(cfg.task)
     t0 = time.monotonic()
@@ -197,34 +197,32 @@ def run_lab(cfg: TrainConfig, settings: LabSettings, *, checkpoint: str | None =
     stream = PromptStream(train_prompts, seed=settings.seed)
     gen = torch.Generator(device=model_device(model)).manual_seed(settings.seed)
     reference = "rloo" if "rloo" in names else "reinforce"
-    sample = SampleSettings.from_config(s)  # the run's sampling, as its training step samples
     g_EUK, ref_UK, all_rewards = [], [], []
     for u in range(units + ref_units):
         prompts = stream.take(P)
-        rollout = sample.generate(model, tok, prompts, n=n, generator=gen)
-        rewards = total_rewards(score_batch(rollout, scorers, on_error=cfg.on_scorer_error, tokenizer=tok))
+        rollout = st.rollouts.sample(model, tok, prompts, n=n, seeds=reset_seeds(settings.seed, u, 0, P), generator=gen)
+        scored = st.rollouts.score(rollout, scorers, on_error=st.on_scorer_error, tokenizer=tok)
+        rewards, reported_B = total_rewards(scored), st.rollouts.reported_rewards(scored)  # (B,) or (B, C); (B,)
         with torch.no_grad():
-            score_BCK = sketch(model, rollout, s.temperature, check=u == 0)
+            score_BCK = sketch(model, rollout, st.sample.temperature, check=u == 0)
         unit_B = torch.zeros(rollout.batch_size, dtype=torch.long)
         fill = {}
-        if "remax" in names and u < units:
-            greedy = sample.generate(model, tok, prompts, n=1, greedy=True)
-            fill["baseline"] = score_batch(greedy, scorers, on_error="zero", tokenizer=tok).rewards_B[
-                rollout.group_ids_B].double()
+        if "remax" in names and u < units:  # the step's greedy baseline (seqpg.training.step.score)
+            fill["baseline"] = st.rollouts.greedy_baseline(model, tok, rollout, prompts, scorers).double()
 
         def grad(name: str) -> torch.Tensor:
-            params = {k: v for k, v in dict(cfg.algo.advantage_params, gamma=cfg.algo.gamma, **fill).items()
-                      if k in core.advantage_params(name)}
+            accepted = core.advantage_params(name)
+            params = {**estimator_params(cfg.algo, name), **{k: v for k, v in fill.items() if k in accepted}}
             return core.unit_gradients(name, rewards.double(), rollout.completion_mask_BC, score_BCK, unit_B,
                                        group_ids_B=rollout.group_ids_B, **params)[0]
 
         if u < units:
             g_EUK.append(torch.stack([grad(name) for name in names]))
-            all_rewards.append(rewards)
+            all_rewards.append(reported_B)
         else:
             ref_UK.append(grad(reference))
         log(f"lab: unit {u + 1}/{units + ref_units} ({'compared' if u < units else 'reference'}), "
-            f"mean reward {float(rewards.mean()):+.3f}, {time.monotonic() - t0:.0f} s")
+            f"mean reward {float(reported_B.mean()):+.3f}, {time.monotonic() - t0:.0f} s")
     ref = torch.stack(ref_UK)
     ref_D = ref.mean(0)
     rm = core.Moments.from_sums(ref.sum(0), ref.pow(2).sum(-1).sum(), ref.shape[0])
@@ -313,5 +311,5 @@ def write_report(res: LabResult, out: Path) -> list[Path]:
             "sketch": "output layer (LM head) per-token score gradients on random rank-one directions"}
     (out / "lab.json").write_text(json.dumps(data, indent=2))
     (out / "lab.md").write_text(render_markdown(res))
-    from ..training.plots import plot_lab
+    from ..rundir.plots import plot_lab
     return [out / "lab.json", out / "lab.md", *plot_lab(t, out / "plots")]

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from ..training.build import build_policy, build_prompts, build_scorers
-from ..training.checkpoint import latest_checkpoint, load_checkpoint
+from ..rundir.checkpoint import latest_checkpoint, load_checkpoint
 from ..config import TrainConfig, load_config
-from ..training.distributed import resolve_device
+from ..devices import resolve_device
+from ..rollout.interface import rollouts_from_config
 from ..training.evaluate import EvalResult, evaluate_as_configured
 from .export import EXPORT_CONFIG, exported_step
 
@@ -79,9 +80,11 @@ class EvalReport:
 def eval_target(target: str, *, config: str | None = None, overrides: list[str] | None = None, n_prompts: int = 0,
                 ks: tuple[int, ...] = (), samples: int = 0) -> EvalReport:
     cfg = resolve_target_config(target, config, overrides)
+    rollouts = rollouts_from_config(cfg)  # the environment and tools load, and are checked, before the model
     scorers = build_scorers(cfg.rewards)
     _, held_out = build_prompts(cfg.task)
     prompts = held_out[:n_prompts] if n_prompts else held_out
     model, tok, step = load_policy_for(target, cfg)
-    return EvalReport(target, step, evaluate_as_configured(cfg, model, tok, prompts, scorers, ks=ks, samples=samples))
+    return EvalReport(target, step, evaluate_as_configured(cfg, model, tok, prompts, scorers, ks=ks, samples=samples,
+                                                           rollouts=rollouts))
 

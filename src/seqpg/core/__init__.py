@@ -22,8 +22,8 @@ from .advantages import (ADVANTAGE_ESTIMATORS, advantage_params, compute_advanta
 from .aggregate import AGG_MODES, aggregate_loss
 from .gradnoise import GradientNoise, gradient_noise_scale
 from .gradstats import GradStats, Moments, exact_stats, sample_stats, unit_gradients
-from .kl import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate, kl_loss, kl_penalty,
-                 register_kl)
+from .kl import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_advantages, kl_estimate, kl_loss,
+                 kl_penalty, register_kl)
 from .logprobs import entropy_from_logits, token_logprobs
 from .losses import (POLICY_LOSSES, PolicyLossStats, TokenLoss, ValueLossStats, policy_loss, register_policy_loss,
                      value_loss)
@@ -38,7 +38,7 @@ __all__ = [
     "RewardStats", "ScorerStats", "TokenContributions", "TokenLoss", "ValueLossStats",
     "advantage_params", "aggregate_loss", "combine_rewards", "compute_advantages", "entropy_from_logits",
     "exact_stats", "gradient_noise_scale",
-    "kl_estimate", "kl_loss", "kl_penalty", "masked_mean", "masked_sum", "masked_var", "policy_loss",
+    "kl_advantages", "kl_estimate", "kl_loss", "kl_penalty", "masked_mean", "masked_sum", "masked_var", "policy_loss",
     "register_advantage", "register_kl", "register_policy_loss", "returns_to_go", "sample_stats",
     "to_token_rewards", "token_contributions", "token_logprobs", "unit_gradients", "utility", "value_loss",
     "whiten",

@@ -16,7 +16,7 @@ reinforce            G_t  (Williams 1992)                                     un
 reinforce_baseline   G_t - mean_j G_{j,0} over the global batch               E = (1 - 1/B) grad J
 rloo                 G_t - mean_{j in g, j != i} G_{j,0}  (Kool et al. 2019;  unbiased
                      Ahmadian et al. 2024); sequence reward: n/(n-1) (R_i - mean_g R)
-grpo                 (G_t - mean_g G_{j,0}) / (std_g G_{j,0} + eps)           biased (std of sample)
+grpo                 (G_t - mean_g G_{j,0}) / (max(std_g, min_std) + eps)     biased (std of sample)
                      (Shao et al. 2024, DeepSeekMath)
 dr_grpo              G_t - mean_g G_{j,0}  (Liu et al. 2025, Dr. GRPO)        E = (1 - 1/n) grad J
 reinforce_pp         whiten(G_t) over the global batch's real tokens          biased
@@ -154,13 +154,17 @@ def rloo(rewards_BT, mask_BT, *, group_ids_B, values_BT, all_reduce, gamma: floa
 
 @register_advantage("grpo")
 def grpo(rewards_BT, mask_BT, *, group_ids_B, values_BT, all_reduce, gamma: float = 1.0,
-         scale_by_std: bool = True, eps: float = 1e-6):
-    """A_t = (G_t - mean_g) / (std_g + eps) (Shao et al. 2024), std unbiased.
+         scale_by_std: bool = True, eps: float = 1e-6, min_std: float = 1e-3):
+    """A_t = (G_t - mean_g) / (max(std_g, min_std) + eps) (Shao et al. 2024), std unbiased.
 
     A group of one sample, or whose sequence returns are all equal (std 0), gets A = 0 on every token.
+    ``min_std`` keeps a group whose returns differ only by rounding (a reward model scoring the same text
+    at two paddings) from being scaled up to unit advantages: |A| <= |G - mean_g| / min_std.
 
     ``scale_by_std=False``: A_t = G_t - mean_g (= ``dr_grpo``).
     """
+    if not (isinstance(min_std, (int, float)) and 0 <= min_std < float("inf")):
+        raise ValueError(f"grpo: min_std must be a finite number >= 0, got {min_std!r}")
     ids_G, inv_B, counts_G = _groups("grpo", group_ids_B)
     G_BT = returns_to_go(rewards_BT, mask_BT, gamma)
     G0_B = _seq_returns(G_BT, mask_BT)
@@ -170,7 +174,7 @@ def grpo(rewards_BT, mask_BT, *, group_ids_B, values_BT, all_reduce, gamma: floa
         sq_G = torch.zeros_like(mean_G).index_add_(0, inv_B, (G0_B - mean_G[inv_B]) ** 2)
         std_G = (sq_G / (counts_G - 1).clamp(min=1)).sqrt()  # unbiased; 0 for a one-sample group
         std_B1 = std_G[inv_B][:, None]
-        A_BT = torch.where(std_B1 > 0, A_BT / (std_B1 + eps), 0)  # defined even with eps = 0
+        A_BT = torch.where(std_B1 > 0, A_BT / (std_B1.clamp(min=min_std) + eps), 0)  # defined even with eps = 0
     return A_BT, G_BT
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from seqpg import segment_attention
+from seqpg.model import segment_attention
 from seqpg.batch import RolloutBatch
 from seqpg.core import token_logprobs
 from seqpg.core.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs_and_entropy

@@ -12,9 +12,8 @@ module computes the same attention as two dense blocks with nothing wasted but p
 where row b's keys are its prompt's P columns (those past the prompt's length masked) followed
 by its own S segment columns (causal).  The queries, keys and values are gathered from the
 packed row, the outputs scattered back to their columns (padding columns get 0).  The blocks
-run in float32 even under bf16 autocast: on 2 CPU cores torch's bf16 attention backward is
-slower than the float32 one for these small blocks (measured: 8.6 vs 11-15 ms per layer,
-forward + backward, against 14 ms for the dense masked bf16 kernel; fp32: 5.8-6.6 vs 12.6-13.5).
+run in float32 even under bf16 autocast: on CPUs torch's bf16 attention backward is slower than
+the float32 one for these small blocks (the timings: docs/measurements.md).
 
 It plugs into Hugging Face models through their attention interface: ``use(model)`` switches
 the model's attention implementation to this module's function for one forward, and the

@@ -41,6 +41,7 @@ import torch
 from seqpg.batch import Prompt, RolloutBatch, ScoredBatch
 from seqpg.core.registry import Registry
 from seqpg.core.rewards import combine_rewards
+from seqpg.devices import resolve_device
 
 
 class ScorerError(RuntimeError):
@@ -282,8 +283,6 @@ class HFClassifierScorer(Scorer):
                  device: str = "auto") -> None:
         super().__init__(name)
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from ..training.distributed import resolve_device
 
         device = resolve_device(device)  # auto: this process's GPU if any
 

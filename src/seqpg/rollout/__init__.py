@@ -10,6 +10,9 @@ and the environment's tokens are context, never actions.
 
 Modules, one concern each:
 
+* :mod:`.interface`    the rollout interface the step calls (sample, score, the reward a sample is
+  reported with, its metrics) and its two implementations, ``Completions`` and ``Episodes``
+* :mod:`.seeding`      the one seeder (generators and environments' reset seeds)
 * :mod:`.sampling`     batched single-turn sampling with a KV cache -> ``RolloutBatch``
 * :mod:`.fastdecode`   the lean one-token decode step of Llama-family models
 * :mod:`.cpu_caps`     what the CPU and the torch build can do (the fast paths' fallbacks)
@@ -23,7 +26,7 @@ Modules, one concern each:
   ``<tool_call>`` parser and a time-limited runner that never hangs
 * :mod:`.chat`         chat-template rendering of new messages as a token delta (the kept
   tokens are never re-tokenised)
-* :mod:`.episodes`     the ``Episode`` container, the padded ``EpisodeBatch`` and its log-probs
+* :mod:`.episodes`     the ``Episode`` container and its layout as a ``RolloutBatch``
 * :mod:`.multiturn`    the batched multi-turn sampler (episodes advance together, turn by turn,
   each turn extending the KV cache)
 """

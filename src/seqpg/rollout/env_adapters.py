@@ -36,7 +36,6 @@ module state stay reproducible; a turn waits at most (episodes x ``timeout_s``) 
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import threading
@@ -44,50 +43,14 @@ from typing import Any
 
 from seqpg.batch import Prompt
 
-from .environments import Message, Observation, StepResult, as_messages
+from .environments import Message, StepResult, as_messages, env_kind, reset_params
 from .tools import Tool, ToolResult, call_to_result
 
 RESERVED = frozenset({"reset", "step", "tool_step", "get_reward", "close", "render", "seed"})
 """Public method names of an environment that are never tools."""
 
-KINDS = ("seqpg", "gymnasium", "trl")
-
-
 class EnvCallError(Exception):
     """A call into an environment raised, ran past its time limit or returned something unusable."""
-
-
-def env_kind(cls: type) -> str:
-    """Which convention ``cls`` follows (see the module docstring); a class that follows none is a
-    TypeError naming what is missing."""
-    return _kind(cls)
-
-
-@functools.lru_cache(maxsize=None)
-def _kind(cls: type) -> str:
-    reset = getattr(cls, "reset", None)
-    if not callable(reset):
-        raise TypeError(f"class {cls.__name__} lacks reset() (an environment needs reset(prompt, seed) and "
-                        "step(model_text), or TRL's reset(**row) and tool methods)")
-    params = _params(reset)
-    if not callable(getattr(cls, "step", None)):
-        if any(p.kind is p.VAR_KEYWORD for p in params):
-            return "trl"
-        raise TypeError(f"class {cls.__name__} lacks step() and its reset does not take **kwargs (an environment "
-                        "needs reset(prompt, seed) and step(model_text); a class without step() is a TRL "
-                        "environment_factory class, whose reset(**row) takes the task's columns)")
-    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    if named and (named[0].name == "seed" or named[0].kind is inspect.Parameter.KEYWORD_ONLY):
-        return "gymnasium"
-    return "seqpg"
-
-
-def _params(fn) -> list[inspect.Parameter]:
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return []
-    return params[1:] if params and params[0].name == "self" else params
 
 
 def _defined_by_library(cls: type, name: str) -> bool:
@@ -206,7 +169,8 @@ class EpisodeEnv:
                 raise EnvCallError(f"{where} must return a str or None (TRL's convention), got {type(obs).__name__}")
             obs = prompt.text + (obs or "")  # TRL appends the observation to the prompt's last message
         elif self.kind == "gymnasium":
-            takes_options = any(p.name == "options" or p.kind is p.VAR_KEYWORD for p in _params(self.user.reset))
+            takes_options = any(p.name == "options" or p.kind is p.VAR_KEYWORD
+                                for p in reset_params(self.user.reset))
             obs = self._call("reset", seed=seed, **({"options": row} if takes_options else {}))
         else:
             obs = self._call("reset", prompt, seed)

@@ -23,6 +23,7 @@ wrong.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -70,15 +71,27 @@ ENV_SCORE = "env"
 """The name of the environment's rewards among a run's scores and in its logs (``reward/env``)."""
 
 
+class QuestionEnv:
+    """The environment of a tools-only run (``episode.tools`` without ``episode.env``): the task's prompt is
+    the question; the first model turn without a tool call is the answer and ends the episode (reward 0:
+    the scorers judge the answer)."""
+
+    def reset(self, prompt, seed: int) -> str:
+        return prompt.text
+
+    def step(self, model_text: str):
+        return None, 0.0, True, {}
+
+
 @dataclass(frozen=True)
 class EpisodeLimits:
     """When an episode is cut short (``truncated``) although its environment is not done."""
 
-    max_turns: int = 4
+    max_turns: int
     """Model turns per episode."""
-    max_new_tokens: int = 128
+    max_new_tokens: int
     """Tokens the model may write in one turn (a turn cut here still goes to the environment)."""
-    max_tokens: int = 1024
+    max_tokens: int
     """Token budget of the whole context: prompt, every model turn and every observation."""
 
     def __post_init__(self) -> None:
@@ -124,8 +137,6 @@ def load_environment(spec: str) -> type:
     cls = getattr(module, name)
     if not inspect.isclass(cls):
         raise TypeError(f"environment {spec!r}: {name!r} is a {type(cls).__name__}, not a class")
-    from .env_adapters import env_kind
-
     try:
         env_kind(cls)
     except TypeError as e:
@@ -170,3 +181,41 @@ def import_target(target: str, *, what: str):
         raise ImportError(f"{what}: cannot import module {target!r}: {e}") from e
     except (Exception, SystemExit) as e:
         raise ImportError(f"{what}: importing module {target!r} failed: {type(e).__name__}: {e}") from e
+
+
+ENV_KINDS = ("seqpg", "gymnasium", "trl")
+"""The conventions an environment class may follow (:mod:`.env_adapters`)."""
+
+
+def env_kind(cls: type) -> str:
+    """Which convention ``cls`` follows (seqpg, gymnasium or TRL: :mod:`.env_adapters`); a class that follows
+    none is a TypeError naming what is missing."""
+    return _kind(cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _kind(cls: type) -> str:
+    reset = getattr(cls, "reset", None)
+    if not callable(reset):
+        raise TypeError(f"class {cls.__name__} lacks reset() (an environment needs reset(prompt, seed) and "
+                        "step(model_text), or TRL's reset(**row) and tool methods)")
+    params = reset_params(reset)
+    if not callable(getattr(cls, "step", None)):
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return "trl"
+        raise TypeError(f"class {cls.__name__} lacks step() and its reset does not take **kwargs (an environment "
+                        "needs reset(prompt, seed) and step(model_text); a class without step() is a TRL "
+                        "environment_factory class, whose reset(**row) takes the task's columns)")
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if named and (named[0].name == "seed" or named[0].kind is inspect.Parameter.KEYWORD_ONLY):
+        return "gymnasium"
+    return "seqpg"
+
+
+def reset_params(fn) -> list[inspect.Parameter]:
+    """``fn``'s parameters after ``self`` (none where its signature cannot be read)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    return params[1:] if params and params[0].name == "self" else params

@@ -17,9 +17,9 @@ turn or the next) the utility is the core's
 The environment's tokens are in the context (they are attended to), never in U; the same
 ``action_mask`` is the mask of the KL term, the entropy bonus and the critic's targets.
 
-:class:`EpisodeBatch` lays episodes out right-padded as (B, L) tensors on the CPU, the shape
-the core takes; :func:`episode_logprobs` is the trainer's log-prob of every action token from
-one forward pass over whole episodes (column t from the logits at column t - 1).
+:func:`episodes_to_rollout` lays episodes out as a :class:`~seqpg.batch.RolloutBatch` (the first
+observation as the prompt, the rest as the completion), the one layout every stage of the step
+takes; the trainer's log-probs of its action tokens are :func:`seqpg.model.policy.completion_logprobs`'s.
 """
 
 from __future__ import annotations
@@ -28,13 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
-from seqpg.batch import Prompt
-from seqpg.core.logprobs import token_logprobs_and_entropy
-from seqpg.core import token_logprobs
-from seqpg.model.policy import model_device
-
+from ..batch import Prompt, RolloutBatch
+from .sampling import left_pad
 from .tools import ToolResult
 
 
@@ -79,9 +75,9 @@ class Episode:
     """Why the environment (or the chat template) failed in this episode, which was then closed as truncated
     (``episode.on_env_error: drop``); None when nothing failed."""
     env: Any = None
-    """The episode's environment instance, as the user's class built it (what ``environments=`` rewards see)."""
+    """The environment instance the episode was played in."""
     messages: list[dict[str, Any]] = field(default_factory=list)
-    """The conversation the tokens hold: first observation, model turns, tool results and observations."""
+    """The conversation its tokens hold (system, user, assistant and tool messages)."""
 
     def append(self, ids: list[int], *, action: bool, logprobs: list[float] | None = None) -> None:
         """Extend the context with ``ids``: model tokens (``action``, with their log-probs) or environment ones."""
@@ -114,76 +110,44 @@ class Episode:
             raise ValueError(f"Episode {self.prompt.id!r}: the turns do not cover exactly the action tokens")
 
 
-@dataclass
-class EpisodeBatch:
-    """Episodes as right-padded (B, L) CPU tensors; column t holds token t of every episode."""
+def episodes_to_rollout(episodes: list[Episode], pad_id: int, *, n: int) -> RolloutBatch:
+    """Episodes (``n`` per prompt, prompt-major) as one :class:`~seqpg.batch.RolloutBatch` (each checked first):
 
-    episodes: list[Episode]
-    ids_BL: torch.Tensor  # (B, L) long, pad after each episode
-    attention_mask_BL: torch.Tensor  # (B, L) bool, True on every real token (context and actions)
-    action_mask_BL: torch.Tensor  # (B, L) bool, True on model-written tokens only
-    sample_logprobs_BL: torch.Tensor  # (B, L) float32, sampler log pi on actions, 0 elsewhere
-    rewards_BL: torch.Tensor  # (B, L) float32, each turn's reward on its last token
-    turn_BL: torch.Tensor  # (B, L) long, k on turn k's tokens, -1 off actions
-    group_ids_B: torch.Tensor  # (B,) long, episodes from one initial prompt share an id
-    done_B: torch.Tensor  # (B,) bool, the environment ended the episode
-    truncated_B: torch.Tensor  # (B,) bool, cut at a turn limit or token budget
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.episodes)
-
-
-def batch_episodes(episodes: list[Episode], pad_id: int) -> EpisodeBatch:
-    """The padded tensors of ``episodes`` (each checked first)."""
-    if not episodes:
-        raise ValueError("batch_episodes: no episodes")
+        prompt_ids_BP        the first observation (the rendered initial prompt), left-padded
+        completion_ids_BC    everything after it, in order: model turns AND environment tokens, exactly the
+                             ids sampled or appended, right-padded
+        completion_mask_BC   the action mask: True only on the tokens the model wrote
+        sample_logprobs_BC   the sampler's log-probs at the actions, 0 elsewhere
+        env_rewards_BC       each turn's reward on its last token
+        turn_BC              k on model turn k's tokens, -1 elsewhere
+        group_ids_B          episodes of the same initial prompt share an id
+        episodes             the episodes themselves
+    """
+    if not episodes or len(episodes) % n:
+        raise ValueError(f"episodes_to_rollout: {len(episodes)} episodes is not a whole number of groups of {n}")
     for ep in episodes:
         ep.check()
-    B, L = len(episodes), max(len(ep.token_ids) for ep in episodes)
-    ids_BL = torch.full((B, L), pad_id, dtype=torch.long)
-    real_BL = torch.zeros((B, L), dtype=torch.bool)
-    action_BL = torch.zeros((B, L), dtype=torch.bool)
-    lp_BL = torch.zeros((B, L), dtype=torch.float32)
-    r_BL = torch.zeros((B, L), dtype=torch.float32)
-    turn_BL = torch.full((B, L), -1, dtype=torch.long)
+    prompt_ids_BP, prompt_mask_BP = left_pad([ep.token_ids[:ep.prompt_len] for ep in episodes], pad_id)
+    B = len(episodes)
+    C = max(len(ep.token_ids) - ep.prompt_len for ep in episodes)
+    ids_BC = torch.full((B, C), pad_id, dtype=torch.long)
+    action_BC = torch.zeros((B, C), dtype=torch.bool)
+    lp_BC = torch.zeros((B, C), dtype=torch.float32)
+    r_BC = torch.zeros((B, C), dtype=torch.float32)
+    turn_BC = torch.full((B, C), -1, dtype=torch.long)
     for i, ep in enumerate(episodes):
-        n = len(ep.token_ids)
-        ids_BL[i, :n] = torch.tensor(ep.token_ids, dtype=torch.long)
-        real_BL[i, :n] = True
-        action_BL[i, :n] = torch.tensor(ep.action_mask, dtype=torch.bool)
-        lp_BL[i, :n] = torch.tensor(ep.sample_logprobs, dtype=torch.float32)
-        r_BL[i, :n] = torch.tensor(ep.token_rewards, dtype=torch.float32)
+        p, c = ep.prompt_len, len(ep.token_ids) - ep.prompt_len
+        if ep.action_mask[:p] != [False] * p:
+            raise ValueError(f"episodes_to_rollout: episode of prompt {ep.prompt.id!r} has actions in its prompt")
+        ids_BC[i, :c] = torch.tensor(ep.token_ids[p:], dtype=torch.long)
+        action_BC[i, :c] = torch.tensor(ep.action_mask[p:], dtype=torch.bool)
+        lp_BC[i, :c] = torch.tensor(ep.sample_logprobs[p:], dtype=torch.float32)
+        r_BC[i, :c] = torch.tensor(ep.token_rewards[p:], dtype=torch.float32)
         for k, turn in enumerate(ep.turns):
-            turn_BL[i, turn.start:turn.end] = k
-    return EpisodeBatch(
-        episodes=list(episodes), ids_BL=ids_BL, attention_mask_BL=real_BL, action_mask_BL=action_BL,
-        sample_logprobs_BL=lp_BL, rewards_BL=r_BL, turn_BL=turn_BL,
-        group_ids_B=torch.tensor([ep.group for ep in episodes], dtype=torch.long),
-        done_B=torch.tensor([ep.done for ep in episodes]), truncated_B=torch.tensor([ep.truncated for ep in episodes]))
-
-
-def episode_logprobs(model: nn.Module, batch: EpisodeBatch, *, temperature: float = 1.0,
-                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(logprobs_BL, entropy_BL or None): log pi(x_t | x_<t) at ``temperature`` on action tokens, 0 elsewhere.
-
-    One forward pass over the whole right-padded episodes (position ids 0 .. n-1, no padding inside);
-    column t's log-prob is read from the logits at column t - 1 (an episode's first token is never
-    an action).  Gradients flow when called outside ``torch.no_grad``; tensors on the model's device.
-    """
-    if temperature <= 0:
-        raise ValueError(f"episode_logprobs: temperature must be > 0, got {temperature}")
-    device = model_device(model)
-    ids_BL, real_BL = batch.ids_BL.to(device), batch.attention_mask_BL.to(device)
-    action_BL = batch.action_mask_BL.to(device)
-    L = ids_BL.shape[1]
-    pos_BL = torch.arange(L, device=device).expand_as(ids_BL) * real_BL
-    logits_BLV = model(input_ids=ids_BL, attention_mask=real_BL.long(), position_ids=pos_BL, use_cache=False).logits
-    if with_entropy:
-        lp_BS, ent_BS = token_logprobs_and_entropy(logits_BLV[:, :-1], ids_BL[:, 1:], temperature)
-    else:
-        lp_BS, ent_BS = token_logprobs(logits_BLV[:, :-1], ids_BL[:, 1:], temperature), None
-    zero_B1 = lp_BS.new_zeros((ids_BL.shape[0], 1))
-    lp_BL = torch.cat([zero_B1, lp_BS], dim=1).masked_fill(~action_BL, 0.0)  # (B, L)
-    ent_BL = torch.cat([zero_B1, ent_BS], dim=1).masked_fill(~action_BL, 0.0) if with_entropy else None
-    return lp_BL, ent_BL
+            turn_BC[i, turn.start - p:turn.end - p] = k
+    return RolloutBatch(
+        prompts=[ep.prompt for ep in episodes], completions=[ep.turns[-1].text for ep in episodes],
+        prompt_ids_BP=prompt_ids_BP.cpu(), prompt_mask_BP=prompt_mask_BP.cpu(), completion_ids_BC=ids_BC,
+        completion_mask_BC=action_BC, sample_logprobs_BC=lp_BC,
+        group_ids_B=torch.arange(B // n).repeat_interleave(n), finished_B=torch.tensor([ep.done for ep in episodes]),
+        env_rewards_BC=r_BC, turn_BC=turn_BC, episodes=list(episodes))

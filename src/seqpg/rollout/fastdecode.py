@@ -48,7 +48,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seqpg import cpu_caps
+from seqpg.rollout import cpu_caps
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")

@@ -38,7 +38,7 @@ from seqpg.batch import Prompt
 from seqpg.model.policy import model_device
 from seqpg.rollout.fastdecode import FastDecoder
 from seqpg.rollout.fastdecode import supports as fastdecode_supports
-from seqpg.rollout.sampling import _CACHE_KWARG, SamplingArgs, _eos_ids, choose_tokens, preallocated_cache
+from seqpg.rollout.sampling import CACHE_KWARG, SamplingArgs, choose_tokens, eos_token_ids, preallocated_cache
 
 from .chat import render_delta, render_start
 from .env_adapters import EpisodeEnv
@@ -104,7 +104,7 @@ class KVRows:
     def _forward(self, ids_BD: torch.Tensor, real_BD: torch.Tensor, pos_BD: torch.Tensor) -> torch.Tensor:
         self.attn_BW = torch.cat([self.attn_BW, real_BD], dim=1)
         out = self.model(input_ids=ids_BD, attention_mask=self.attn_BW.long(), position_ids=pos_BD, use_cache=True,
-                         logits_to_keep=1, **{_CACHE_KWARG: self.cache})
+                         logits_to_keep=1, **{CACHE_KWARG: self.cache})
         self.fed_B = self.fed_B + real_BD.sum(dim=1)
         return out.logits[:, -1]
 
@@ -128,7 +128,7 @@ def sample_episodes(
     make_env: Callable[[], Any],
     *,
     n: int = 1,
-    limits: EpisodeLimits = EpisodeLimits(),
+    limits: EpisodeLimits,
     sampling: SamplingArgs = SamplingArgs(),
     tools: dict[str, Tool] | None = None,
     tool_limits: ToolLimits = ToolLimits(),
@@ -152,7 +152,7 @@ def sample_episodes(
     A turn ends on EOS, on a stop string (the turn's text keeps it) or at its token allowance
     (``limits``); an episode ends when its environment says done, or is truncated at
     ``limits.max_turns`` or when its context reaches ``limits.max_tokens``.  The model is in eval
-    mode for the call.  Episodes hold plain lists (CPU); see :func:`.episodes.batch_episodes`.
+    mode for the call.  Episodes hold plain lists (CPU); see :func:`.episodes.episodes_to_rollout`.
     ``fast_decode``: one-token steps through :mod:`seqpg.rollout.fastdecode` where it takes the model.
     Every call into an environment runs with a time limit of ``env_timeout_s`` (:mod:`.env_adapters`);
     ``on_env_error``: ``drop`` closes an episode whose environment or chat template fails as truncated and
@@ -166,7 +166,7 @@ def sample_episodes(
         model = model.module
     tools = tools or {}
     tool_kwargs = with_tools([], tools, template_takes_tools(tokenizer, tools))[1] if chat_template else {}
-    eos_ids = set(_eos_ids(model, tokenizer))
+    eos_ids = set(eos_token_ids(model, tokenizer))
     if env_seeds is not None and len(env_seeds) != len(prompts):
         raise ValueError(f"sample_episodes: {len(env_seeds)} env_seeds for {len(prompts)} prompts")
     seeds = [[env_seeds[i]] * n if env_seeds is not None else [seed + i * n + j for j in range(n)]

@@ -22,7 +22,7 @@ second case the token that completed the stop string stays in ``completion_ids_B
 True (it was sampled and is trained on), while the completion *text* is cut just before the
 first occurrence of the stop string.  After a row stops it gets pad tokens, mask False and
 log-prob 0.  ``finished_B`` is False for rows cut off by ``max_new_tokens``.  On the CPU decoder
-(:mod:`seqpg.fastdecode`) rows that stopped also leave the decode batch (``_keep``) so that they stop
+(:mod:`seqpg.rollout.fastdecode`) rows that stopped also leave the decode batch (``_keep``) so that they stop
 costing products; the rollout is bit for bit the same (one uniform per rollout row and step).
 """
 
@@ -61,7 +61,7 @@ def generate(
     prompts: list[Prompt],
     *,
     n: int = 1,
-    max_new_tokens: int = 64,
+    max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
@@ -143,7 +143,7 @@ def left_pad(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, t
     return ids_BP, mask_BP
 
 # transformers renamed the ``past_key_values`` argument to ``cache`` (5.x); pass whichever it takes.
-_CACHE_KWARG = "cache" if "cache" in transformers.modeling_outputs.CausalLMOutputWithPast.__dataclass_fields__ \
+CACHE_KWARG = "cache" if "cache" in transformers.modeling_outputs.CausalLMOutputWithPast.__dataclass_fields__ \
     else "past_key_values"
 
 
@@ -168,18 +168,18 @@ def _decode(
     if isinstance(model, nn.parallel.DistributedDataParallel):  # sampling needs no gradient sync
         model = model.module
     device = prompt_ids_GP.device  # the model's
-    eos_ids_E = torch.tensor(_eos_ids(model, tokenizer), dtype=torch.long, device=device)  # (E,)
+    eos_ids_E = torch.tensor(eos_token_ids(model, tokenizer), dtype=torch.long, device=device)  # (E,)
     positions_GP = position_ids_from_mask(prompt_mask_GP)
-    cache = {_CACHE_KWARG: preallocated_cache(model.config, P + max_new_tokens)}  # filled in place by each call
+    cache = {CACHE_KWARG: preallocated_cache(model.config, P + max_new_tokens)}  # filled in place by each call
     if P > 1:  # columns 0 .. P-2 once per prompt, trunk only; then n copies of each row's cache
         model.get_decoder()(input_ids=prompt_ids_GP[:, :-1], attention_mask=prompt_mask_GP[:, :-1].long(),
                             position_ids=positions_GP[:, :-1], use_cache=True, **cache)
-        cache[_CACHE_KWARG].batch_repeat_interleave(n)
+        cache[CACHE_KWARG].batch_repeat_interleave(n)
     attn_LW = torch.zeros((B, P + max_new_tokens), dtype=torch.bool, device=device)  # column P+t set when token t goes in
     attn_LW[:, :P] = prompt_mask_GP.repeat_interleave(n, dim=0)
     input_L1 = prompt_ids_GP[:, -1:].repeat_interleave(n, dim=0)  # (L, 1) the prompts' last column
     pos_L1 = positions_GP[:, -1:].repeat_interleave(n, dim=0)  # (L, 1)
-    fast = FastDecoder(model, cache[_CACHE_KWARG], rows=B) if fast_decode and fastdecode_supports(model) else None
+    fast = FastDecoder(model, cache[CACHE_KWARG], rows=B) if fast_decode and fastdecode_supports(model) else None
     compact = fast is not None and not fast.graph  # rows that stopped may leave the decode batch (_leave)
     live_L = torch.arange(B, device=device)  # (L,) the rollout row of each decode row; L = B until rows leave
     rows = _Rows(B, tokenizer, stop_strings, device)
@@ -208,7 +208,7 @@ def _decode(
         keep_L = _keep(rows.finished_B[live_L], steps_left=max_new_tokens - t - 1) if compact else None
         if keep_L is not None:
             live_L, input_L1, pos_L1, attn_LW = live_L[keep_L], input_L1[keep_L], pos_L1[keep_L], attn_LW[keep_L]
-            cache[_CACHE_KWARG].batch_select_indices(keep_L)
+            cache[CACHE_KWARG].batch_select_indices(keep_L)
     return (torch.stack(rows.ids, dim=1), torch.stack(rows.masks, dim=1), torch.stack(rows.logprobs, dim=1),
             rows.finished_B, rows.texts())
 
@@ -302,7 +302,7 @@ def preallocated_cache(config, capacity: int, grow: bool = False) -> transformer
     return transformers.Cache(layers=[_PreallocatedLayer(capacity, grow) for _ in range(n_layers)])
 
 
-def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
+def eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
     """EOS ids of the tokenizer and of the model's generation config (which may list several)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -413,7 +413,7 @@ class SampleSettings:
     """The sampling section of a run, resolved once: every caller of :func:`generate` in a run (the
     training step, the greedy baseline, ``seqpg explain``, evaluation and pass@k) samples from it."""
 
-    max_new_tokens: int = 32
+    max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

@@ -1,3 +1,4 @@
-"""The training loop and what it stands on: the step's stages and settings (``step``), the update
-(``update``), the reference policy and the critic, checkpoints (whole and sharded), processes
-(``distributed``), signals and the run-directory lock, resume, logs and plots."""
+"""The training loop and its stages: the step's stages and settings (``step``), the update (``update``),
+the reference policy and the critic, dynamic sampling, the collapse watch, held-out evaluation, building
+a run's parts from the configuration (``build``) and processes (``distributed``).  The run directory's
+files (checkpoints, lock, logs, plots) are :mod:`seqpg.rundir`'s."""

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import core, cpu_caps
+from .. import core
+from ..rollout import cpu_caps
 from ..config import AlgoConfig, ConfigError, ModelConfig, OptimConfig, ScorerConfig, TaskConfig, TrainConfig, \
     validate_for_processes
 from .critic import Critic, build_critic
@@ -25,6 +26,7 @@ from ..model.loading import LoraArgs, build_tiny_model, build_tiny_tokenizer, lo
 from .reference import ReferencePolicy
 from ..rewards.scorers import make_scorer
 from ..rewards.tasks import PromptStream, train_eval_prompts
+from ..rollout.interface import Rollouts
 from .step import StepSettings
 
 
@@ -74,8 +76,9 @@ def build_prompts(task: TaskConfig) -> tuple[list, list]:
         raise ConfigError(f"task ({task.source} {task.name!r}): {e}") from e
 
 
-def fit_to_context(cfg: TrainConfig, *prompt_lists: list) -> tuple[list, ...]:
-    """Each list of prompts measured against the model's context minus ``sampling.max_new_tokens``
+def fit_to_context(cfg: TrainConfig, rollouts: Rollouts, *prompt_lists: list) -> tuple[list, ...]:
+    """The rollouts' budget checked against the model's context (``Rollouts.check_context``), and each
+    list of prompts measured against the context minus ``sampling.max_new_tokens``
     (chat template and system prompt included), as ``task.overlong_prompts`` says. Reads only the
     tokenizer and the model's config: nothing heavy loads."""
     import sys
@@ -89,13 +92,10 @@ def fit_to_context(cfg: TrainConfig, *prompt_lists: list) -> tuple[list, ...]:
     else:
         path = resolve_model(cfg.model.name)
         tok, n_ctx = load_tokenizer(path), context_length(path)
-    if cfg.episode.enabled and cfg.sampling.chat_template:
-        _probe_episode_template(cfg, tok)
+    rollouts.check_template(tok)  # a template that rewrites history or refuses an episode's order: before any model
     if n_ctx is None:
         return prompt_lists
-    if cfg.episode.enabled and cfg.episode.max_episode_tokens > n_ctx:
-        raise ConfigError(f"episode.max_episode_tokens={cfg.episode.max_episode_tokens} exceeds the model's context "
-                          f"of {n_ctx} positions; lower it")
+    rollouts.check_context(n_ctx)
     s = cfg.sampling
     limit = n_ctx - s.max_new_tokens
     if limit < 1:
@@ -118,22 +118,6 @@ def fit_to_context(cfg: TrainConfig, *prompt_lists: list) -> tuple[list, ...]:
             raise ConfigError(f"task ({cfg.task.source} {cfg.task.name!r}): every prompt is over {limit} tokens")
         out.append(kept)
     return tuple(out)
-
-
-def _probe_episode_template(cfg: TrainConfig, tok) -> None:
-    """Refuse, before any model loads, a chat template that rewrites history or rejects the order of an
-    episode's messages (a tool turn is probed when the run has tools)."""
-    from ..rollout.chat import probe_chat_template
-    from ..rollout.env_adapters import method_tools
-    from ..rollout.environments import load_environment, make_environment
-
-    e = cfg.episode
-    tools = bool(e.tools) or (e.env is not None and bool(method_tools(
-        make_environment(load_environment(e.env), dict(e.env_params), spec=e.env), spec=e.env)))
-    try:
-        probe_chat_template(tok, tool_turn=tools)
-    except ValueError as err:
-        raise ConfigError(f"sampling.chat_template (model {cfg.model.name}): {err}") from err
 
 
 def build_policy(m: ModelConfig, seed: int, device: torch.device):
@@ -168,7 +152,7 @@ def build_components(cfg: TrainConfig, dist: DistContext) -> Components:
     with dist.fail_together("setup"):
         scorers = build_scorers(cfg.rewards)
         train_prompts, eval_prompts = build_prompts(cfg.task)
-        train_prompts, eval_prompts = fit_to_context(cfg, train_prompts, eval_prompts)
+        train_prompts, eval_prompts = fit_to_context(cfg, settings.rollouts, train_prompts, eval_prompts)
         seed_everything(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)

@@ -2,8 +2,13 @@
 
 Two ways a fast policy-gradient run degenerates, both invisible in the mean reward:
 
-* **no signal**: every group's rewards are equal (all completions empty, or all alike), so every
-  group-baseline advantage is 0 and the step teaches nothing: ``collapse/flat_groups`` = 1;
+* **no signal**: every group's task rewards are equal (a sparse verifier that no sample passes yet, all
+  completions empty or alike), so a group baseline gives the task nothing to learn:
+  ``collapse/flat_groups`` = 1. What the step then trains on is said apart, from the advantages it
+  actually used (``adv_task_abs_max``, ``adv_abs_max``, ``kl_loss``): nothing at all; only the KL
+  penalty's share of the advantages; only the KL loss term; or a critic's value errors. None of these
+  is helped by a KL penalty, so the remedies named are the ones that create signal (demonstrations,
+  partial credit, easier prompts, more samples, dynamic sampling);
 * **one answer**: the samples of a prompt, or the completions across prompts, are (nearly) the
   same text, e.g. "I'm so glad you love my amazing amazing amazing ..." for every prompt:
   ``collapse/distinct_in_group`` -> 1/n and ``collapse/distinct_2`` -> 0; or every prompt gets the same
@@ -44,6 +49,13 @@ OPENING_WORDS = 3
 """Words of a completion's opening compared across prompts."""
 MIN_OPENING_TEXT = 8
 """Completions shorter than this many words are left out of ``shared_opening``."""
+
+FLAT_REMEDIES = ("a supervised start on a few demonstrations (seqpg sft, then seqpg train --init), partial credit "
+                 "in the reward, easier prompts, more samples per prompt (sampling.samples_per_prompt), or dynamic "
+                 "sampling (sampling.dynamic_sampling=true), which keeps drawing prompts until groups with signal "
+                 "fill the batch")
+"""Remedies for flat groups: ways to get a sample that is better than its group. Not a KL penalty, which adds
+no task signal."""
 
 REMEDIES = ("a KL penalty to the reference model (algo.kl_coef: 0.05 by default, larger holds the policy closer; "
             "0 turns it off), a lower learning rate (optim.lr), or a reward that does not pay for emptiness or "
@@ -137,7 +149,7 @@ class CollapseWatch:
     def collapsed(self, m: dict[str, float]) -> str | None:
         """Why the step looks collapsed, or None."""
         if m["collapse/flat_groups"] >= 1.0:
-            return "every group's rewards are equal, so every advantage is 0 (no learning signal)"
+            return flat_reason(m)
         if m["collapse/distinct_2"] < self.min_distinct:
             return (f"completions are near-identical (distinct-2 {m['collapse/distinct_2']:.2f} < "
                     f"{self.min_distinct}; {m['collapse/distinct_in_group']:.2f} distinct per group)")
@@ -154,5 +166,23 @@ class CollapseWatch:
         if self.run < self.steps:
             return None
         self.warned = True
+        if m["collapse/flat_groups"] >= 1.0:
+            return f"no learning signal at step {step}: for {self.run} steps {why}. Usual remedies: {FLAT_REMEDIES}."
         return (f"the policy looks collapsed at step {step}: for {self.run} steps {why}. Usual remedies: "
                 f"{REMEDIES}.")
+
+
+def flat_reason(m: dict[str, float]) -> str:
+    """What a step whose groups all have equal task rewards trained on, read from its advantages' metrics:
+    ``adv_task_abs_max`` (the estimator's part), ``adv_abs_max`` (what the loss saw) and ``kl_loss``."""
+    flat = "every group's task rewards are equal"
+    task, total = m.get("adv_task_abs_max", 0.0), m.get("adv_abs_max", 0.0)
+    if task > 0:
+        return (f"{flat}; the advantages (max |A| {total:.3g}) come from the critic's value errors and the KL "
+                f"penalty, not from the task")
+    if total > 0:
+        return (f"{flat}; the advantages (max |A| {total:.3g}) come only from the KL penalty, which pulls the "
+                f"policy back towards its reference and teaches nothing of the task")
+    if m.get("kl_loss", 0.0) > 0:
+        return f"{flat}, so every advantage is 0; only the KL loss term moves the policy, back towards its reference"
+    return f"{flat} and every advantage is 0: no learning signal, the policy does not move"

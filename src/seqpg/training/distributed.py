@@ -37,11 +37,13 @@ import os
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as tdist
 from torch import nn
+
+from ..devices import resolve_device
 
 PARALLEL_MODES = ("ddp", "fsdp2")
 
@@ -53,23 +55,6 @@ class ProcessFailed(RuntimeError):
 def failed_together(error: BaseException, dist: "DistContext") -> bool:
     """True when every process raised at the same point (always in one process): they may still act together."""
     return not dist.enabled or getattr(error, "seqpg_failed_together", False)
-
-
-def resolve_device(device: str = "auto", local_rank: int | None = None) -> torch.device:
-    """The configured device (``cpu``, ``cuda`` or ``auto``: CUDA when visible) as this process's
-    ``torch.device``: GPU ``local_rank``, by default torchrun's ``LOCAL_RANK`` (0 without torchrun)."""
-    if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be one of auto, cpu, cuda; got {device!r}")
-    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
-    if want_cuda and local_rank >= torch.cuda.device_count():
-        raise RuntimeError(f"process LOCAL_RANK={local_rank} needs GPU {local_rank}, but {torch.cuda.device_count()} "
-                           "CUDA device(s) are visible: launch at most one process per GPU (torchrun "
-                           "--nproc_per_node), or set device=cpu")
-    return torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
 
 
 @dataclass
@@ -236,7 +221,7 @@ class Parallel:
     the plain module); ``extra_modules`` (the critic) are sharded under FSDP2 and summed by hand
     under DDP.  Build with :meth:`wrap`, before the optimizer (FSDP2 replaces the parameters).
     ``sharded_checkpoints``: checkpoints are written by every process, each its own shards
-    (:mod:`seqpg.training.checkpoint_dcp`), rather than whole by rank 0; so under ``parallel=fsdp2``,
+    (:mod:`seqpg.rundir.checkpoint_dcp`), rather than whole by rank 0; so under ``parallel=fsdp2``,
     with any number of processes.
     """
 
@@ -329,37 +314,14 @@ class Parallel:
                 m.reshard()
                 m.set_reshard_after_forward(m is not self.policy, recurse=False)  # FSDP2's defaults
 
-    # -- checkpoints -------------------------------------------------------------------------------
-    def save_checkpoint(self, run_dir, step: int, optimizer: torch.optim.Optimizer, *, trainer_state: dict,
-                        scheduler, keep_last: int | None, tokenizer) -> None:
-        """Write the checkpoint of ``step``; every process calls this.
-
-        With :attr:`sharded_checkpoints` every process writes its own shards
-        (:func:`seqpg.training.checkpoint_dcp.save_sharded_checkpoint`); otherwise rank 0 writes the whole
-        model and optimizer state (:meth:`checkpoint_view`, then :func:`seqpg.training.checkpoint.save_checkpoint`).
-        """
-        from .checkpoint import save_checkpoint
-        from .checkpoint_dcp import save_sharded_checkpoint
-
-        if self.sharded_checkpoints:
-            save_sharded_checkpoint(run_dir, step, modules={"policy": self.raw_policy, **self.extra_modules},
-                                    optimizer=optimizer, dist=self.dist, trainer_state=trainer_state,
-                                    scheduler=scheduler, keep_last=keep_last, tokenizer=tokenizer)
-            return
-        view = self.checkpoint_view(optimizer)
-        with self.dist.fail_together("checkpoint"):
-            if view is not None:
-                save_checkpoint(run_dir, step, model=view.model, optimizer=view.optimizer,
-                                extra_modules=view.extra_modules, trainer_state=trainer_state, scheduler=scheduler,
-                                keep_last=keep_last, tokenizer=tokenizer)
-
+    # -- checkpoints (the files are seqpg.rundir's: seqpg.rundir.parallel_checkpoint) ----------------
     def checkpoint_view(self, optimizer: torch.optim.Optimizer) -> CheckpointView | None:
         """Plain modules and optimizer state to save; None on processes other than rank 0.
 
         Under FSDP2 the full tensors are gathered from the shards (a collective: every process
         calls this) into CPU copies on rank 0, so the checkpoint is the same as a one-process
-        run's and resumes with any number of processes.  (The trainer's :meth:`save_checkpoint`
-        does not gather under FSDP2: every process writes its shards.)
+        run's and resumes with any number of processes.  (The trainer's checkpoints do not gather
+        under FSDP2: every process writes its shards, :mod:`seqpg.rundir.parallel_checkpoint`.)
         """
         if self.mode != "fsdp2":
             return CheckpointView(self.raw_policy, optimizer, dict(self.extra_modules)) if self.dist.is_main else None
@@ -375,27 +337,15 @@ class Parallel:
         policy = plain.pop("policy")
         return CheckpointView(policy, _StateHolder(optim_state), plain)
 
-    def load_checkpoint(self, ckpt, optimizer: torch.optim.Optimizer, scheduler, *, verify: bool = True) -> dict:
-        """Load a checkpoint (written with any number of processes) on this process; no collectives.
-
-        Returns the checkpoint's trainer state.  Global RNG streams are restored to the saved
-        ones (rank 0's, or this rank's own in a sharded checkpoint that has them) on every process.
-        A sharded checkpoint is read straight into this process's shards (DCP reshards); a full
-        one is read whole into plain copies and cut into shards.  ``verify``: as in
-        :func:`seqpg.training.checkpoint.load_checkpoint` (False where the caller has verified ``ckpt``).
-        """
-        from .checkpoint import load_checkpoint, resolve_checkpoint
-        from .checkpoint_dcp import is_sharded_checkpoint
+    def read_into_shards(self, read: Callable[[CheckpointView], dict], optimizer: torch.optim.Optimizer) -> dict:
+        """Under FSDP2, load a whole (unsharded) checkpoint: ``read(view)`` fills plain CPU copies of the
+        modules and a holder of the optimizer state, which are then cut into this process's shards (no
+        collectives).  Returns what ``read`` returned (the checkpoint's trainer state)."""
         from ..model.loading import is_lora_model
 
-        if self.mode != "fsdp2" or is_sharded_checkpoint(resolve_checkpoint(ckpt)):
-            return load_checkpoint(ckpt, model=self.raw_policy, optimizer=optimizer,
-                                   extra_modules=self.extra_modules, scheduler=scheduler, verify=verify)
         plain = {name: self._plain_copy(name) for name in ("policy", *self.extra_modules)}
         holder = _StateHolder()
-        state = load_checkpoint(ckpt, model=plain["policy"], optimizer=holder,
-                                extra_modules={k: v for k, v in plain.items() if k != "policy"}, scheduler=scheduler,
-                                verify=verify)
+        state = read(CheckpointView(plain["policy"], holder, {k: v for k, v in plain.items() if k != "policy"}))
         for name, m in {"policy": self.policy, **self.extra_modules}.items():
             # a PEFT checkpoint holds the adapters only: the frozen base weights stay as they were built
             only = {n for n, p in m.named_parameters() if p.requires_grad} if is_lora_model(m) else None

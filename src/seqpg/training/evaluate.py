@@ -5,10 +5,11 @@ standard error is over prompts only).  pass@k uses n >= k sampled completions pe
 the unbiased estimator of Chen et al. 2021, pass@k = 1 - C(n - c, k) / C(n, k), averaged
 over prompts (c = correct samples of that prompt).
 
-Multi-turn runs (``episodes``) are evaluated on whole episodes: the reward is the episode's return
-(the scorers on its final turn plus the environment's rewards, weighted as in training), the length
-its model tokens; held-out prompt i's environments are reset with the same seed at every evaluation
-(:func:`seqpg.rollout.episode_stage.env_seed` of (seed, -1, i)), so evaluations differ by the policy only.
+The samples are the run's (:mod:`seqpg.rollout.interface`): a multi-turn run is evaluated on whole
+episodes, the reward an episode's return (the scorers on its final turn plus the environment's rewards,
+weighted as in training), the length its model tokens; held-out prompt i's environments are reset with
+the same seed at every evaluation (:func:`seqpg.rollout.seeding.reset_seeds` of step -1), so
+evaluations differ by the policy only.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..batch import Prompt, sequence_returns
+from ..batch import Prompt
 from ..config import TrainConfig
-from ..rollout.sampling import SampleSettings
-from ..rewards.scorers import score_batch
+from ..rollout.interface import Rollouts, rollouts_from_config
+from ..rollout.seeding import reset_seeds
 
 
 @dataclass
@@ -55,32 +56,24 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def _rollout_scored(model, tokenizer, chunk: list[Prompt], first: int, scorers, sampling: SampleSettings, *, n: int,
-                    greedy: bool, generator, on_error: str, episodes, seed: int):
-    """(rollout, scored, (B,) rewards) of ``n`` completions (or episodes) of each prompt of ``chunk``."""
-    if episodes is None:
-        rollout = sampling.generate(model, tokenizer, chunk, n=n, greedy=greedy, generator=generator)
-        scored = score_batch(rollout, scorers, tokenizer=tokenizer, on_error=on_error)
-        return rollout, scored, scored.rewards_B
-    from ..rollout.episode_stage import env_seed, score_episodes
-
-    seeds = [env_seed(seed, -1, first + i) for i in range(len(chunk))]
-    rollout = episodes.sample(model, tokenizer, chunk, sampling, n=n, env_seeds=seeds, generator=generator,
-                              greedy=greedy)
-    scored = score_episodes(rollout, scorers, env_weight=episodes.env_weight, on_error=on_error, tokenizer=tokenizer)
-    return rollout, scored, sequence_returns(scored)
+def _rollout_scored(model, tokenizer, chunk: list[Prompt], first: int, scorers, rollouts: Rollouts, *, n: int,
+                    greedy: bool, generator, on_error: str, seed: int):
+    """(rollout, scored, (B,) reported rewards) of ``n`` samples of each prompt of ``chunk``."""
+    rollout = rollouts.sample(model, tokenizer, chunk, n=n, seeds=reset_seeds(seed, -1, first, len(chunk)),
+                              generator=generator, greedy=greedy)
+    scored = rollouts.score(rollout, scorers, on_error=on_error, tokenizer=tokenizer)
+    return rollout, scored, rollouts.reported_rewards(scored)
 
 
-def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, sampling: SampleSettings, batch_size: int = 32,
+def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, rollouts: Rollouts, batch_size: int = 32,
              ks: tuple[int, ...] = (), samples: int = 0, seed: int = 0, progress=None,
-             on_error: str = "raise", episodes=None) -> EvalResult:
+             on_error: str = "raise") -> EvalResult:
     """Evaluate ``model`` on ``prompts`` with ``scorers`` (a list of (Scorer, weight)).
 
-    Greedy completions with the ``sampling`` settings (budget, chat template, system prompt, stop
-    strings); ``ks`` (e.g. (1, 4)) adds pass@k from ``samples`` (default max(ks)) completions per
-    prompt sampled with all of them (temperature, top-p, top-k).  Correctness comes from the scorers
-    that define it. ``on_error``: what a scorer that raises does, as in ``score_batch``. ``episodes``
-    (a :class:`seqpg.rollout.episode_stage.EpisodeSettings`): evaluate multi-turn episodes instead.
+    Greedy samples of the run's ``rollouts`` (completions or episodes, with its budget, chat template,
+    system prompt, stop strings); ``ks`` (e.g. (1, 4)) adds pass@k from ``samples`` (default max(ks))
+    samples per prompt drawn with all of its settings (temperature, top-p, top-k).  Correctness comes
+    from the scorers that define it. ``on_error``: what a scorer that raises does, as in ``score_batch``.
     """
     if not prompts:
         raise ValueError("evaluate: no prompts given")
@@ -90,8 +83,8 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, sampling: Samp
     rewards, correct, lengths, per_scorer, rows = [], [], [], {}, []
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo:lo + batch_size]
-        rollout, scored, rewards_B = _rollout_scored(model, tokenizer, chunk, lo, scorers, sampling, n=1, greedy=True,
-                                                     generator=None, on_error=on_error, episodes=episodes, seed=seed)
+        rollout, scored, rewards_B = _rollout_scored(model, tokenizer, chunk, lo, scorers, rollouts, n=1, greedy=True,
+                                                     generator=None, on_error=on_error, seed=seed)
         rewards += rewards_B.tolist()
         lengths += rollout.completion_lengths_B.tolist()
         if scored.correct_B is not None:
@@ -103,8 +96,8 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, sampling: Samp
                  for p, comp, r in zip(chunk, rollout.completions, rewards_B.tolist())]
         if progress is not None:
             progress(len(chunk))
-    pk = _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, sampling, seed, batch_size,
-                    on_error, episodes) if ks else {}
+    pk = _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, rollouts, seed, batch_size,
+                    on_error) if ks else {}
     model.train(was_training)
     n = len(rewards)
     r = torch.tensor(rewards, dtype=torch.float64)
@@ -117,16 +110,16 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, sampling: Samp
                       {k: sum(v) / len(v) if v else math.nan for k, v in per_scorer.items()}, pk, rows)
 
 
-def _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, sampling: SampleSettings, seed, batch_size,
-               on_error, episodes=None) -> dict[int, float]:
+def _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, rollouts: Rollouts, seed, batch_size,
+               on_error) -> dict[int, float]:
     n = samples or max(ks)
     gen = torch.Generator().manual_seed(seed)
     per_prompt = max(1, batch_size // n)
     totals = {k: 0.0 for k in ks}
     for lo in range(0, len(prompts), per_prompt):
         chunk = prompts[lo:lo + per_prompt]
-        rollout, scored, _ = _rollout_scored(model, tokenizer, chunk, lo, scorers, sampling, n=n, greedy=False,
-                                             generator=gen, on_error=on_error, episodes=episodes, seed=seed)
+        rollout, scored, _ = _rollout_scored(model, tokenizer, chunk, lo, scorers, rollouts, n=n, greedy=False,
+                                             generator=gen, on_error=on_error, seed=seed)
         if scored.correct_B is None:
             raise ValueError("pass@k needs a scorer that defines correctness (e.g. reasoning_gym or exact_match)")
         for g in range(len(chunk)):
@@ -137,12 +130,9 @@ def _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, sampling: Sample
 
 
 def evaluate_as_configured(cfg: TrainConfig, model, tok, prompts, scorers, *, ks: tuple[int, ...] = (),
-                           samples: int = 0) -> EvalResult:
+                           samples: int = 0, rollouts: Rollouts | None = None) -> EvalResult:
     """`evaluate` with the run's sampling settings (budget, chat template, system prompt, stop strings) and
     its `on_scorer_error`: what `seqpg eval`, the evaluation during training (`eval_every`) and the
-    benchmark's held-out reward all run."""
-    from ..rollout.episode_stage import EpisodeSettings
-
-    return evaluate(model, tok, prompts, scorers, sampling=SampleSettings.from_config(cfg.sampling), ks=ks,
-                    samples=samples, seed=cfg.seed, on_error=cfg.on_scorer_error,
-                    episodes=EpisodeSettings.from_config(cfg))
+    benchmark's held-out reward all run.  ``rollouts``: the run's, when built already (else built here)."""
+    return evaluate(model, tok, prompts, scorers, rollouts=rollouts or rollouts_from_config(cfg), ks=ks,
+                    samples=samples, seed=cfg.seed, on_error=cfg.on_scorer_error)

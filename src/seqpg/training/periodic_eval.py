@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .evaluate import EvalResult, evaluate_as_configured
-from .checkpoint_files import capture_rng_state, restore_rng_state
+from ..rundir.checkpoint_files import capture_rng_state, restore_rng_state
 
 
 def due(step: int, eval_every: int, last_step: int) -> bool:
@@ -46,7 +46,7 @@ def eval_metrics(result: EvalResult, seconds: float) -> dict[str, float]:
 @contextmanager
 def preserved_rng() -> Iterator[None]:
     """Every global random stream (Python's, NumPy's, torch's CPU and CUDA / MPS) restored on exit: the same
-    states a checkpoint saves (:func:`~seqpg.training.checkpoint_files.capture_rng_state`)."""
+    states a checkpoint saves (:func:`~seqpg.rundir.checkpoint_files.capture_rng_state`)."""
     state = capture_rng_state()
     try:
         yield
@@ -65,7 +65,7 @@ def evaluate_held_out(cfg, c, dist, step: int, log) -> dict[str, float] | None:
     prompts = c.eval_prompts[:cfg.eval_prompts]
     t0 = time.perf_counter()
     with preserved_rng(), c.parallel.full_params() as model, dist.fail_together("held-out evaluation"):
-        result = evaluate_as_configured(cfg, model, c.tokenizer, prompts, c.scorers)
+        result = evaluate_as_configured(cfg, model, c.tokenizer, prompts, c.scorers, rollouts=c.settings.rollouts)
     metrics = eval_metrics(result, time.perf_counter() - t0)
     log.log_metrics(step, metrics)
     return metrics

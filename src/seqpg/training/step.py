@@ -4,8 +4,8 @@
 
 :class:`StepSettings` is built once from the configuration (:meth:`StepSettings.from_config`) and
 is immutable: the family's estimator and loss (or the ones ``algo.advantage`` / ``algo.loss``
-name), what the estimator needs, the estimator's parameters, the sampling settings, the precision
-and the update's arguments.  What changes between steps (the adaptive KL coefficient, the step
+name), what the estimator needs, the estimator's parameters, the rollouts (completions or episodes,
+with their sampling settings), the precision and the update's arguments.  What changes between steps (the adaptive KL coefficient, the step
 number) is an argument of the stage that uses it.
 
 The training loop (:mod:`seqpg.training.trainer`), ``seqpg explain`` and the tests call these functions;
@@ -15,7 +15,6 @@ shows is what the step trained on, KL penalty included.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,17 +22,25 @@ from types import MappingProxyType
 from typing import Any, ContextManager, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from .. import core
 from ..algorithms import Family, Needs, resolve_family
-from ..batch import Prompt, RolloutBatch, ScoredBatch, sequence_returns, total_rewards
-from ..config import TrainConfig
+from ..batch import Prompt, RolloutBatch, ScoredBatch, concat_rollouts, total_rewards
+from ..config import AlgoConfig, TrainConfig
 from .precision import autocast
-from ..rollout.episode_stage import EpisodeSettings, sample_episode_step, score_episodes
+from ..rollout.interface import Rollouts, rollouts_from_config
 from ..rollout.sampling import SampleSettings
-from ..rewards.scorers import score_batch
+from ..rollout.seeding import reset_seeds, seeded_generator
 from .update import TrainBatch, UpdateSettings
+
+
+def estimator_params(a: AlgoConfig, advantage: str) -> dict[str, Any]:
+    """Keyword arguments of the estimator ``advantage``: ``algo.advantage_params`` plus gamma / lam where
+    it takes them (what the step trains with, and what ``seqpg lab`` measures each estimator with)."""
+    accepted = core.advantage_params(advantage)
+    params = {k: v for k, v in (("gamma", a.gamma), ("lam", a.lam)) if k in accepted}
+    params.update({k: v for k, v in a.advantage_params.items() if k in accepted})
+    return params
 
 
 @dataclass(frozen=True)
@@ -45,21 +52,20 @@ class StepSettings:
     advantage_params: Mapping[str, Any]
     """Keyword arguments of the estimator: ``algo.advantage_params`` plus gamma / lam where it takes them."""
     whiten: bool
-    sample: SampleSettings
+    rollouts: Rollouts
+    """How the step samples and scores: single-turn completions or multi-turn episodes
+    (:mod:`seqpg.rollout.interface`), chosen here once."""
     samples_per_prompt: int
     seed_per_prompt: bool
     seed: int
     kl_mode: str
     """``reward``: the KL to the reference is a per-token reward penalty; ``loss``: a loss term."""
-    kl_estimator: str
+    kl_noise_floor: float
+    """|log pi - log pi_ref| at or below which a token's KL is exactly 0 (``algo.kl_noise_floor``, resolved)."""
     uses_reference: bool
     """``algo.kl_coef > 0``: the step computes reference log-probs."""
-    bf16: bool
-    """bfloat16 autocast for every forward pass (:func:`seqpg.training.precision.autocast`)."""
     update: UpdateSettings
     on_scorer_error: str
-    episode: EpisodeSettings | None = None
-    """Multi-turn episodes (the ``episode`` section), None for single-turn training."""
     sample_rounds: int = 1
     """Draws of prompts a step may make: 1, or ``sampling.max_sample_rounds`` with dynamic sampling
     (:mod:`seqpg.training.dynamic`)."""
@@ -70,34 +76,67 @@ class StepSettings:
     def needs(self) -> Needs:
         return self.family.needs
 
+    @property
+    def kl_in_advantages(self) -> bool:
+        """KL as a reward penalty added after a sampled-baseline estimator (eq. (1) of :mod:`seqpg.core.kl`)."""
+        return self.kl_mode == "reward" and not self.needs.critic
+
+    @property
+    def sample(self) -> SampleSettings:
+        """The sampling settings (the rollouts')."""
+        return self.rollouts.sampling
+
+    @property
+    def kl_estimator(self) -> str:
+        """The KL estimator of the penalty and of the loss term (the update's)."""
+        return self.update.kl_estimator
+
+    @property
+    def bf16(self) -> bool:
+        """bfloat16 autocast for every forward pass (:func:`seqpg.training.precision.autocast`; the update's)."""
+        return self.update.bf16
+
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "StepSettings":
         a, o, s = cfg.algo, cfg.optim, cfg.sampling
         family = resolve_family(a.name, a.advantage, a.loss)
-        accepted = core.advantage_params(family.advantage)
-        params = {k: v for k, v in (("gamma", a.gamma), ("lam", a.lam)) if k in accepted}
-        params.update(a.advantage_params)
+        params = estimator_params(a, family.advantage)
         update = UpdateSettings(loss=family.loss, agg=a.agg or family.agg, loss_params=dict(a.loss_params),
                                 epochs=a.epochs or family.epochs, minibatches=a.minibatches,
                                 micro_batch_size=o.micro_batch_size, max_grad_norm=o.max_grad_norm,
                                 temperature=s.temperature, kl_estimator=a.kl_estimator_used,
+                                kl_noise_floor=kl_noise_floor(cfg),
                                 entropy_coef=a.entropy_coef, vf_coef=a.vf_coef, vf_clip=a.vf_clip, bf16=cfg.bf16,
                                 on_nonfinite=o.on_nonfinite, grad_noise=o.grad_noise)
         return cls(family=family, advantage_params=MappingProxyType(params), whiten=a.whiten,
-                   sample=SampleSettings.from_config(s), samples_per_prompt=s.samples_per_prompt,
-                   seed_per_prompt=s.seed_per_prompt, seed=cfg.seed, kl_mode=a.kl_mode, kl_estimator=a.kl_estimator_used,
-                   uses_reference=a.kl_coef > 0, bf16=cfg.bf16, update=update, on_scorer_error=cfg.on_scorer_error,
-                   episode=EpisodeSettings.from_config(cfg),
+                   rollouts=rollouts_from_config(cfg), samples_per_prompt=s.samples_per_prompt,
+                   seed_per_prompt=s.seed_per_prompt, seed=cfg.seed, kl_mode=a.kl_mode_used,
+                   kl_noise_floor=kl_noise_floor(cfg), uses_reference=a.kl_coef > 0, update=update,
+                   on_scorer_error=cfg.on_scorer_error,
                    sample_rounds=s.max_sample_rounds if s.dynamic_sampling else 1, overlong_filter=a.overlong_filter)
 
     @property
     def max_completion_tokens(self) -> int:
         """The most completion columns a row can have (the Dr. GRPO loss's constant normaliser)."""
-        return self.episode.limits.max_tokens if self.episode is not None else self.sample.max_new_tokens
+        return self.rollouts.max_completion_tokens
 
     def autocast(self, device: torch.device | str) -> ContextManager:
         """The step's precision on ``device`` (the only place a stage's autocast comes from)."""
         return autocast(torch.device(device).type, self.bf16)
+
+
+KL_NOISE_FLOOR = {False: 1e-3, True: 0.3}
+"""``algo.kl_noise_floor`` when null, by whether a pass runs in bfloat16: above the largest disagreement between
+sampler, trainer layouts and reference on the same weights (``bench/logprob_disagreement.py``; the figures, per
+model and precision, are in docs/maths.md). In bf16 that disagreement is large, so the KL there acts only on
+tokens whose log-ratio exceeds the floor."""
+
+
+def kl_noise_floor(cfg: TrainConfig) -> float:
+    """The run's KL noise floor: ``algo.kl_noise_floor``, or the precision's default (:data:`KL_NOISE_FLOOR`)."""
+    if cfg.algo.kl_noise_floor is not None:
+        return cfg.algo.kl_noise_floor
+    return KL_NOISE_FLOOR[bool(cfg.bf16) or cfg.model.dtype == "bfloat16"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,51 +145,27 @@ class StepSettings:
 
 def sample(model, tokenizer, prompts: list[Prompt], st: StepSettings, *, step: int, first: int = 0,
            device: torch.device | str = "cpu", rank: int | None = None) -> RolloutBatch:
-    """``samples_per_prompt`` completions of each prompt, rows grouped by prompt.
+    """``samples_per_prompt`` samples (completions or episodes: ``st.rollouts``) of each prompt, rows grouped
+    by prompt.
 
     With ``seed_per_prompt`` each prompt is sampled by its own generator, seeded by (seed, step, its
     index ``first + i`` in the step's global batch): its samples do not depend on which process draws
     them.  Otherwise all prompts go in one batched call that draws from the global RNG in one process
     (``rank`` None), and from a generator of (seed, step, rank) in several (processes, whose global RNGs
-    are equal, must draw different streams).
+    are equal, must draw different streams).  Environments are reset by the prompt's global index either way.
     """
-    n = st.samples_per_prompt
-    if st.episode is not None:
-        return sample_episode_step(model, tokenizer, prompts, st, step=step, first=first, rank=rank,
-                                   seeded=lambda *key: seeded_generator(device, st.seed, step, *key))
+    n, r = st.samples_per_prompt, st.rollouts
+    seeds = reset_seeds(st.seed, step, first, len(prompts))
     if st.seed_per_prompt:
-        parts = [st.sample.generate(model, tokenizer, [p], n=n,
-                                    generator=seeded_generator(device, st.seed, step, "prompt", first + i))
+        parts = [r.sample(model, tokenizer, [p], n=n, seeds=[seeds[i]],
+                          generator=seeded_generator(device, st.seed, step, "prompt", first + i))
                  for i, p in enumerate(prompts)]
-        return concat_rollouts(parts, tokenizer.pad_token_id)
-    gen = seeded_generator(device, st.seed, step, "rank", rank) if rank is not None else None
-    return st.sample.generate(model, tokenizer, prompts, n=n, generator=gen)
-
-
-def seeded_generator(device: torch.device | str, *key) -> torch.Generator:
-    """A generator seeded by a hash of ``key`` (independent streams for distinct keys)."""
-    seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") & (2**63 - 1)
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def concat_rollouts(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
-    """One rollout from several: prompts left-padded, completions right-padded to common widths."""
-    P = max(r.prompt_ids_BP.shape[1] for r in parts)
-    C = max(r.completion_ids_BC.shape[1] for r in parts)
-
-    def cat(name: str, width: int, left: bool, fill) -> torch.Tensor:
-        ts = [getattr(r, name) for r in parts]
-        return torch.cat([F.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=fill)
-                          for t in ts])
-
-    return RolloutBatch(
-        prompts=[p for r in parts for p in r.prompts], completions=[t for r in parts for t in r.completions],
-        prompt_ids_BP=cat("prompt_ids_BP", P, True, pad_id), prompt_mask_BP=cat("prompt_mask_BP", P, True, False),
-        completion_ids_BC=cat("completion_ids_BC", C, False, pad_id),
-        completion_mask_BC=cat("completion_mask_BC", C, False, False),
-        sample_logprobs_BC=cat("sample_logprobs_BC", C, False, 0.0),
-        group_ids_B=torch.cat([r.group_ids_B + i for i, r in enumerate(parts)]),
-        finished_B=torch.cat([r.finished_B for r in parts]))
+        rollout = concat_rollouts(parts, tokenizer.pad_token_id)
+    else:
+        gen = seeded_generator(device, st.seed, step, "rank", rank) if rank is not None else None
+        rollout = r.sample(model, tokenizer, prompts, n=n, seeds=seeds, generator=gen)
+    r.check_batch(rollout)  # e.g. every episode's environment failed: one line, not a step on nothing
+    return rollout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,34 +177,17 @@ class Scored:
     """The scorers' verdict on a rollout, and what the estimator needs from scoring besides it."""
 
     batch: ScoredBatch
-    baseline_B: torch.Tensor | None = None  # (B,) ReMax: the reward of the greedy completion of each row's prompt
+    baseline_B: torch.Tensor | None = None  # (B,) ReMax: the reward of the greedy sample of each row's prompt
 
 
 def score(model, tokenizer, rollout: RolloutBatch, prompts: list[Prompt], scorers, st: StepSettings) -> Scored:
     """Score ``rollout`` (``prompts``: its distinct prompts, in group order); with an estimator that needs
-    a greedy baseline, also sample and score one greedy completion per prompt."""
-    if st.episode is not None:
-        return _score_episodes(model, tokenizer, rollout, prompts, scorers, st)
-    scored = score_batch(rollout, scorers, on_error=st.on_scorer_error, tokenizer=tokenizer)
+    a greedy baseline, also sample and score one greedy sample per prompt (an episode's environment reset
+    as the prompt's sampled episodes were)."""
+    scored = st.rollouts.score(rollout, scorers, on_error=st.on_scorer_error, tokenizer=tokenizer)
     baseline_B = None
     if st.needs.greedy_baseline:
-        greedy = st.sample.generate(model, tokenizer, prompts, n=1, greedy=True)
-        baseline_B = score_batch(greedy, scorers, on_error="zero", tokenizer=tokenizer).rewards_B[rollout.group_ids_B]
-    return Scored(scored, baseline_B)
-
-
-def _score_episodes(model, tokenizer, rollout, prompts: list[Prompt], scorers, st: StepSettings) -> Scored:
-    """The scorers on the final turns plus the environment's rewards; ReMax: a greedy episode per prompt
-    (its environment reset as the prompt's sampled episodes were), its whole return the baseline."""
-    ep = st.episode
-    scored = score_episodes(rollout, scorers, env_weight=ep.env_weight, on_error=st.on_scorer_error,
-                            tokenizer=tokenizer)
-    baseline_B = None
-    if st.needs.greedy_baseline:
-        seeds = [e.seed for e in rollout.episodes[::st.samples_per_prompt]]
-        greedy = ep.sample(model, tokenizer, prompts, st.sample, n=1, env_seeds=seeds, greedy=True)
-        greedy_scored = score_episodes(greedy, scorers, env_weight=ep.env_weight, on_error="zero", tokenizer=tokenizer)
-        baseline_B = sequence_returns(greedy_scored)[rollout.group_ids_B]
+        baseline_B = st.rollouts.greedy_baseline(model, tokenizer, rollout, prompts, scorers)
     return Scored(scored, baseline_B)
 
 
@@ -201,7 +199,7 @@ def _score_episodes(model, tokenizer, rollout, prompts: list[Prompt], scorers, s
 class Judged:
     """Everything the update and the logs need from a scored rollout."""
 
-    rewards: Any  # the rewards the estimator saw: (B,) sequence rewards or (B, C) token rewards, KL shaped
+    rewards: Any  # the rewards the estimator saw: (B,) sequence or (B, C) token rewards (KL shaped for a critic)
     advantages_BC: torch.Tensor  # (B, C)
     returns_BC: torch.Tensor  # (B, C)
     kl_BC: torch.Tensor | None  # (B, C) estimated KL(sampler || reference) per token, None without a reference
@@ -209,6 +207,7 @@ class Judged:
     old_values_BC: torch.Tensor | None  # (B, C) critic values at sampling time
     kl_coef: float  # the KL coefficient this step used
     in_loss_B: torch.Tensor | None = None  # (B,) bool, rows the loss sees (overlong filtering); None: all
+    task_adv_abs_max: float = 0.0  # max |A| of the estimator's part (this process), before a KL penalty is added
 
     def train_batch(self, rollout: RolloutBatch, st: StepSettings) -> TrainBatch:
         """What :func:`seqpg.training.update.update` trains on (reference log-probs only when KL is a loss term)."""
@@ -235,8 +234,10 @@ def judge(rollout: RolloutBatch, scored: Scored, st: StepSettings, *, kl_coef: f
         ref_BC = reference.logprobs(rollout, temperature=st.sample.temperature) if reference is not None else None
         values_BC = critic.values_of(rollout) if critic is not None else None
     rewards = total_rewards(scored.batch)
-    kl_BC = core.kl_estimate(st.kl_estimator, rollout.sample_logprobs_BC, ref_BC) if ref_BC is not None else None
-    if kl_BC is not None and st.kl_mode == "reward":
+    kl_BC = (core.kl_estimate(st.kl_estimator, rollout.sample_logprobs_BC, ref_BC, tol=st.kl_noise_floor)
+             if ref_BC is not None else None)
+    shaped = kl_BC is not None and st.kl_mode == "reward"
+    if shaped and not st.kl_in_advantages:  # a critic learns the values of the KL-shaped return
         rewards = core.kl_penalty(rewards, kl_BC, kl_coef, mask_BC)
     params = dict(st.advantage_params)
     if scored.baseline_B is not None:
@@ -246,8 +247,11 @@ def judge(rollout: RolloutBatch, scored: Scored, st: StepSettings, *, kl_coef: f
                                                  values=values_BC, all_reduce=all_reduce, **params)
         if st.whiten:
             adv_BC = core.whiten(adv_BC, mask_BC, all_reduce=all_reduce)
+        task_adv_abs_max = float(adv_BC.abs().max()) if adv_BC.numel() else 0.0
+        if shaped and st.kl_in_advantages:  # the task's advantages, then the penalty at its own scale
+            adv_BC = adv_BC + core.kl_advantages(kl_BC, kl_coef, mask_BC, params.get("gamma", 1.0))
     in_loss_B = None
     if st.overlong_filter:  # DAPO: a truncated completion's reward judges an unfinished answer; it gets no loss
         in_loss_B = rollout.finished_B.clone()
         adv_BC = adv_BC * in_loss_B[:, None]
-    return Judged(rewards, adv_BC, ret_BC, kl_BC, ref_BC, values_BC, kl_coef, in_loss_B)
+    return Judged(rewards, adv_BC, ret_BC, kl_BC, ref_BC, values_BC, kl_coef, in_loss_B, task_adv_abs_max)

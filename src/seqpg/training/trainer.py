@@ -26,18 +26,19 @@ import torch
 from .. import core
 from ..batch import Prompt
 from .build import Components, build_components
-from .checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state
+from ..rundir.checkpoint import latest_checkpoint
+from ..rundir.checkpoint_files import capture_rng_state, restore_rng_state
+from ..rundir.parallel_checkpoint import load_parallel_checkpoint, save_parallel_checkpoint
 from ..config import TrainConfig, to_dict
 from .collapse import CollapseWatch, collapse_metrics
 from .dynamic import Draw, fill_batch
 from .distributed import DistContext, failed_together
 from .periodic_eval import evaluate_held_out
-from .resume import apply_resume_changes, record_resume_changes, resume_changes
-from .runlock import RunLock
-from .runlog import RunLogger, Timer, progress_bar
+from ..rundir.resume import apply_resume_changes, record_resume_changes, resume_changes
+from ..rundir.runlock import RunLock
+from ..rundir.runlog import RunLogger, Timer, progress_bar
 from ..rewards.scorers import reward_metrics, sample_scores
-from ..rollout.episode_stage import EpisodeRollout, episode_metrics, reported_rewards
-from .signals import StopFlag
+from ..rundir.signals import StopFlag
 from .step import judge, sample, score
 from .update import refuse_nonfinite_parameters, update
 
@@ -82,7 +83,7 @@ def _run(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool, run_
         if resume and ckpt is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints; start without --resume")
         if ckpt is not None:
-            state = c.parallel.load_checkpoint(ckpt, c.optimizer, c.scheduler, verify=False)  # verified just above
+            state = load_parallel_checkpoint(c.parallel, ckpt, c.optimizer, c.scheduler, verify=False)  # verified
             start = state["step"]
             c.stream.load_state_dict(state["prompt_stream"])
             c.kl_ctl.load_state_dict(state["kl_controller"])
@@ -211,11 +212,12 @@ def train_step(cfg: TrainConfig, c: Components, dist: DistContext, step: int, lo
     kl_mean = float(core.masked_mean(kl_BC, mask_BC, all_reduce=dist.all_reduce_sum)) if kl_BC is not None else 0.0
     c.kl_ctl.update(kl_mean, rollout.batch_size * dist.world_size)
     metrics = {**_metrics(scored.batch, judged.advantages_BC, kl_mean, ustats, timer, c, dist), **dynamic_metrics}
+    metrics["adv_task_abs_max"] = float(dist.all_reduce_max(torch.tensor(judged.task_adv_abs_max)))
     if judged.in_loss_B is not None:
         metrics["overlong_masked"] = float(dist.gather_cat((~judged.in_loss_B).float()).mean())
     log.log_metrics(step, metrics)
     if step % cfg.log_samples_every == 0:
-        rows = _sample_rows(scored.batch, judged.advantages_BC)
+        rows = _sample_rows(scored.batch, judged.advantages_BC, st.rollouts)
         log.log_samples(step, [row for rows in dist.gather_objects(rows) for row in rows])
     return metrics
 
@@ -228,10 +230,9 @@ def _my_share(prompts: list[Prompt], dist: DistContext) -> tuple[list[Prompt], i
 
 def _metrics(scored, adv_BC, kl_mean, ustats, timer, c: Components, dist: DistContext) -> dict[str, float]:
     """The step's metrics over all processes (``ustats`` come global from ``update``)."""
-    r = scored.rollout
+    r, rollouts = scored.rollout, c.settings.rollouts
     mask = r.completion_mask_BC
-    episodes = isinstance(r, EpisodeRollout)
-    rewards = dist.gather_cat(reported_rewards(scored))  # episodes: the environment's rewards too
+    rewards = dist.gather_cat(rollouts.reported_rewards(scored))  # episodes: the environment's rewards too
     lengths = dist.gather_cat(r.completion_lengths_B.float())
     m = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0}
     m.update(reward_metrics(scored, dist.gather_cat))
@@ -246,11 +247,10 @@ def _metrics(scored, adv_BC, kl_mean, ustats, timer, c: Components, dist: DistCo
     m["truncated_frac"] = float(dist.gather_cat((~r.finished_B).float()).mean())
     m["scorer_errors"] = float(dist.all_reduce_sum(torch.tensor(float(scored.num_scorer_errors))))
     m["lr"] = c.optimizer.param_groups[0]["lr"]
-    if episodes:
-        m.update(episode_metrics(r, dist.gather_cat, dist.all_reduce_sum))
+    m.update(rollouts.metrics(r, dist.gather_cat, dist.all_reduce_sum))
     groups = dist.gather_cat(r.group_ids_B + dist.rank * (int(r.group_ids_B.max()) + 1))  # distinct across processes
     m.update(collapse_metrics(rewards, groups, [t for ts in dist.gather_objects(r.completions) for t in ts],
-                              openings=not episodes))
+                              openings=rollouts.shared_openings))
     seconds = dist.all_reduce_max(torch.tensor(list(timer.seconds.values()), dtype=torch.float64)).tolist()
     m.update({f"time/{k}": v for k, v in zip(timer.seconds, seconds)})  # the slowest process's
     total = sum(seconds)
@@ -259,10 +259,9 @@ def _metrics(scored, adv_BC, kl_mean, ustats, timer, c: Components, dist: DistCo
     return m
 
 
-def _sample_rows(scored, adv_BC) -> list[dict]:
+def _sample_rows(scored, adv_BC, rollouts) -> list[dict]:
     r = scored.rollout
-    episodes = isinstance(r, EpisodeRollout)
-    returns_B = reported_rewards(scored)
+    returns_B = rollouts.reported_rewards(scored)
     rows = []
     for i in range(r.batch_size):
         mask_C = r.completion_mask_BC[i]
@@ -270,11 +269,8 @@ def _sample_rows(scored, adv_BC) -> list[dict]:
         rows.append({"prompt_id": r.prompts[i].id, "prompt": r.prompts[i].text, "completion": r.completions[i],
                      "reward": float(returns_B[i]),
                      "scores": sample_scores(scored, i),
-                     "advantage": float(adv_BC[i][mask_C].mean()) if n else 0.0, "length": n})
-        if episodes:  # every model turn, what answered it, and the environment's reward for it
-            rows[-1]["turns"] = [{"text": t.text, "reward": t.reward,
-                                  "tools": [res.content for res in t.tool_results]} for t in r.episodes[i].turns]
-            rows[-1]["env_error"] = r.episodes[i].env_error  # why the environment failed (on_env_error: drop)
+                     "advantage": float(adv_BC[i][mask_C].mean()) if n else 0.0, "length": n,
+                     **rollouts.log_row(r, i)})
     return rows
 
 
@@ -284,5 +280,5 @@ def _save(cfg: TrainConfig, c: Components, dist: DistContext, step: int) -> None
     state = {"step": step, "prompt_stream": c.stream.state_dict(), "kl_controller": c.kl_ctl.state_dict()}
     with dist.fail_together("checkpoint"):
         refuse_nonfinite_parameters({"policy": c.policy, **c.extra_modules}, step)  # never save a NaN model
-    c.parallel.save_checkpoint(cfg.run_dir, step, c.optimizer, trainer_state=state, scheduler=c.scheduler,
-                               keep_last=cfg.keep_checkpoints, tokenizer=c.tokenizer)
+    save_parallel_checkpoint(c.parallel, cfg.run_dir, step, c.optimizer, trainer_state=state, scheduler=c.scheduler,
+                             keep_last=cfg.keep_checkpoints, tokenizer=c.tokenizer)

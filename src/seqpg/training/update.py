@@ -82,20 +82,24 @@ class UpdateSettings:
 
     loss: str
     agg: str
+    kl_estimator: str
+    """The KL estimator of the KL loss term (the config's ``algo.kl_estimator``, as resolved for its ``kl_mode``)."""
+    grad_noise: bool
+    """Split a mini-batch that would be one micro-batch in two, so that the gradient noise scale is measured."""
+    kl_noise_floor: float
+    """|log pi - log pi_ref| at or below which the KL loss term of a token is 0 (:func:`seqpg.core.kl_estimate`;
+    the config's ``algo.kl_noise_floor``, resolved for the run's precision)."""
     loss_params: dict = field(default_factory=dict)
     epochs: int = 1
     minibatches: int = 1
     micro_batch_size: int = 0
     max_grad_norm: float = 1.0
     temperature: float = 1.0
-    kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     vf_coef: float = 0.5
     vf_clip: float | None = 0.2
     bf16: bool = False
     on_nonfinite: str = "skip"
-    grad_noise: bool = False
-    """Split a mini-batch that would be one micro-batch in two, so that the gradient noise scale is measured."""
 
 
 class GradSync(Protocol):
@@ -279,7 +283,7 @@ def _micro_loss(policy, critic, micro: TrainBatch, s: UpdateSettings, kl_loss_co
         loss = loss - s.entropy_coef * core.aggregate_loss(out.entropy_BC, mask, s.agg, **counts)
     if kl_loss_coef and micro.ref_logprobs_BC is not None:
         kl = core.kl_loss(out.logprobs_BC, micro.ref_logprobs_BC, mask, estimator=s.kl_estimator, agg=s.agg,
-                          **counts)
+                          tol=s.kl_noise_floor, **counts)
         loss = loss + kl_loss_coef * kl
         stats["kl_loss"] = float(kl.detach())
     if critic is not None:

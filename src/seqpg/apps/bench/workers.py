@@ -66,6 +66,7 @@ class SeqpgRunner:
     def step(self, k: int) -> dict:
         from ...model.flops import ModelShape, shared_prompt_counts, train_flops
         from ...model.policy import shared_prompt_groups
+        from ...rollout.seeding import reset_seeds
         from ...training.step import judge, score
         from ...training.update import update
 
@@ -74,8 +75,8 @@ class SeqpgRunner:
         marks = {"begin": now()}
         st = self.settings
         with st.autocast(self.s.device):
-            rollout = st.sample.generate(self.policy, self.tok, prompts, n=sp.samples_per_prompt,
-                                         generator=self.generator)
+            rollout = st.rollouts.sample(self.policy, self.tok, prompts, n=sp.samples_per_prompt,
+                                         seeds=reset_seeds(st.seed, k, 0, len(prompts)), generator=self.generator)
         marks["sampled"] = now()
         scored = score(self.policy, self.tok, rollout, prompts, self.scorers, st)  # the training step's stages
         batch = judge(rollout, scored, st, kl_coef=0.0).train_batch(rollout, st)

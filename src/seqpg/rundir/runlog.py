@@ -7,7 +7,7 @@
                             evaluation (eval_every) logs its eval/* metrics as a line of its own at its step
     RUN/samples.jsonl       one JSON object per sample: {"step", "prompt", "completion", ...}
     RUN/tensorboard/        TensorBoard event files, one scalar per metric key
-    RUN/plots/*.png         written by :func:`seqpg.training.plots.plot_run` every ``plot_every`` steps and at close
+    RUN/plots/*.png         written by :func:`seqpg.rundir.plots.plot_run` every ``plot_every`` steps and at close
 
 Every line is flushed and fsynced as it is written.  Resuming from the checkpoint of step k
 (``resume_step=k``) drops the lines of steps after k, a torn last line and TensorBoard events
@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, TextIO
 
 import yaml
 
-from .runfiles import CONFIG_FILE, METRICS_FILE, SAMPLES_FILE, read_jsonl  # noqa: F401 (re-exported)
+from .runfiles import CONFIG_FILE, METRICS_FILE, SAMPLES_FILE, read_jsonl
 WARNINGS_FILE = "warnings.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 _RESERVED = ("step", "wall_time")

@@ -27,10 +27,10 @@ that ``trainer_state.json``'s step is the directory's; :func:`latest_checkpoint`
 checkpoint (with a warning naming the file and why) for the newest intact one, and
 :func:`load_checkpoint` verifies before it loads.  Format 1 checkpoints (no checksums) still load.
 
-One process writes a run directory (rank 0 in distributed runs; :mod:`seqpg.training.runlock` keeps out
+One process writes a run directory (rank 0 in distributed runs; :mod:`seqpg.rundir.runlock` keeps out
 a second writer).  Under ``parallel=fsdp2`` every process writes its own shards instead
-(``"weights": "dcp"``, :mod:`seqpg.training.checkpoint_dcp`), with the same atomicity and checksums;
-:func:`load_checkpoint` and :func:`full_model_state` read both kinds.  ``StopFlag`` (the Ctrl-C / SIGTERM handler) lives in :mod:`seqpg.training.signals`.
+(``"weights": "dcp"``, :mod:`seqpg.rundir.checkpoint_dcp`), with the same atomicity and checksums;
+:func:`load_checkpoint` and :func:`full_model_state` read both kinds.
 """
 
 from __future__ import annotations
@@ -48,13 +48,12 @@ import torch
 from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
-from .signals import StopFlag  # noqa: F401 -- its former home; ``seqpg.training.checkpoint.StopFlag`` stays importable
-from .checkpoint_files import (CHECKPOINTS_DIR, FORMAT_VERSION, LATEST_FILE, META_FILE,  # noqa: F401 (re-exported)
+from .checkpoint_files import (CHECKPOINTS_DIR, FORMAT_VERSION, LATEST_FILE, META_FILE,
                                READABLE_FORMATS, CheckpointDamaged, capture_rng_state, file_checksums,
                                restore_rng_state, step_dir_name)
-from .checkpoint_files import (_REPLACED_DIR, _STEP_DIR, _clean_leftovers, _complete_checkpoints, _file_problem,
-                               _fsync_tree, _is_complete, _move_into_place, _peft_adapter_names, _prune, _to_json,
-                               _write_pointer, _write_text)
+from .checkpoint_files import (REPLACED_DIR, STEP_DIR, clean_leftovers, complete_checkpoints, file_problem,
+                               fsync_tree, is_complete, move_into_place, peft_adapter_names, prune, to_json,
+                               write_pointer, write_text)
 
 """1: no checksums; 2: ``meta.json`` records each file's size and sha256."""
 _NAME_OK = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -92,14 +91,14 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
         if not _NAME_OK.match(name):
             raise ValueError(f"save_checkpoint: extra module name {name!r} is not a safe file name; "
                              "use letters, digits, '_', '.', '-'")
-    state_json = _to_json(trainer_state, "trainer_state")
-    peft_adapters = _peft_adapter_names(model)
+    state_json = to_json(trainer_state, "trainer_state")
+    peft_adapters = peft_adapter_names(model)
     if peft_adapters is not None:
         _check_trainable_covered_by_adapters(model, peft_adapters)
 
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(root)
+    clean_leftovers(root)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -123,21 +122,21 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
             torch.save(rng_state, tmp / "rng.pt")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        _write_text(tmp / "trainer_state.json", state_json)
+        write_text(tmp / "trainer_state.json", state_json)
         meta = {"format": FORMAT_VERSION, "step": step,
                 "weights": "peft" if peft_adapters is not None else "full",
                 "adapters": peft_adapters, "extra_modules": sorted(extra_modules),
                 "optimizer": optimizer is not None, "scheduler": scheduler is not None,
                 "rng": rng, "tokenizer": tokenizer is not None, "files": file_checksums(tmp)}
-        _write_text(tmp / META_FILE, json.dumps(meta, indent=2))
-        _fsync_tree(tmp)
-        _move_into_place(tmp, final)
+        write_text(tmp / META_FILE, json.dumps(meta, indent=2))
+        fsync_tree(tmp)
+        move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_pointer(root, final.name)
+    write_pointer(root, final.name)
     if keep_last is not None:
-        _prune(root, step, keep_last)
+        prune(root, step, keep_last)
     return final
 
 
@@ -165,12 +164,12 @@ def latest_checkpoint(run_dir: str | os.PathLike, *, verify: bool = True) -> Pat
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return None
-    found = _complete_checkpoints(root)  # sorted by step
+    found = complete_checkpoints(root)  # sorted by step
     candidates = [p for _, p in reversed(found)]
     pointer = root / LATEST_FILE
     if pointer.is_file():
         target = root / pointer.read_text().strip()
-        if _is_complete(target):
+        if is_complete(target):
             at = _dir_step(target)
             candidates = [target] + [p for s, p in reversed(found) if p != target and (at is None or s < at)]
         else:
@@ -213,7 +212,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         if not isinstance(meta.get("files"), dict):
             raise CheckpointDamaged(f"{ckpt / META_FILE}: has no 'files' record of sizes and checksums")
         for rel, want in sorted(meta["files"].items()):
-            problem = _file_problem(ckpt / rel, want)
+            problem = file_problem(ckpt / rel, want)
             if problem:
                 raise CheckpointDamaged(f"{ckpt / rel}: {problem}")
     dir_step = _dir_step(ckpt)
@@ -230,7 +229,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def _dir_step(ckpt: Path) -> int | None:
     """The step in a checkpoint directory's name (``step-000040`` or its ``.replaced`` copy), else None."""
-    m = _STEP_DIR.match(ckpt.name) or _REPLACED_DIR.match(ckpt.name)
+    m = STEP_DIR.match(ckpt.name) or REPLACED_DIR.match(ckpt.name)
     return int(m.group(1)) if m else None
 
 
@@ -260,7 +259,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     """
     ckpt = resolve_checkpoint(path, verify=verify)
     meta = verify_checkpoint(ckpt) if verify and Path(path) == ckpt else _read_meta(ckpt)
-    if meta["weights"] == "dcp":  # sharded (parallel=fsdp2): see seqpg.training.checkpoint_dcp
+    if meta["weights"] == "dcp":  # sharded (parallel=fsdp2): see seqpg.rundir.checkpoint_dcp
         from .checkpoint_dcp import load_sharded_checkpoint
 
         return load_sharded_checkpoint(ckpt, meta, modules={"policy": model, **(extra_modules or {})},
@@ -268,7 +267,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     if meta["weights"] == "peft":
         _load_peft(ckpt, meta, model)
     else:
-        if _peft_adapter_names(model) is not None:
+        if peft_adapter_names(model) is not None:
             raise ValueError(f"{ckpt} holds a full (non-PEFT) model but the model given is a PEFT model; "
                              "load it into the plain base model")
         _load_safetensors(model, ckpt / "model.safetensors")
@@ -395,7 +394,7 @@ def _check_trainable_covered_by_adapters(model: nn.Module, adapters: list[str]) 
 def _load_peft(ckpt: Path, meta: Mapping[str, Any], model: nn.Module) -> None:
     from peft import set_peft_model_state_dict
 
-    adapters = _peft_adapter_names(model)
+    adapters = peft_adapter_names(model)
     if adapters is None:
         raise ValueError(f"{ckpt} holds PEFT adapter weights but the model given is not a peft.PeftModel; "
                          "wrap the base model with the same adapter config (peft.get_peft_model) first")

@@ -13,7 +13,7 @@ override of those keys while config.yaml claimed it.  So:
 * :func:`record_resume_changes` appends ``{"step", "changes": {key: {"from", "to"}}}`` to
   ``RUN/config_history.jsonl`` (the step is the first one trained with the new values) and prints
   the change; config.yaml then holds the configuration the run continues with (the earlier one is
-  kept aside by :class:`seqpg.training.runlog.RunLogger`).
+  kept aside by :class:`seqpg.rundir.runlog.RunLogger`).
 """
 
 from __future__ import annotations

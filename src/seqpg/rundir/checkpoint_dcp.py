@@ -10,7 +10,7 @@ each writes the shards it owns.  A sharded checkpoint (``meta.json``: ``"weights
         scheduler.pt, trainer_state.json, tokenizer/     written by rank 0, as in a full checkpoint
         meta.json                         written last, by rank 0; ``files``: the sha256 of every file
 
-Atomicity is that of :func:`seqpg.training.checkpoint.save_checkpoint`: rank 0 creates the hidden
+Atomicity is that of :func:`seqpg.rundir.checkpoint.save_checkpoint`: rank 0 creates the hidden
 temporary directory and tells the others its name; every process writes its shards and RNG
 streams into it; once all have written (DCP's own collective completion, then a barrier),
 rank 0 writes the small files and ``meta.json``, fsyncs, renames the directory into place and
@@ -42,12 +42,12 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from .checkpoint_files import (CHECKPOINTS_DIR, FORMAT_VERSION, META_FILE, _clean_leftovers, _fsync_tree,
-                               _move_into_place, _peft_adapter_names, _prune, _to_json, _write_pointer, _write_text,
+from .checkpoint_files import (CHECKPOINTS_DIR, FORMAT_VERSION, META_FILE, clean_leftovers, fsync_tree,
+                               move_into_place, peft_adapter_names, prune, to_json, write_pointer, write_text,
                                capture_rng_state, file_checksums, restore_rng_state, step_dir_name)
 
 if TYPE_CHECKING:
-    from .distributed import DistContext
+    from ..training.distributed import DistContext
 
 WEIGHTS_KIND = "dcp"
 DCP_DIR = "dcp"
@@ -75,7 +75,7 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, *, modules: M
 
     ``modules`` maps names to the trained modules (``"policy"`` first, then extra modules such
     as ``"critic"``), FSDP2-sharded or plain; ``optimizer`` covers their trainable parameters.
-    The other arguments are those of :func:`seqpg.training.checkpoint.save_checkpoint`, whose rules they
+    The other arguments are those of :func:`seqpg.rundir.checkpoint.save_checkpoint`, whose rules they
     follow (JSON ``trainer_state``, ``keep_last``).
     """
     if "policy" not in modules:
@@ -86,7 +86,7 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, *, modules: M
                          f"step={step}; pass the same step to both")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"save_sharded_checkpoint: keep_last must be >= 1 or None (keep all), got {keep_last}")
-    state_json = _to_json(trainer_state, "trainer_state")
+    state_json = to_json(trainer_state, "trainer_state")
     root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / step_dir_name(step)
     tmp_name = None
@@ -94,7 +94,7 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, *, modules: M
         rng_state = capture_rng_state() if rng else None  # first, so that saving cannot shift the saved streams
         if dist.is_main:
             root.mkdir(parents=True, exist_ok=True)
-            _clean_leftovers(root)
+            clean_leftovers(root)
             tmp_name = f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
             (root / tmp_name / RNG_DIR).mkdir(parents=True)
     tmp = root / dist.gather_objects(tmp_name)[0]
@@ -129,20 +129,20 @@ def _finish(tmp: Path, final: Path, step: int, modules, optimizer, scheduler, to
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    _write_text(tmp / "trainer_state.json", state_json)
+    write_text(tmp / "trainer_state.json", state_json)
     own = _files_under(tmp, ("scheduler.pt", "tokenizer", "trainer_state.json"))
     digests = dict(sorted({**digests, **file_checksums(tmp, own)}.items()))
     meta = {"format": FORMAT_VERSION, "step": step, "weights": WEIGHTS_KIND,
-            "adapters": _peft_adapter_names(modules["policy"]),
+            "adapters": peft_adapter_names(modules["policy"]),
             "extra_modules": sorted(n for n in modules if n != "policy"),
             "optimizer": optimizer is not None, "scheduler": scheduler is not None, "rng": rng,
             "tokenizer": tokenizer is not None, "world_size": world_size, "files": digests}
-    _write_text(tmp / META_FILE, json.dumps(meta, indent=2))
-    _fsync_tree(tmp)
-    _move_into_place(tmp, final)
-    _write_pointer(final.parent, final.name)
+    write_text(tmp / META_FILE, json.dumps(meta, indent=2))
+    fsync_tree(tmp)
+    move_into_place(tmp, final)
+    write_pointer(final.parent, final.name)
     if keep_last is not None:
-        _prune(final.parent, step, keep_last)
+        prune(final.parent, step, keep_last)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def load_sharded_checkpoint(ckpt: Path, meta: Mapping[str, Any], *, modules: Map
                             restore_rng: bool = True) -> dict[str, Any]:
     """Load a sharded checkpoint into ``modules`` (FSDP2-sharded or plain) and the optimizer; no collectives.
 
-    Called by :func:`seqpg.training.checkpoint.load_checkpoint`, whose arguments these are (``modules``:
+    Called by :func:`seqpg.rundir.checkpoint.load_checkpoint`, whose arguments these are (``modules``:
     ``{"policy": model, **extra_modules}``), which has verified the checkpoint's files already
     (``verify_checkpoint``, through ``latest_checkpoint`` or itself).  Returns the trainer state.
     """
@@ -162,7 +162,7 @@ def load_sharded_checkpoint(ckpt: Path, meta: Mapping[str, Any], *, modules: Map
     for name in modules:
         if name != "policy" and name not in meta["extra_modules"]:
             raise KeyError(f"{ckpt} has no extra module {name!r}; it holds {meta['extra_modules'] or 'none'}")
-    adapters = _peft_adapter_names(modules["policy"])
+    adapters = peft_adapter_names(modules["policy"])
     if adapters != meta["adapters"]:
         raise ValueError(f"{ckpt} holds " + (f"adapters {meta['adapters']}" if meta["adapters"] else "a full model")
                          + " but the model given has " + (f"adapters {adapters}" if adapters else "none")
@@ -244,7 +244,7 @@ def _box(modules: Mapping[str, nn.Module]) -> nn.Module:
 def _options(modules: Mapping[str, nn.Module]):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    peft = _peft_adapter_names(modules["policy"]) is not None
+    peft = peft_adapter_names(modules["policy"]) is not None
     # a PEFT model: its adapters only (the frozen base weights are those of the base model it is built from)
     return StateDictOptions(ignore_frozen_params=peft, strict=not peft)
 

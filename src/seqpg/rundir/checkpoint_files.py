@@ -3,7 +3,7 @@
 Names and formats (``meta.json``, the ``latest`` pointer, ``step-000040`` directories), the
 atomic-write steps (temporary directory, fsync, rename, pointer), pruning and leftovers, the
 per-file size and sha256 record, the RNG streams, and :class:`CheckpointDamaged`.  Both
-:mod:`seqpg.training.checkpoint` (whole models) and :mod:`seqpg.training.checkpoint_dcp` (sharded)
+:mod:`seqpg.rundir.checkpoint` (whole models) and :mod:`seqpg.rundir.checkpoint_dcp` (sharded)
 write and read checkpoints through these.
 """
 
@@ -41,10 +41,10 @@ LATEST_FILE = "latest"
 META_FILE = "meta.json"
 
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-_REPLACED_DIR = re.compile(r"^step-(\d+)\.replaced$")
+REPLACED_DIR = re.compile(r"^step-(\d+)\.replaced$")
 
 
 def step_dir_name(step: int) -> str:
@@ -52,7 +52,7 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _move_into_place(tmp: Path, final: Path) -> None:
+def move_into_place(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``; an existing ``final`` (same step saved again) is swapped out.
 
     The old copy is renamed to ``step-N.replaced`` first, so that during the two renames a
@@ -63,25 +63,25 @@ def _move_into_place(tmp: Path, final: Path) -> None:
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         _discard(old)
     else:
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
 
-def _write_pointer(root: Path, name: str) -> None:
+def write_pointer(root: Path, name: str) -> None:
     tmp = root / f".{LATEST_FILE}.tmp-{uuid.uuid4().hex[:8]}"
-    _write_text(tmp, name + "\n")
+    write_text(tmp, name + "\n")
     os.replace(tmp, root / LATEST_FILE)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
-def _prune(root: Path, step: int, keep_last: int) -> None:
+def prune(root: Path, step: int, keep_last: int) -> None:
     """Keep the checkpoint of ``step`` and the ``keep_last - 1`` newest older ones."""
-    found = _complete_checkpoints(root)  # sorted by step
+    found = complete_checkpoints(root)  # sorted by step
     older = [p for s, p in found if s < step]
     newer = [p for s, p in found if s > step]
     doomed = older[:max(0, len(older) - (keep_last - 1))] + newer
@@ -93,11 +93,11 @@ def _discard(path: Path) -> None:
     """Remove a checkpoint directory: rename it to a hidden name first, so it never looks torn."""
     trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
     os.replace(path, trash)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _clean_leftovers(root: Path) -> None:
+def clean_leftovers(root: Path) -> None:
     """Remove what an interrupted save left: temp dirs, trash, swapped-out copies of a step."""
     for p in root.iterdir():
         if p.name.startswith((".tmp-", ".trash-", f".{LATEST_FILE}.tmp-")):
@@ -105,15 +105,15 @@ def _clean_leftovers(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
-        elif _REPLACED_DIR.match(p.name):
+        elif REPLACED_DIR.match(p.name):
             twin = p.with_name(p.name[: -len(".replaced")])
-            if _is_complete(twin):
+            if is_complete(twin):
                 shutil.rmtree(p, ignore_errors=True)
-            elif _is_complete(p):  # the crash came between the two renames: put the old copy back
+            elif is_complete(p):  # the crash came between the two renames: put the old copy back
                 if twin.exists():
                     shutil.rmtree(twin)
                 os.replace(p, twin)
-                _fsync_dir(root)
+                fsync_dir(root)
 
 
 class CheckpointDamaged(ValueError):
@@ -138,7 +138,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _file_problem(path: Path, want: Mapping[str, Any]) -> str:
+def file_problem(path: Path, want: Mapping[str, Any]) -> str:
     """Why ``path`` is not the file recorded as ``want`` ("" if it is)."""
     if not path.is_file():
         return "missing"
@@ -150,7 +150,7 @@ def _file_problem(path: Path, want: Mapping[str, Any]) -> str:
     return ""
 
 
-def _is_complete(path: Path) -> bool:
+def is_complete(path: Path) -> bool:
     try:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, ValueError):
@@ -158,18 +158,18 @@ def _is_complete(path: Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") in READABLE_FORMATS
 
 
-def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, path) of every complete checkpoint; a step's swapped-out copy only when its own is absent."""
     own, replaced = {}, {}
     for p in root.iterdir():
-        for pattern, into in ((_STEP_DIR, own), (_REPLACED_DIR, replaced)):
+        for pattern, into in ((STEP_DIR, own), (REPLACED_DIR, replaced)):
             m = pattern.match(p.name)
-            if m and _is_complete(p):
+            if m and is_complete(p):
                 into[int(m.group(1))] = p
     return sorted({**replaced, **own}.items())
 
 
-def _peft_adapter_names(model: nn.Module) -> list[str] | None:
+def peft_adapter_names(model: nn.Module) -> list[str] | None:
     """The adapter names of a ``peft.PeftModel``, or None for any other module."""
     try:
         from peft import PeftModel
@@ -213,7 +213,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         torch.mps.set_rng_state(state["mps"])
 
 
-def _to_json(obj: Any, what: str) -> str:
+def to_json(obj: Any, what: str) -> str:
     try:
         return json.dumps(obj, indent=2)
     except (TypeError, ValueError) as e:
@@ -240,22 +240,22 @@ def _json_culprit(obj: Any, path: str) -> str:
     return "" if obj is None or isinstance(obj, (str, int, float, bool)) else f"{path} ({type(obj).__name__})"
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     if os.name == "nt":  # directories cannot be opened for fsync on Windows
         return
     fd = os.open(path, os.O_RDONLY)

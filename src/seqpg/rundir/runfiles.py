@@ -1,6 +1,6 @@
 """The files of a run directory that more than one module reads: their names, and the JSON-lines reader.
 
-:mod:`seqpg.training.runlog` writes them, :mod:`seqpg.training.plots` and the commands read them.
+:mod:`seqpg.rundir.runlog` writes them, :mod:`seqpg.rundir.plots` and the commands read them.
 """
 
 from __future__ import annotations
