@@ -227,3 +227,22 @@ def test_gymnasium_base_class_methods_are_not_tools():
             return direction
 
     assert env_kind(Game) == "gymnasium" and sorted(method_tools(Game(), spec="t")) == ["move"]
+
+
+def test_whole_episode_rewards_in_a_single_turn_run(make_rollout):
+    """``episode`` is None and ``environments`` is not passed: TRL passes it only with environment_factory."""
+    rollout = make_rollout([[1, 2]], [[3, 4]])
+    seen = {}
+
+    def whole(p, c, meta, episode):
+        seen["episode"] = episode
+        return 1.0
+
+    def trl(completions, **kw):
+        seen["kw"] = sorted(kw)
+        return [0.5]
+
+    scored = score_batch(rollout, [(make_scorer("callable", name="w", fn=whole), 1.0),
+                                   (make_scorer("trl_reward", name="t", fn=trl), 1.0)])
+    assert seen == {"episode": None, "kw": ["completion_ids", "prompts", "trainer_state"]}
+    assert scored.rewards_B.tolist() == [1.5]

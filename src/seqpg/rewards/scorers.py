@@ -685,7 +685,7 @@ def score_batch(rollout: RolloutBatch, scorers: Sequence[tuple[Scorer, float]], 
                              "pass tokenizer= to score_batch")
         tokens = completion_tokens(rollout, tokenizer)
     ids = completion_id_lists(rollout) if any(s.uses_completion_ids for s, _ in scorers) else None
-    episodes = getattr(rollout, "episodes", None)  # an episode batch's whole episodes; None when single-turn
+    episodes = rollout.episodes  # an episode batch's whole episodes (None when single-turn)
 
     seq_scores: dict[str, torch.Tensor] = {}
     dense_scores: dict[str, torch.Tensor] = {}
