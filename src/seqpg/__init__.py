@@ -10,6 +10,7 @@ modules (which need transformers) load when imported by name.  The packages foll
     seqpg.rewards    prompt sources and scorers
     seqpg.training   the loop, its stages, update, reference, critic, processes
     seqpg.rundir     the run directory: checkpoints, lock, signals, resume, logs, plots
+    seqpg.sft        supervised fine-tuning on demonstrations: the update with advantage 1
     seqpg.apps       the command line, demo, explain, eval, export, bench
 """
 

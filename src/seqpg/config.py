@@ -106,8 +106,9 @@ class SamplingConfig:
     """Top-k sampling (0 disables)."""
     stop_strings: list[str] = field(default_factory=list)
     """Strings that end a completion (besides EOS)."""
-    chat_template: bool = True
-    """Wrap prompts in the tokenizer's chat template."""
+    chat_template: bool | None = None
+    """Wrap prompts in the tokenizer's chat template. null: when the tokenizer has one (a base model such
+    as gemma3-270m has none, and gets raw text); true for a model without one is an error before training."""
     system_prompt: str | None = None
     """Optional system message for the chat template."""
     seed_per_prompt: bool = False
@@ -122,7 +123,7 @@ class SamplingConfig:
     max_sample_rounds: int = 4
     """Dynamic sampling: at most this many draws of prompts_per_step prompts per step (the first included)."""
     fast_decode: bool = True
-    """Decode Llama-family models (Llama, SmolLM2, Mistral, Qwen2/3) with seqpg's lean one-token step
+    """Decode Llama-family models (Llama, SmolLM2, Mistral, Qwen2/3) and Gemma 3 with seqpg's lean one-token step
     (same maths as the model's forward, tested equal); false: always the model's own forward."""
 
 
@@ -243,6 +244,9 @@ class AlgoConfig:
         """``kl_estimator``, or the mode's estimator when it is null."""
         return self.kl_estimator or ("k1" if self.kl_mode_used == "reward" else "k3")
 
+    kl_reference: str | None = None
+    """The model the KL term holds the policy near: null, the policy as the run starts (model.name, or the
+    `seqpg train --init` model); or a model directory or alias, e.g. the base model of an --init run."""
     kl_target: float | None = None
     """Target KL for the adaptive controller (Ziegler et al. 2019); None keeps kl_coef fixed."""
     kl_horizon: int = 10000
@@ -285,6 +289,27 @@ class OptimConfig:
 
 
 @dataclass
+class SftConfig:
+    data: str | None = None
+    """Demonstrations for `seqpg sft`: a JSONL file, one row a line, either {"messages": [...]} (a chat: system,
+    user, assistant with content and/or tool_calls, tool) or {"prompt": ..., "completion": ...}. Only the
+    assistant's tokens are trained (maximum likelihood: the policy-gradient update with advantage 1 on them)."""
+    eval_data: str | None = None
+    """Held-out demonstrations (same format) for the held-out loss; null: hold out sft.eval_fraction of sft.data."""
+    eval_fraction: float = 0.1
+    """Fraction of sft.data held out (at least one row when above 0) when sft.eval_data is null; 0: none."""
+    epochs: int = 3
+    """Passes over the training demonstrations; `seqpg sft` runs epochs x (rows // batch_size) steps."""
+    batch_size: int = 8
+    """Demonstrations per optimizer step, over all processes (optim.micro_batch_size splits it for memory)."""
+    max_length: int = 2048
+    """Tokens a rendered demonstration may have (system prompt and tool descriptions included); a longer
+    row is refused, naming its line."""
+    eval_every: int = 10
+    """Steps between held-out losses (also before the first step and after the last); 0: only those two."""
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy model."""
@@ -300,6 +325,8 @@ class TrainConfig:
     """Multi-turn episodes with an environment and/or tools (off unless `episode.env` or `episode.tools` is set)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """The optimizer."""
+    sft: SftConfig = field(default_factory=SftConfig)
+    """Supervised fine-tuning on demonstrations (`seqpg sft`); `seqpg train` ignores it."""
     steps: int = 100
     """Training steps (each: sample, score, advantages, update)."""
     max_minutes: float | None = None
@@ -729,6 +756,9 @@ def validate(cfg: TrainConfig) -> None:
     if a.kl_noise_floor is not None and not 0 <= a.kl_noise_floor < 1:
         raise ConfigError(f"algo.kl_noise_floor must be in [0, 1) nats (null: the precision's default), "
                           f"got {a.kl_noise_floor}")
+    if a.kl_reference is not None and a.kl_coef == 0:
+        raise ConfigError("algo.kl_reference names the KL's reference model, but algo.kl_coef=0 turns the KL off; "
+                          "set algo.kl_coef > 0 or drop algo.kl_reference")
     if a.kl_target is not None and a.kl_coef == 0:
         raise ConfigError("algo.kl_target (adaptive KL) needs an initial algo.kl_coef > 0")
     if not cfg.rewards and cfg.episode.env is None:
@@ -751,6 +781,18 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"dist_timeout_s must be > 0, got {cfg.dist_timeout_s}")
     if cfg.episode.enabled:
         _check_episode(cfg)
+    _check_sft(cfg.sft)
+
+
+def _check_sft(s: SftConfig) -> None:
+    """The sft section's numbers (its files are read by `seqpg sft`, which names a bad row's line)."""
+    for key in ("epochs", "batch_size", "max_length"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"sft.{key} must be at least 1, got {getattr(s, key)}")
+    if not 0 <= s.eval_fraction < 1:
+        raise ConfigError(f"sft.eval_fraction must be in [0, 1), got {s.eval_fraction}")
+    if s.eval_every < 0:
+        raise ConfigError(f"sft.eval_every must be >= 0, got {s.eval_every}")
 
 
 MAX_TOOL_TIMEOUT_S = 3600

@@ -1,7 +1,9 @@
-"""`seqpg` command line: train, eval, explain, export, lab, demo, bench, config.
+"""`seqpg` command line: train, sft, eval, explain, export, lab, demo, bench, config.
 
     seqpg train [-c CONFIG.yaml] [key=value ...]      # fine-tune as configured
     seqpg train --resume RUN [key=value ...]          # continue a run exactly where it stopped
+    seqpg train -c CONFIG --init RUN_OR_MODEL         # RL from an SFT run's (or any) model
+    seqpg sft -c CONFIG [--resume RUN] [key=value ...] # supervised fine-tuning on demonstrations (sft.data)
     seqpg eval RUN_OR_MODEL [--k 1 4] [key=value ...] # held-out reward, accuracy, pass@k
     seqpg explain RUN --prompt TEXT [--completion TEXT] [--html PAGE]
     seqpg export RUN_OR_CHECKPOINT OUT [--format hf|gguf] # a model other tools load (HF dir, GGUF file)
@@ -56,8 +58,23 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("-c", "--config", help="YAML configuration file (see examples/)")
     t.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint (its config.yaml is "
                                                    "used; overrides such as steps=200 still apply)")
+    t.add_argument("--init", metavar="RUN_OR_MODEL",
+                   help="start from this model instead of model.name: a run directory (e.g. of `seqpg sft`; its "
+                        "latest checkpoint, LoRA merged, is exported to RUN/init_model) or a model directory; the "
+                        "KL reference is this starting model")
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides (keys below)")
+
+    f = sub.add_parser("sft", help="supervised fine-tuning on demonstrations (the update with advantage 1)",
+                       formatter_class=fmt, epilog=_config_help(),
+                       description="Maximum likelihood of the assistant's tokens of sft.data (JSONL: `messages` "
+                                   "with tool calls, or `prompt`/`completion`), run as the RL update with the "
+                                   "advantage fixed at 1: same model, LoRA, checkpoints, resume, export and "
+                                   "torchrun. Continue with RL: seqpg train -c RL.yaml --init RUN.")
+    f.add_argument("-c", "--config", help="YAML configuration file with an `sft` section (see examples/)")
+    f.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
+    f.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    f.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides (keys below)")
 
     e = sub.add_parser("eval", help="evaluate a run or a model on held-out prompts", formatter_class=fmt,
                        description="Held-out mean reward (greedy), accuracy where the task has one, with standard "
@@ -240,24 +257,43 @@ def _cmd_config(args) -> int:
     return 0
 
 
-def _cmd_train(args) -> int:
-    from ..training.trainer import train
+def _resolve_config(args):
+    """The run's configuration: the run's own config.yaml with ``--resume`` (a used run_dir refused otherwise)."""
     if args.resume:
         if args.config:
             raise ConfigError("--resume uses the run's own config.yaml; drop -c (overrides still apply)")
         cfg_path = Path(args.resume) / "config.yaml"
         if not cfg_path.is_file():
             raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a seqpg run directory?")
-        cfg = load_config(cfg_path, args.overrides + [f"run_dir={args.resume}"])
-    else:
-        cfg = load_config(args.config, args.overrides)
-        _refuse_used_run_dir(Path(cfg.run_dir))
+        return load_config(cfg_path, args.overrides + [f"run_dir={args.resume}"])
+    cfg = load_config(args.config, args.overrides)
+    _refuse_used_run_dir(Path(cfg.run_dir))
+    return cfg
+
+
+def _cmd_train(args) -> int:
+    from ..training.trainer import train
+    if args.init and args.resume:
+        raise ConfigError("--init starts a new run; a resumed run continues from its own checkpoint (drop --init)")
+    cfg = _resolve_config(args)
+    if args.init:
+        from .warm_start import init_model
+        cfg = load_config(args.config, args.overrides + [f"model.name={init_model(args.init, Path(cfg.run_dir))}"])
     result = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
     if result.steps_done and int(os.environ.get("RANK", "0")) == 0:
         print(f"seqpg: {result.steps_done} steps done; run in {result.run_dir}"
               + (f" (max_minutes={cfg.max_minutes} reached; continue with --resume)" if result.out_of_time
                  else " (stopped early; continue with --resume)" if result.stopped_early else ""))
     return EXIT_STOPPED if result.stopped_early and not result.out_of_time else 0
+
+
+def _cmd_sft(args) -> int:
+    from ..sft.trainer import print_summary, sft
+    cfg = _resolve_config(args)
+    result = sft(cfg, resume=bool(args.resume), progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_summary(result)
+    return EXIT_STOPPED if result.stopped_early else 0
 
 
 def _refuse_used_run_dir(run_dir: Path) -> None:
@@ -340,7 +376,7 @@ def _cmd_bench(args) -> int:
                      learning_steps=args.learning_steps, device=args.device)
 
 
-_COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "explain": _cmd_explain, "export": _cmd_export, "lab": _cmd_lab,
+_COMMANDS = {"train": _cmd_train, "sft": _cmd_sft, "eval": _cmd_eval, "explain": _cmd_explain, "export": _cmd_export, "lab": _cmd_lab,
              "demo": _cmd_demo, "bench": _cmd_bench, "config": _cmd_config}
 
 if __name__ == "__main__":

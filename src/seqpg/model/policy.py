@@ -254,17 +254,43 @@ def _exclusive_cumsum_per_group(x_R: torch.Tensor, group_R: torch.Tensor) -> tor
 
 
 def _shared_prompt_mask(real_GL: torch.Tensor, segment_GL: torch.Tensor, implementation: str,
-                        dtype: torch.dtype) -> torch.Tensor:
+                        dtype: torch.dtype, pos_GL: torch.Tensor | None = None,
+                        window: int | None = None) -> torch.Tensor:
     """(G, 1, L, L) attention mask: query q sees key j <= q that is real and lies in the prompt or
-    in q's own segment.  Every query also sees itself, so padding queries stay finite."""
+    in q's own segment.  Every query also sees itself, so padding queries stay finite.
+
+    ``window`` (a sliding-window layer's, with the position ids ``pos_GL``): only keys fewer than
+    ``window`` positions back, ``pos_q - pos_k < window``, counted in positions, not packed columns."""
     L = real_GL.shape[1]
     seg_q, seg_k = segment_GL[:, :, None], segment_GL[:, None, :]
     causal_LL = torch.ones((L, L), dtype=torch.bool, device=real_GL.device).tril()
     allowed_GLL = causal_LL & real_GL[:, None, :] & ((seg_k == -1) | (seg_k == seg_q))
+    if window is not None:
+        allowed_GLL &= (pos_GL[:, :, None] - pos_GL[:, None, :]) < window
     allowed_GLL |= torch.eye(L, dtype=torch.bool, device=real_GL.device)
     if implementation == "eager":  # eager attention adds the mask to the scores
         return torch.zeros(allowed_GLL.shape, dtype=dtype).masked_fill_(~allowed_GLL, torch.finfo(dtype).min)[:, None]
     return allowed_GLL[:, None]
+
+
+def _sliding_window(model: nn.Module) -> int | None:
+    """The window of the model's sliding-window layers (Gemma 3's ``layer_types``), None without any."""
+    config = getattr(segment_attention._unwrap(model), "config", None)
+    if "sliding_attention" not in (getattr(config, "layer_types", None) or ()):
+        return None
+    return getattr(config, "sliding_window", None)
+
+
+def _shared_prompt_masks(model: nn.Module, pk: "_Packed", dtype: torch.dtype) -> torch.Tensor | dict:
+    """The shared-prompt layout's attention mask as the model takes it: one mask, or one per layer type
+    where some layers attend over a sliding window (a 4D mask the model would give every layer as is)."""
+    implementation = _attention_implementation(model)
+    mask = _shared_prompt_mask(pk.real_GL, pk.segment_GL, implementation, dtype)
+    window = _sliding_window(model)
+    if window is None:
+        return mask
+    return {"full_attention": mask, "sliding_attention": _shared_prompt_mask(
+        pk.real_GL, pk.segment_GL, implementation, dtype, pos_GL=pk.pos_GL, window=window)}
 
 
 def _shared_prompt_logprobs(model: nn.Module, host: RolloutBatch, g: PromptGroups, temperature: float,
@@ -277,7 +303,7 @@ def _shared_prompt_logprobs(model: nn.Module, host: RolloutBatch, g: PromptGroup
     pk = _pack(host, g, with_segments=blocks).to(device)
     batch, group_B = host.to(device), g.group_B.to(device)
     dtype = next(model.parameters()).dtype
-    mask = _shared_prompt_mask(pk.real_GL, pk.segment_GL, _attention_implementation(model), dtype)
+    mask = _shared_prompt_masks(model, pk, dtype)
     kwargs = dict(input_ids=pk.ids_GL, attention_mask=mask, position_ids=pk.pos_GL, logits_to_keep=pk.keep_GN,
                   output_hidden_states=with_hidden, use_cache=False)
     if blocks:

@@ -1,4 +1,4 @@
-"""A lean one-token decode step for Llama-family decoders (Llama, SmolLM2, Mistral, Qwen2, Qwen3).
+"""A lean one-token decode step for Llama-family decoders (Llama, SmolLM2, Mistral, Qwen2, Qwen3) and Gemma 3.
 
 Profiling ``seqpg.rollout.sampling`` on 2 CPU cores (SmolLM2-135M, 16 rows, 32 tokens) showed that
 a decode step through the Hugging Face forward spends more time around its matmuls than in
@@ -15,6 +15,16 @@ does the norms, the attention and the matrix products itself, one row per sequen
 
 ``bias`` is 0 on the columns a row may attend to and -inf elsewhere (left padding, and the
 columns after a row stopped).
+
+Gemma 3 (``gemma3_text``) differs in five places, each taken from the model's own modules: the
+embedding is scaled by sqrt(E) (its embedding module does it); its RMSNorm multiplies by
+(1 + weight) in float32; each sub-block's output is normed before it joins the residual
+(``post_attention_layernorm``, and ``pre_``/``post_feedforward_layernorm`` around the MLP); its
+layers are of two types with their own rotary bases, and the "sliding_attention" ones see only the
+``sliding_window`` most recent real columns (counted over real columns, so a multi-turn cache's
+padding inside a row does not shrink the window); the logits may be soft-capped,
+``cap * tanh(z / cap)``.  Attention logit soft-capping, which Gemma 3's own forward does not apply,
+sends such a config back to that forward.
 
 The products are the decode's cost: 16 rows against weights far larger than the cache.  On CPU
 each weight is repacked once per sampling call into oneDNN's blocked layout for that row count
@@ -50,9 +60,12 @@ from torch import nn
 
 from seqpg.rollout import cpu_caps
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
-"""Norm classes whose maths ``_rms_norm`` repeats (float32 RMS, input dtype, times the weight)."""
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+WINDOWED_TYPES = ("gemma3_text",)
+"""Families whose sliding-window layers the decoder runs (the others decode here only without a window)."""
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Gemma3RMSNorm")
+"""Norm classes whose maths ``_rms_norm`` repeats (float32 RMS; then Llama's input dtype times the
+weight, or Gemma's times (1 + weight) in float32)."""
 
 
 def supports(model: nn.Module) -> bool:
@@ -63,10 +76,15 @@ def supports(model: nn.Module) -> bool:
     through the model's own forward, where the hook runs.
     """
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in SUPPORTED_TYPES:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_TYPES:
         return False
-    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        return False  # windowed attention: leave it to the model's own forward
+    if model_type not in WINDOWED_TYPES and getattr(config, "sliding_window", None) is not None \
+            and getattr(config, "use_sliding_window", True):
+        return False  # windowed attention outside Gemma 3: leave it to the model's own forward
+    if getattr(config, "attn_logit_softcapping", None) is not None or getattr(config, "use_bidirectional_attention",
+                                                                               False):
+        return False  # attention the step does not repeat (Gemma 3's own forward ignores the soft-cap)
     trunk = getattr(model, "model", None)
     layers = getattr(trunk, "layers", None)
     if layers is None or not hasattr(model, "lm_head") or not hasattr(trunk, "rotary_emb"):
@@ -76,7 +94,8 @@ def supports(model: nn.Module) -> bool:
     for layer in layers:
         attn = layer.self_attn
         norms = [layer.input_layernorm, layer.post_attention_layernorm] + [
-            getattr(attn, a) for a in ("q_norm", "k_norm") if hasattr(attn, a)]
+            getattr(attn, a) for a in ("q_norm", "k_norm") if hasattr(attn, a)] + [
+            getattr(layer, a) for a in ("pre_feedforward_layernorm", "post_feedforward_layernorm") if hasattr(layer, a)]
         if any(type(n).__name__ not in RMS_NORMS for n in norms):
             return False
         mlp = layer.mlp
@@ -141,6 +160,12 @@ class FastDecoder:
         self.n_heads = model.config.num_attention_heads
         self.n_kv = model.config.num_key_value_heads
         self.scale = attn.scaling
+        config = model.config
+        # Gemma 3: some layers attend over a sliding window, with their own rotary base ("layer types")
+        windowed = config.model_type in WINDOWED_TYPES
+        self.layer_types = [config.layer_types[i] if windowed else None for i in range(len(self.layers))]
+        self.windows = [layer.self_attn.sliding_window if windowed else None for layer in self.layers]
+        self.logit_cap = getattr(config, "final_logit_softcapping", None)
         self.device = model.lm_head.weight.device.type
         self.dtype = torch.get_autocast_dtype(self.device) if torch.is_autocast_enabled(self.device) else None
         self.rows = rows
@@ -253,31 +278,63 @@ class FastDecoder:
         B, W = attend_BW.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         rep = H // Hkv
-        h_B1E = self.trunk.embed_tokens(input_B1)  # (B, 1, E)
-        cos_B1D, sin_B1D = self.trunk.rotary_emb(h_B1E, pos_B1)  # (B, 1, D) each
+        h_B1E = self.trunk.embed_tokens(input_B1)  # (B, 1, E); Gemma's module scales it by sqrt(E)
+        rope = {t: self._rope_tables(h_B1E, pos_B1, t) for t in set(self.layer_types)}  # (B, 1, D) cos, sin
         h_BE = h_B1E[:, 0]  # (B, E)
-        bias_B11W = torch.zeros((B, 1, 1, W), dtype=torch.float32, device=attend_BW.device).masked_fill_(
-            ~attend_BW[:, None, None, :], float("-inf"))
-        for layer, cl in zip(self.layers, self.cache_layers):
+        biases = {w: _attention_bias(attend_BW, w) for w in set(self.windows)}  # (B, 1, 1, W) each
+        for layer, cl, kind, window in zip(self.layers, self.cache_layers, self.layer_types, self.windows):
             attn = layer.self_attn
+            cos_B1D, sin_B1D = rope[kind]
             x_BE = _rms_norm(layer.input_layernorm, h_BE)
             q_BN, k_BN, v_BN = self.linear(x_BE, attn.q_proj, attn.k_proj, attn.v_proj).split(
                 [H * D, Hkv * D, Hkv * D], dim=-1)  # one product for the three
             q_BHD, k_BKD, v_BKD = q_BN.view(B, H, D), k_BN.view(B, Hkv, D), v_BN.view(B, Hkv, D)
-            if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head's dimension
+            if hasattr(attn, "q_norm"):  # Qwen3, Gemma 3: RMSNorm over each head's dimension
                 q_BHD, k_BKD = _rms_norm(attn.q_norm, q_BHD), _rms_norm(attn.k_norm, k_BKD)
             q_BHD, k_BKD = _rope(q_BHD, cos_B1D, sin_B1D), _rope(k_BKD, cos_B1D, sin_B1D)
             keys_BKWD, values_BKWD = write(cl, k_BKD.unsqueeze(2), v_BKD.unsqueeze(2))
             q_BKRD = q_BHD.view(B, Hkv, rep, D)
             scores_BKRW = torch.matmul(q_BKRD.to(keys_BKWD.dtype), keys_BKWD.transpose(-1, -2)).float()
-            probs_BKRW = torch.softmax(scores_BKRW * self.scale + bias_B11W, dim=-1).to(values_BKWD.dtype)
+            probs_BKRW = torch.softmax(scores_BKRW * self.scale + biases[window], dim=-1).to(values_BKWD.dtype)
             a_BKRD = torch.matmul(probs_BKRW, values_BKWD)
-            h_BE = h_BE + self.linear(a_BKRD.reshape(B, H * D), attn.o_proj)
+            o_BE = self.linear(a_BKRD.reshape(B, H * D), attn.o_proj)
             mlp = layer.mlp
-            gate_BI, up_BI = self.linear(_rms_norm(layer.post_attention_layernorm, h_BE), mlp.gate_proj,
-                                         mlp.up_proj).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], -1)
-            h_BE = h_BE + self.linear(mlp.act_fn(gate_BI) * up_BI, mlp.down_proj)
-        return self.linear(_rms_norm(self.trunk.norm, h_BE), self.model.lm_head)
+            if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: each sub-block's output normed too
+                h_BE = h_BE + _rms_norm(layer.post_attention_layernorm, o_BE)
+                x_BE = _rms_norm(layer.pre_feedforward_layernorm, h_BE)
+            else:
+                h_BE = h_BE + o_BE
+                x_BE = _rms_norm(layer.post_attention_layernorm, h_BE)
+            gate_BI, up_BI = self.linear(x_BE, mlp.gate_proj, mlp.up_proj).split(
+                [mlp.gate_proj.out_features, mlp.up_proj.out_features], -1)
+            m_BE = self.linear(mlp.act_fn(gate_BI) * up_BI, mlp.down_proj)
+            if hasattr(layer, "post_feedforward_layernorm"):
+                m_BE = _rms_norm(layer.post_feedforward_layernorm, m_BE)
+            h_BE = h_BE + m_BE
+        logits_BV = self.linear(_rms_norm(self.trunk.norm, h_BE), self.model.lm_head)
+        if self.logit_cap is not None:  # Gemma: z -> cap * tanh(z / cap)
+            logits_BV = torch.tanh(logits_BV / self.logit_cap) * self.logit_cap
+        return logits_BV
+
+    def _rope_tables(self, h_B1E: torch.Tensor, pos_B1: torch.Tensor, kind: str | None):
+        """(cos, sin), (B, 1, D) each, of the model's rotary embedding; per layer type where it has several."""
+        if kind is None:
+            return self.trunk.rotary_emb(h_B1E, pos_B1)
+        return self.trunk.rotary_emb(h_B1E, pos_B1, kind)
+
+
+def _attention_bias(attend_BW: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(B, 1, 1, W) float32: 0 on the columns a row attends to, -inf elsewhere.
+
+    ``window``: a sliding-window layer's, which sees only the row's ``window`` most recent real
+    columns (the new one included).  Positions count real tokens, so this is the model's window
+    ``q - k < window`` over positions, here and wherever a row's cache has masked columns inside it.
+    """
+    if window is not None:
+        recent_BW = attend_BW.flip(-1).long().cumsum(-1).flip(-1) <= window  # real columns from here to the end
+        attend_BW = attend_BW & recent_BW
+    return torch.zeros(attend_BW.shape, dtype=torch.float32, device=attend_BW.device).masked_fill_(
+        ~attend_BW, float("-inf"))[:, None, None, :]
 
 
 def _check_filled(cache_layer, columns: int) -> None:
@@ -290,9 +347,12 @@ def _rms_norm(norm: nn.Module, x_BF: torch.Tensor) -> torch.Tensor:
     """The model's RMSNorm over the last dimension: (..., F) -> same shape.
 
     As ``LlamaRMSNorm`` (and Qwen2's, Qwen3's, Mistral's): in float32, then the input's dtype, then
-    times the weight.
+    times the weight.  As ``Gemma3RMSNorm``: in float32 times (1 + weight), then the input's dtype.
     """
     x32 = x_BF.float()
+    if type(norm).__name__ == "Gemma3RMSNorm":
+        y = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + norm.eps)
+        return (y * (1.0 + norm.weight.float())).to(x_BF.dtype)
     y = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + norm.variance_epsilon)
     return norm.weight * y.to(x_BF.dtype)
 

@@ -187,8 +187,9 @@ class Episodes(Rollouts):
         """The template probe (:func:`seqpg.rollout.chat.probe_chat_template`; a tool turn when the run has tools)."""
         from ..config import ConfigError
         from .chat import probe_chat_template
+        from .sampling import uses_chat_template
 
-        if not self.sampling.chat_template:
+        if not uses_chat_template(tokenizer, self.sampling.chat_template):
             return
         try:
             probe_chat_template(tokenizer, tool_turn=bool(self.tools))

@@ -38,7 +38,8 @@ from seqpg.batch import Prompt
 from seqpg.model.policy import model_device
 from seqpg.rollout.fastdecode import FastDecoder
 from seqpg.rollout.fastdecode import supports as fastdecode_supports
-from seqpg.rollout.sampling import CACHE_KWARG, SamplingArgs, choose_tokens, eos_token_ids, preallocated_cache
+from seqpg.rollout.sampling import (CACHE_KWARG, SamplingArgs, choose_tokens, eos_token_ids, preallocated_cache,
+                                    uses_chat_template)
 
 from .chat import render_delta, render_start
 from .env_adapters import EpisodeEnv
@@ -135,7 +136,7 @@ def sample_episodes(
     tool_stats: ToolStats | None = None,
     stop_strings: Sequence[str] = (),
     system_prompt: str | None = None,
-    chat_template: bool = True,
+    chat_template: bool | None = None,
     seed: int = 0,
     generator: torch.Generator | None = None,
     env_name: str = "",
@@ -165,6 +166,7 @@ def sample_episodes(
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     tools = tools or {}
+    chat_template = uses_chat_template(tokenizer, chat_template)
     tool_kwargs = with_tools([], tools, template_takes_tools(tokenizer, tools))[1] if chat_template else {}
     eos_ids = set(eos_token_ids(model, tokenizer))
     if env_seeds is not None and len(env_seeds) != len(prompts):

@@ -67,7 +67,7 @@ def generate(
     top_k: int = 0,
     greedy: bool = False,
     stop_strings: Sequence[str] = (),
-    chat_template: bool = True,
+    chat_template: bool | None = None,
     system_prompt: str | None = None,
     generator: torch.Generator | None = None,
     fast_decode: bool = True,
@@ -78,7 +78,7 @@ def generate(
     ``fast_decode`` (default) Llama-family models decode through :mod:`seqpg.rollout.fastdecode`;
     other models, and ``fast_decode=False``, through the model's own forward.  Decoding runs on
     the model's device; the returned batch holds CPU tensors.  ``generator`` may live on either
-    device (the uniform draws are made on its device).
+    device (the uniform draws are made on its device).  ``chat_template``: see :func:`uses_chat_template`.
     """
     args = SamplingArgs(temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
     _check_args(args, n=n, max_new_tokens=max_new_tokens, num_prompts=len(prompts))
@@ -121,9 +121,24 @@ def _check_args(args: SamplingArgs, *, n: int, max_new_tokens: int, num_prompts:
         raise ValueError(f"generate: need 0 < top_p <= 1 and top_k >= 0, got {args.top_p}, {args.top_k}")
 
 
-def encode_prompt(tokenizer, text: str, *, chat_template: bool = True, system_prompt: str | None = None) -> list[int]:
-    """Token ids of one prompt: the chat template with the assistant generation prompt, or raw text."""
-    if not chat_template:
+def uses_chat_template(tokenizer, chat_template: bool | None) -> bool:
+    """Whether prompts go through the tokenizer's chat template: ``chat_template`` when given, else (None)
+    whether the tokenizer has one.  Asking for one (True) from a tokenizer without one (a base model's,
+    such as gemma3-270m's) is a ValueError naming ``sampling.chat_template=false``."""
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if chat_template is None:
+        return has_template
+    if chat_template and not has_template:
+        raise ValueError("sampling.chat_template=true, but the model's tokenizer has no chat template (a base model); "
+                         "set sampling.chat_template=false (or leave it unset) to feed prompts as raw text")
+    return bool(chat_template)
+
+
+def encode_prompt(tokenizer, text: str, *, chat_template: bool | None = None,
+                  system_prompt: str | None = None) -> list[int]:
+    """Token ids of one prompt: the chat template with the assistant generation prompt, or raw text
+    (``chat_template``: :func:`uses_chat_template`)."""
+    if not uses_chat_template(tokenizer, chat_template):
         return list(tokenizer(text).input_ids)
     messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     messages.append({"role": "user", "content": text})
@@ -418,7 +433,7 @@ class SampleSettings:
     top_p: float = 1.0
     top_k: int = 0
     stop_strings: tuple[str, ...] = ()
-    chat_template: bool = True
+    chat_template: bool | None = None  # None: the tokenizer's template when it has one (uses_chat_template)
     system_prompt: str | None = None
     fast_decode: bool = True
 

@@ -31,7 +31,7 @@ HISTORY_FILE = "config_history.jsonl"
 
 FROZEN_PREFIXES = ("model.", "task.")
 """Sections that cannot change mid-run: the weights and the prompt stream were built from them."""
-FROZEN = ("algo.name", "algo.advantage", "algo.critic", "sampling.samples_per_prompt", "seed")
+FROZEN = ("algo.name", "algo.advantage", "algo.critic", "algo.kl_reference", "sampling.samples_per_prompt", "seed")
 """Keys that cannot change mid-run: the algorithm, the critic's layout, the group size, the seed
 of every random stream."""
 RESTORED = ("optim.lr", "algo.critic_lr", "optim.warmup_steps", "optim.weight_decay", "optim.betas",

@@ -317,6 +317,8 @@ class ProgressBar:
             if metrics and isinstance(metrics.get(key), (int, float)):
                 postfix["reward"] = f"{metrics[key]:.3f}"
                 break
+        if not postfix and metrics and isinstance(metrics.get("loss"), (int, float)):  # seqpg sft
+            postfix["loss"] = f"{metrics['loss']:.3f}"
         for key, label in self.SPEED_KEYS:
             if metrics and isinstance(metrics.get(key), (int, float)):
                 postfix[label] = f"{metrics[key]:.1f}"

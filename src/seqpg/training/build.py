@@ -80,11 +80,12 @@ def fit_to_context(cfg: TrainConfig, rollouts: Rollouts, *prompt_lists: list) ->
     """The rollouts' budget checked against the model's context (``Rollouts.check_context``), and each
     list of prompts measured against the context minus ``sampling.max_new_tokens``
     (chat template and system prompt included), as ``task.overlong_prompts`` says. Reads only the
-    tokenizer and the model's config: nothing heavy loads."""
+    tokenizer and the model's config: nothing heavy loads.  A chat template asked of a tokenizer
+    without one fails here (``sampling.chat_template``)."""
     import sys
 
     from ..model.loading import TINY_CONTEXT, context_length, load_tokenizer
-    from ..rollout.sampling import encode_prompt
+    from ..rollout.sampling import encode_prompt, uses_chat_template
     from ..rewards.tasks import fit_prompts
 
     if cfg.model.name == "tiny":
@@ -92,6 +93,10 @@ def fit_to_context(cfg: TrainConfig, rollouts: Rollouts, *prompt_lists: list) ->
     else:
         path = resolve_model(cfg.model.name)
         tok, n_ctx = load_tokenizer(path), context_length(path)
+    try:
+        uses_chat_template(tok, cfg.sampling.chat_template)
+    except ValueError as e:
+        raise ConfigError(f"model {cfg.model.name!r}: {e}") from e
     rollouts.check_template(tok)  # a template that rewrites history or refuses an episode's order: before any model
     if n_ctx is None:
         return prompt_lists
@@ -162,7 +167,7 @@ def build_components(cfg: TrainConfig, dist: DistContext) -> Components:
             keep_freed_memory()
         policy, tok = build_policy(cfg.model, cfg.seed, dist.device)
         a, o = cfg.algo, cfg.optim
-        reference = ReferencePolicy(policy) if settings.uses_reference else None
+        reference = build_reference(cfg, policy, dist.device) if settings.uses_reference else None
         critic = build_critic(policy, shared=a.critic == "shared", seed=cfg.seed) if settings.needs.critic else None
     extra = {"critic": critic.module} if critic is not None else {}
     parallel = Parallel.wrap(policy, extra, dist, cfg.parallel)
@@ -171,6 +176,21 @@ def build_components(cfg: TrainConfig, dist: DistContext) -> Components:
     stream = PromptStream(train_prompts, seed=cfg.seed)
     return Components(settings, parallel.policy, tok, optimizer, scheduler, scorers, stream, eval_prompts, kl_ctl,
                       parallel, reference, critic, extra)
+
+
+def build_reference(cfg: TrainConfig, policy: torch.nn.Module, device: torch.device) -> ReferencePolicy:
+    """The KL's reference: the policy as built (``algo.kl_reference`` null), else that model, frozen."""
+    name = cfg.algo.kl_reference
+    if name is None:
+        return ReferencePolicy(policy)
+    try:
+        other, _ = build_policy(ModelConfig(name=name, dtype=cfg.model.dtype), cfg.seed, device)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"algo.kl_reference={name!r} cannot be loaded: {e}") from e
+    if other.get_output_embeddings().weight.shape != policy.get_output_embeddings().weight.shape:
+        raise ConfigError(f"algo.kl_reference={name!r} has another vocabulary than model.name={cfg.model.name!r}; "
+                          "the KL compares the two models token by token: give a model with the same tokenizer")
+    return ReferencePolicy(other)
 
 
 def build_kl_controller(a: AlgoConfig):

@@ -18,6 +18,7 @@ from dataclasses import replace
 
 import torch
 
+from ...rollout.sampling import uses_chat_template
 from .common import (BackwardClock, BenchSetup, held_out_reward, now, peak_gpu_mib, peak_rss_mib, phase_times,
                      quiet, reset_peak_rss, task, weighted_scores)
 
@@ -113,7 +114,7 @@ class TrlRunner:
         self.train_prompts, self.held_out, self.scorers = task(self.cfg)
         policy, tok = load_model_and_tokenizer(resolve_model(self.cfg.model.name), dtype=torch.float32)
         sp = self.cfg.sampling
-        rows = [{"prompt": self._trl_prompt(p.text), "idx": i}
+        rows = [{"prompt": self._trl_prompt(tok, p.text), "idx": i}
                 for i, p in enumerate(self.train_prompts[:s.total_steps * sp.prompts_per_step])]
         self.rewards: list[float] = []
         self.initial_eval = (held_out_reward(policy, tok, self.cfg, self.held_out, self.scorers)
@@ -154,10 +155,10 @@ class TrlRunner:
                           (self.trainer, "compute_loss"), (self.trainer.accelerator, "backward")):
             self._time(obj, name)
 
-    def _trl_prompt(self, text: str):
+    def _trl_prompt(self, tok, text: str):
         """The prompt as TRL takes it: chat messages (TRL applies the chat template) or raw text."""
         sp = self.cfg.sampling
-        if not sp.chat_template:
+        if not uses_chat_template(tok, sp.chat_template):
             return text
         system = [{"role": "system", "content": sp.system_prompt}] if sp.system_prompt is not None else []
         return system + [{"role": "user", "content": text}]
