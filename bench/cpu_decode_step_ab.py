@@ -6,34 +6,39 @@ alternating which steps first, and checks that their logits are equal bit for bi
 sampling calls (bench/cpu_sampling_ab.py) for changes worth a few percent of a step.  Prints the median
 step of each and the median and quartiles of the per-step ratio A / B.
 
-Usage: python THIS REV THREADS [CALLS]; the AVX2 variables as in bench/cpu_sampling_ab.py.
+Usage: python THIS REV THREADS [CALLS] [--model NAME] [--new-tokens N] (``--model tiny``: the tests'
+in-process model, a smoke run); the AVX2 variables as in bench/cpu_sampling_ab.py.
 """
+import argparse
 import statistics
 import sys
 import time
 
 import torch
 
-from seqpg.rollout import sampling
 from seqpg.apps.bench.common import BenchSetup, quiet, task
-from seqpg.model.loading import load_model_and_tokenizer, resolve_model
 from seqpg.model.policy import position_ids_from_mask
+from seqpg.rollout import sampling
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from cpu_sampling_ab import old_decoder  # noqa: E402
+from cpu_sampling_ab import load, old_decoder  # noqa: E402
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("rev")
+    ap.add_argument("threads", type=int)
+    ap.add_argument("calls", type=int, nargs="?", default=4)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model alias or path, or tiny")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    a = ap.parse_args()
     quiet()
-    rev, threads = sys.argv[1], int(sys.argv[2])
-    calls = int(sys.argv[3]) if len(sys.argv) > 3 else 4
+    rev, threads, calls = a.rev, a.threads, a.calls
     torch.set_num_threads(threads)
-    cfg = BenchSetup().train_config()
-    prompts = task(cfg)[0][:2]
-    model, tok = load_model_and_tokenizer(resolve_model(cfg.model.name), dtype=torch.float32)
-    model.eval()
+    prompts = task(BenchSetup().train_config())[0][:2]
+    model, tok = load(a.model)
     ids_GP, mask_GP = sampling.left_pad([sampling.encode_prompt(tok, p.text) for p in prompts], tok.pad_token_id)
-    G, P, n, T = ids_GP.shape[0], ids_GP.shape[1], 8, 32
+    G, P, n, T = ids_GP.shape[0], ids_GP.shape[1], 8, a.new_tokens
     pos_GP = position_ids_from_mask(mask_GP)
     times = {"A": [], "B": []}
     for c in range(calls):

@@ -4,18 +4,24 @@ fp32 oneDNN-packed (``_linear_pointwise``, what the fast decoder runs) against B
     fp32  plain fp32 ``F.linear`` (what runs without oneDNN's prepacked linear)      [default]
     bf16  bf16 ``F.linear`` (the fallback where oneDNN cannot run bf16)
 
-Usage: python bench/cpu_products_ab.py THREADS [fp32|bf16]
-Prints ms per token of each and the median over rounds of B / packed."""
+Usage: python bench/cpu_products_ab.py THREADS [fp32|bf16] [--layers 30] [--rounds 12]
+(--layers 1 --rounds 4: a smoke run). Prints ms per token of each and the median over rounds of B / packed."""
+import argparse
 import statistics
-import sys
 import time
 
 import torch
 
+ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+ap.add_argument("threads", type=int)
+ap.add_argument("other", nargs="?", default="fp32", choices=("fp32", "bf16"))
+ap.add_argument("--layers", type=int, default=30)
+ap.add_argument("--rounds", type=int, default=12, help="rounds of each; the first 2 are not measured")
+a = ap.parse_args()
 torch.manual_seed(0)
-torch.set_num_threads(int(sys.argv[1]))
-other = sys.argv[2] if len(sys.argv) > 2 else "fp32"
-E, I, V, L, B = 576, 1536, 49152, 30, 16
+torch.set_num_threads(a.threads)
+other = a.other
+E, I, V, L, B = 576, 1536, 49152, a.layers, 16
 shapes = [(E + 2 * 192, E), (E, E), (2 * I, E), (E, I)]  # q|k|v, o, gate|up, down
 layers = [[torch.randn(n, k) * 0.02 for n, k in shapes] for _ in range(L)]
 head = torch.randn(V, E) * 0.02
@@ -42,7 +48,7 @@ def run_plain():
 
 
 t = {"packed": [], other: []}
-for r in range(12):
+for r in range(max(a.rounds, 3)):
     order = (("packed", run_packed), (other, run_plain))
     for name, f in (order if r % 2 else order[::-1]):
         s = time.perf_counter()

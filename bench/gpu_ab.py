@@ -1,6 +1,6 @@
 """A/B of seqpg's GPU code paths on the real model, interleaved in one process (medians).
 
-    python bench/gpu_ab.py [--rounds 7] [--out gpu_ab.json]
+    python bench/gpu_ab.py [--rounds 7] [--out gpu_ab.json] [--model NAME]   (--model tiny: a smoke run)
 
 Sampling (2 prompts x 8 samples, 32 new tokens, the demo's first prompts): the fast decoder
 with its CUDA graph (default), without it, and the model's own forward.  Update (one GRPO update
@@ -22,10 +22,11 @@ from functools import partial
 import torch
 
 from seqpg import core
-from seqpg.rollout import fastdecode, sampling
-from seqpg.model import policy, segment_attention
 from seqpg.apps.bench.common import BenchSetup, task
-from seqpg.model.loading import load_model_and_tokenizer, resolve_model
+from seqpg.config import ModelConfig
+from seqpg.model import policy, segment_attention
+from seqpg.rollout import fastdecode, sampling
+from seqpg.training.build import build_policy
 from seqpg.training.update import TrainBatch, UpdateSettings, update
 
 
@@ -56,12 +57,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", default="gpu_ab.json")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model alias or path, or tiny")
     args = ap.parse_args()
-    cfg = BenchSetup().train_config()
-    prompts, _, _ = task(cfg)
-    model, tok = load_model_and_tokenizer(resolve_model(cfg.model.name), dtype=torch.float32)
+    prompts, _, _ = task(BenchSetup().train_config())
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of this script
-    model.to(device).train()
+    model, tok = build_policy(ModelConfig(name=args.model), seed=0, device=torch.device(device))
     opt = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
     results: dict = {"gpu": torch.cuda.get_device_name() if device == "cuda" else None, "torch": torch.__version__}
     for dtype in ("fp32", "bf16"):
@@ -83,7 +83,8 @@ def main() -> None:
         rewards = torch.randn(batch.batch_size, generator=torch.Generator().manual_seed(2))
         adv, ret = core.compute_advantages("grpo", rewards, batch.completion_mask_BC, group_ids=batch.group_ids_B)
         tb = TrainBatch(batch, adv, ret, batch.sample_logprobs_BC)
-        s = UpdateSettings(kl_estimator="k3", kl_noise_floor=0.0, grad_noise=False, loss="ppo", agg="seq-mean-token-mean", bf16=bf16)
+        s = UpdateSettings(loss="ppo", agg="seq-mean-token-mean", bf16=bf16, kl_estimator="k3", grad_noise=False,
+                           kl_noise_floor=0.0)
         upd = lambda: update(model, opt, tb, s, max_len=32)  # noqa: E731
         update_variants = {
             "shared prompt, dense mask": upd,

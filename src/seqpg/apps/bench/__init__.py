@@ -36,7 +36,13 @@ FLOPs utilisation of the training phase (log-prob forward + backward + optimizer
 over the matmul peak measured in the same run with the same thread count (the higher of two
 measurements, before and after the steps).
 
-Modules: :mod:`.common` (settings, task, clocks, memory), :mod:`.workers` (the two sides),
+Sampling is held against its memory-bandwidth floor (:mod:`.floor`): the bytes each library's decode
+steps must read for the tokens it generated (every weight at the dtype its decode reads, the KV cache
+at each step's length), over the read bandwidth measured in the same run with the same thread count
+(the higher of two measurements, before and after the steps).
+
+Modules: :mod:`.common` (settings, task, clocks, memory), :mod:`.workers` (the two sides), :mod:`.floor`
+(bytes per decode step, memory bandwidth),
 :mod:`.compare` (stepping, summaries), :mod:`.report` (markdown), :mod:`.learning` (``--learning``).
 """
 
@@ -46,7 +52,7 @@ import os
 from dataclasses import asdict
 
 from .common import DTYPES, BenchSetup, quiet
-from .compare import headline, machine_info, measure_peak, run_pair, summarise
+from .compare import headline, machine_info, measure_bandwidth, measure_peak, run_pair, summarise
 from .report import markdown, write_report
 
 
@@ -104,16 +110,20 @@ def run_bench(steps: int | None = None, out_dir: str = "bench", dtypes=None, thr
         for n_threads in threads:
             s = BenchSetup(config=config, overrides=base.overrides, dtype=dtype, threads=n_threads, steps=steps,
                            warmup=warmup, device=device)
-            before = measure_peak(dtype, n_threads, device)
+            before, bw_before = measure_peak(dtype, n_threads, device), measure_bandwidth(n_threads, device)
             raw = run_pair(s, log=lambda line: print(line, flush=True))
-            after = measure_peak(dtype, n_threads, device)
+            after, bw_after = measure_peak(dtype, n_threads, device), measure_bandwidth(n_threads, device)
             peak = {**max(before, after, key=lambda p: p["flops_per_s"]),  # the higher peaks: the lower MFU
                     "flops_per_cpu_s": max(before["flops_per_cpu_s"], after["flops_per_cpu_s"])}
-            summary = summarise(raw, peak)
+            bandwidth = max(bw_before, bw_after, key=lambda b: b["read_bytes_per_s"])  # likewise: the lower share
+            summary = summarise(raw, peak, bandwidth)
             report["runs"].append({"dtype": dtype, "threads": n_threads, "summary": summary, "raw": raw,
-                                   "peaks_measured": [before, after]})
+                                   "peaks_measured": [before, after], "bandwidths_measured": [bw_before, bw_after]})
+            mine, trl = summary["libraries"]["seqpg"], summary["libraries"]["trl"]
             print(f"  -> {dtype}, {n_threads} thread(s): seqpg {summary['speedup']:.2f}x faster per step; training "
-                  f"phase at {100 * summary['libraries']['seqpg']['mfu_training']:.1f}% of the matmul peak", flush=True)
+                  f"phase at {100 * mine['mfu_training']:.1f}% of the matmul peak, sampling at "
+                  f"{100 * mine['sampling_floor_share']:.1f}% of its bandwidth floor's speed (TRL: "
+                  f"{100 * trl['mfu_training']:.1f}%, {100 * trl['sampling_floor_share']:.1f}%)", flush=True)
     report.update(headline(report["runs"]))
     report["machine"]["load_average_at_end"] = os.getloadavg()
     write_report(out_dir, "latest", report, markdown)

@@ -11,6 +11,7 @@ import subprocess
 import torch
 
 from .common import PHASES, TRAINING_PHASES, BenchSetup
+from .floor import memory_bandwidth
 from .workers import worker
 
 SIDES = ("trl", "seqpg")
@@ -74,9 +75,11 @@ def run_pair(s: BenchSetup, log=print) -> dict:
             "peak_gpu_mib": {name: f.get("peak_gpu_mib") for name, f in finals.items()}, "initial_eval": initial_eval}
 
 
-def summarise(raw: dict, peak: dict) -> dict:
+def summarise(raw: dict, peak: dict, bandwidth: dict | None = None) -> dict:
     """Medians per phase and side (wall-clock and CPU seconds), ratios seqpg / TRL, tokens/s, memory,
-    and MFU of the training phase against ``peak`` (per wall-clock second and per CPU second)."""
+    MFU of the training phase against ``peak`` (per wall-clock second and per CPU second), and, with
+    ``bandwidth`` (:func:`.floor.memory_bandwidth`), the sampling phase against its bandwidth floor:
+    the floor's seconds (the step's ``sampling_bytes`` over the read bandwidth) and its share of the phase's."""
     out: dict = {"libraries": {}}
     for name, recs in raw["steps"].items():
         measured = [r for r in recs if not r["warmup"]]
@@ -99,7 +102,14 @@ def summarise(raw: dict, peak: dict) -> dict:
             "mean_reward": statistics.mean(r["reward"] for r in measured),
             "step_s": [r["step"] for r in measured],
             "threads": sorted({r["threads"] for r in measured}),
+            "training_floor_s": statistics.median(flops) / peak["flops_per_s"],
         }
+        if bandwidth is not None:
+            floor_s = [r["sampling_bytes"] / bandwidth["read_bytes_per_s"] for r in measured]
+            out["libraries"][name].update(
+                sampling_bytes_per_step=statistics.median(r["sampling_bytes"] for r in measured),
+                sampling_floor_s=statistics.median(floor_s),
+                sampling_floor_share=statistics.median(f / r["sampling"] for f, r in zip(floor_s, measured)))
     lib = out["libraries"]
     out["ratio_seqpg_over_trl"] = {p: lib["seqpg"]["median_s"][p] / lib["trl"]["median_s"][p] for p in PHASES}
     out["speedup"] = lib["trl"]["median_s"]["step"] / lib["seqpg"]["median_s"]["step"]
@@ -110,6 +120,8 @@ def summarise(raw: dict, peak: dict) -> dict:
     if lib["seqpg"]["peak_gpu_mib"] and lib["trl"]["peak_gpu_mib"]:
         out["gpu_memory_ratio_seqpg_over_trl"] = lib["seqpg"]["peak_gpu_mib"] / lib["trl"]["peak_gpu_mib"]
     out["matmul_peak"] = peak
+    if bandwidth is not None:
+        out["memory_bandwidth"] = bandwidth
     return out
 
 
@@ -127,6 +139,8 @@ def headline(runs: list[dict]) -> dict:
                     f"threads_{dtype}": best["threads"], f"mfu_{dtype}": s["libraries"]["seqpg"]["mfu_training"],
                     f"mfu_cpu_{dtype}": s["libraries"]["seqpg"]["mfu_training_cpu"],
                     f"memory_ratio_{dtype}": s["memory_ratio_seqpg_over_trl"]})
+        if "sampling_floor_share" in s["libraries"]["seqpg"]:
+            out[f"sampling_floor_share_{dtype}"] = s["libraries"]["seqpg"]["sampling_floor_share"]
         if "gpu_memory_ratio_seqpg_over_trl" in s:
             out[f"gpu_memory_ratio_{dtype}"] = s["gpu_memory_ratio_seqpg_over_trl"]
     return out
@@ -140,6 +154,12 @@ def measure_peak(dtype: str, threads: int, device: str = "cpu") -> dict:
     r = matmul_peak({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype], device=device)
     return {"dtype": dtype, "threads": threads, "device": device, "flops_per_s": r["flops_per_s"], "size": r["size"],
             "flops_per_cpu_s": r["flops_per_cpu_s"], "per_size": {str(k): v for k, v in r["per_size"].items()}}
+
+
+def measure_bandwidth(threads: int, device: str = "cpu") -> dict:
+    """The memory bandwidth on ``device`` with ``threads`` torch threads (see ``floor.memory_bandwidth``)."""
+    torch.set_num_threads(threads)
+    return {"threads": threads, "device": device, **memory_bandwidth(device=device)}
 
 
 def machine_info(device: str = "cpu") -> dict:

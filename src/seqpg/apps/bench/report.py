@@ -64,12 +64,17 @@ def markdown(report: dict) -> str:
                          f"CPU time {report[f'speedup_cpu_{d}']:.2f}x; {report[f'threads_{d}']} thread(s), "
                          f"where TRL was fastest); seqpg's training phase reaches {100 * report[f'mfu_{d}']:.1f}% "
                          f"of the measured {d} matmul peak ({100 * report[f'mfu_cpu_{d}']:.1f}% per CPU second); "
-                         f"peak memory {100 * report[f'memory_ratio_{d}']:.0f}% of TRL's.")
+                         f"peak memory {100 * report[f'memory_ratio_{d}']:.0f}% of TRL's."
+                         + (f" Its sampling runs at {100 * report[f'sampling_floor_share_{d}']:.1f}% of the speed of "
+                            "its memory-bandwidth floor." if f"sampling_floor_share_{d}" in report else ""))
     for run in report["runs"]:
         s = run["summary"]
         trl, mine, pk = s["libraries"]["trl"], s["libraries"]["seqpg"], s["matmul_peak"]
+        bw = s.get("memory_bandwidth")
         lines += ["", f"#### {run['dtype']}, {run['threads']} thread(s); {run['dtype']} matmul peak "
-                      f"{pk['flops_per_s'] / 1e9:.0f} GFLOP/s (n = {pk['size']})", "",
+                      f"{pk['flops_per_s'] / 1e9:.0f} GFLOP/s (n = {pk['size']})"
+                      + (f"; memory bandwidth {bw['read_bytes_per_s'] / 1e9:.1f} GB/s read, "
+                         f"{bw['copy_bytes_per_s'] / 1e9:.1f} GB/s copy" if bw else ""), "",
                   "| phase | TRL wall s | seqpg wall s | seqpg / TRL | TRL CPU s | seqpg CPU s | seqpg / TRL (CPU) |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for p in PHASES:
@@ -94,4 +99,24 @@ def markdown(report: dict) -> str:
                   f"{100 * mine['mfu_training_cpu']:.1f}% | |",
                   f"| MFU, forward + backward only (wall) | {100 * trl['mfu_forward_backward']:.1f}% | "
                   f"{100 * mine['mfu_forward_backward']:.1f}% | |"]
+        lines += floor_table(s)
     return "\n".join(lines) + "\n"
+
+
+def floor_table(summary: dict) -> list[str]:
+    """Each phase that has a floor against it, per library: the floor's seconds (median over the measured
+    steps) and the share of the floor's speed the phase reaches (median over the steps of floor s / phase s;
+    for training, the MFU).  Empty for a report without the memory bandwidth."""
+    trl, mine = summary["libraries"]["trl"], summary["libraries"]["seqpg"]
+    bw = summary.get("memory_bandwidth")
+    if bw is None or "sampling_floor_s" not in mine:
+        return []
+    return ["", "| phase | its floor | TRL floor s | TRL share of the floor's speed | seqpg floor s | "
+                "seqpg share of the floor's speed |", "|---|---|---:|---:|---:|---:|",
+            f"| sampling | bytes its decode steps read (TRL {trl['sampling_bytes_per_step'] / 1e9:.2f} GB, seqpg "
+            f"{mine['sampling_bytes_per_step'] / 1e9:.2f} GB per step) / {bw['read_bytes_per_s'] / 1e9:.1f} GB/s | "
+            f"{_s(trl['sampling_floor_s'])} | {100 * trl['sampling_floor_share']:.1f}% | "
+            f"{_s(mine['sampling_floor_s'])} | {100 * mine['sampling_floor_share']:.1f}% |",
+            f"| training (log-prob forward, backward, optimizer step) | model FLOPs / "
+            f"{summary['matmul_peak']['flops_per_s'] / 1e9:.0f} GFLOP/s | {_s(trl['training_floor_s'])} | "
+            f"{100 * trl['mfu_training']:.1f}% | {_s(mine['training_floor_s'])} | {100 * mine['mfu_training']:.1f}% |"]

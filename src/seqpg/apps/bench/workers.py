@@ -21,6 +21,7 @@ import torch
 from ...rollout.sampling import uses_chat_template
 from .common import (BackwardClock, BenchSetup, held_out_reward, now, peak_gpu_mib, peak_rss_mib, phase_times,
                      quiet, reset_peak_rss, task, weighted_scores)
+from .floor import DecodeShape, generation_bytes, sampler_storage
 
 SEQPG_PHASES = {"sampling": ("begin", "sampled"), "scoring": ("sampled", "scored"),
                 "logprob_forward": ("scored", "backward_begin"), "backward": ("backward_begin", "backward_end"),
@@ -51,6 +52,9 @@ class SeqpgRunner:
         self.train_prompts, self.held_out, self.scorers = task(self.cfg)
         self.policy, self.tok = load_model_and_tokenizer(resolve_model(self.cfg.model.name), dtype=torch.float32)
         self.policy.to(s.device).train()
+        # what its decode reads: the weights in the products' dtype (bf16 under the bf16 run's autocast)
+        self.decode = DecodeShape.of(self.policy), sampler_storage(self.policy, torch.bfloat16 if s.dtype == "bf16"
+                                                                   else None)
         self.optimizer = adamw([p for p in self.policy.parameters() if p.requires_grad], self.cfg.optim.lr)
         # GRPO as TRL runs it (no KL, clip at norm 1, one backward: no gradient-noise measurement, which TRL
         # does not make), with the run's sampling settings; decided once, as
@@ -94,6 +98,8 @@ class SeqpgRunner:
         times = phase_times(marks, SEQPG_PHASES)
         rec = {**times["wall"], "cpu": times["cpu"], "completion_tokens": int(lengths_B.sum()),
                "train_flops": train_flops(ModelShape.of(self.policy), counts),
+               "sampling_bytes": generation_bytes(*self.decode, prompt_len_B.tolist(),
+                                                  rollout.completion_lengths_B.tolist()),
                "reward": float(scored.batch.rewards_B.mean()), "threads": torch.get_num_threads()}
         if self.s.eval_every and (k + 1) % self.s.eval_every == 0:  # after the clock stopped
             rec["eval"] = self.evaluate()
@@ -113,6 +119,7 @@ class TrlRunner:
         self.s, self.conn, self.cfg = s, conn, s.train_config()
         self.train_prompts, self.held_out, self.scorers = task(self.cfg)
         policy, tok = load_model_and_tokenizer(resolve_model(self.cfg.model.name), dtype=torch.float32)
+        self.decode = DecodeShape.of(policy), sampler_storage(policy, None)  # TRL samples in float32, bf16 or not
         sp = self.cfg.sampling
         rows = [{"prompt": self._trl_prompt(tok, p.text), "idx": i}
                 for i, p in enumerate(self.train_prompts[:s.total_steps * sp.prompts_per_step])]
@@ -192,6 +199,7 @@ class TrlRunner:
         counts = per_sample_counts(m["prompt_lengths"], m["completion_lengths"])
         rec = {**times["wall"], "cpu": times["cpu"], "completion_tokens": sum(m["completion_lengths"]),
                "train_flops": train_flops(ModelShape.of(self.trainer.model), counts), "reward": self.rewards[-1],
+               "sampling_bytes": generation_bytes(*self.decode, m["prompt_lengths"], m["completion_lengths"]),
                "threads": torch.get_num_threads()}
         if self.s.eval_every and self.trainer.state.global_step % self.s.eval_every == 0:  # after the clock stopped
             rec["eval"] = held_out_reward(self.trainer.model, self.trainer.processing_class, self.cfg, self.held_out,

@@ -1,0 +1,151 @@
+"""Every script in bench/ runs: each Python script end to end on the tiny model with a tiny budget (in
+subprocesses, two at a time), the shell script parsed with its Python entry points checked.
+
+The scripts measure; here only that they run through and print their result line is checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+SMOKE_ARGS = {
+    "cpu_decode_step_ab.py": ["HEAD", "1", "1", "--model", "tiny", "--new-tokens", "4"],
+    "cpu_products_ab.py": ["1", "--layers", "1", "--rounds", "3"],
+    "cpu_sampling_ab.py": ["leave", "1", "1", "--model", "tiny", "--new-tokens", "4"],
+    "episode_speed_ab.py": ["--model", "tiny", "--turn-tokens", "4", "--reps", "1", "--threads", "1",
+                            "--max-episode-tokens", "256"],
+    "gns_overhead_ab.py": ["tiny", "3", "4", "", "1"],  # 1 prompt x 8 samples in micro-batches of 4
+    "gns_parts.py": ["--model", "tiny", "--rounds", "3"],
+    "gpu_ab.py": ["--model", "tiny", "--rounds", "1", "--out", "{tmp}/ab.json"],
+    "sampling_profile.py": ["1", "1", "--model", "tiny", "--new-tokens", "4"],
+    "gemma3_sampling_ab.py": ["1", "1", "tiny"],
+    "logprob_disagreement.py": ["--tiny", "--prompts", "2", "--samples", "2", "--max-new-tokens", "4", "--threads", "1"],
+}
+"""Script -> the arguments of its smoke run (``{tmp}``: a fresh directory)."""
+
+RESULT_LINE = {
+    "cpu_decode_step_ab.py": "logits equal bit for bit",
+    "cpu_products_ab.py": "ms/token; fp32/packed median of rounds",
+    "cpu_sampling_ab.py": "identical rollouts",
+    "episode_speed_ab.py": "multi-turn sampling, model's forward / fast decoder",
+    "gns_overhead_ab.py": "median paired difference",
+    "gns_parts.py": "median paired difference",
+    "gpu_ab.py": "| variant | median ms | x first | agrees with the first |",
+    "sampling_profile.py": "HF generate: median",
+    "gemma3_sampling_ab.py": "model forward / fast =",
+    "logprob_disagreement.py": "sampler vs reference",
+}
+"""What each script prints when it ran through."""
+
+OTHER_TESTS = {"dapo_demo_table.py", "dapo_demo_ab.sh", "sft_then_rl.py"}
+"""Scripts tested below on their own (they read a run's files, or need the real model for minutes)."""
+
+
+def _run(name: str, tmp: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    args = [a.format(tmp=tmp) for a in SMOKE_ARGS[name]]
+    return subprocess.run([sys.executable, str(BENCH / name), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """Script -> a future of its smoke run's completed process: all started at once, two at a time."""
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures = {name: pool.submit(_run, name, tmp_path_factory.mktemp(name.removesuffix(".py")))
+               for name in SMOKE_ARGS}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def test_every_bench_script_has_a_smoke_test():
+    scripts = {p.name for p in BENCH.iterdir() if p.suffix in (".py", ".sh")}
+    assert scripts == set(SMOKE_ARGS) | OTHER_TESTS
+    assert set(RESULT_LINE) == set(SMOKE_ARGS)
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE_ARGS))
+def test_bench_script_runs_on_the_tiny_model(name, smoke_runs):
+    done = smoke_runs[name].result()
+    output = done.stdout + done.stderr
+    if name == "cpu_decode_step_ab.py" and done.returncode == 1 and "logits differ by" in done.stderr:
+        return  # ran through a decode step: the working tree's decoder differs from HEAD's, as it may
+    assert done.returncode == 0, f"{name} failed:\n{output[-3000:]}"
+    assert RESULT_LINE[name] in done.stdout, output[-3000:]
+
+
+def test_dapo_demo_table_reads_both_runs(tmp_path):
+    for name, reward in (("plain", 0.25), ("dapo", 0.5)):
+        rows = [{"step": 1, "time/step": 2.0, "truncated_frac": 0.5, "dynamic/rounds": 2.0},
+                {"step": 2, "time/step": 3.0, "truncated_frac": 0.0},
+                {"step": 2, "eval/reward_mean": reward, "eval/reward_se": 0.125}]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = subprocess.run([sys.executable, str(BENCH / "dapo_demo_table.py"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    # 2 steps, draws (2 + 1) / 2, truncated (0.5 + 0) / 2; the evaluation after 2 + 3 s of training
+    assert lines[0].startswith("plain: 2 steps, mean draws/step 1.50, mean truncated 0.250")
+    assert lines[1].split() == ["step", "2", "5s", "+0.250±0.125"]
+    assert lines[3].split() == ["step", "2", "5s", "+0.500±0.125"]
+
+
+def test_dapo_demo_ab_script_parses_and_its_commands_exist():
+    script = BENCH / "dapo_demo_ab.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    for path in re.findall(r"\bbench/\w+\.py\b", text):
+        assert (ROOT / path).is_file(), path
+    commands = set(re.findall(r"python -m (\w+) (\w+)", text))
+    assert commands == {("seqpg", "train")}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    for module, command in commands:
+        done = subprocess.run([sys.executable, "-m", module, command, "--help"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+
+
+def test_dapo_demo_ab_script_gives_train_a_valid_configuration(tmp_path):
+    """The script run through, with ``python -m seqpg train ARGS`` answered by ``seqpg config ARGS``: both runs'
+    options resolve (an unknown key or a bad value exits 2), the DAPO run with its two switches on."""
+    shim = tmp_path / "bin" / "python"
+    shim.parent.mkdir()
+    shim.write_text(f'''#!/usr/bin/env bash
+[ "$1 $2 $3" = "-m seqpg train" ] || exit 97
+shift 3
+exec {sys.executable} -m seqpg config "$@"
+''')
+    shim.chmod(0o755)
+    env = dict(os.environ, PATH=f"{shim.parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(BENCH / "dapo_demo_ab.sh"), str(out), "3"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    plain, dapo = (Path(f"{out}.{name}.log").read_text() for name in ("plain", "dapo"))
+    assert done.returncode == 0, done.stderr + plain + dapo
+    assert "max_minutes: 3" in plain and f"run_dir: {out}/plain" in plain and f"run_dir: {out}/dapo" in dapo
+    assert "dynamic_sampling: false" in plain and "dynamic_sampling: true" in dapo
+    assert "overlong_filter: false" in plain and "overlong_filter: true" in dapo
+
+
+def test_sft_then_rl_script_parses_and_its_configuration_validates():
+    """The equal-wall-clock comparison runs for half an hour on the real model: here its options and its
+    configuration (the secret-code task) are checked."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(BENCH / "sft_then_rl.py"), "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--minutes" in done.stdout, done.stderr[-2000:]
+    from seqpg.config import load_config
+    load_config(str(ROOT / "examples" / "env_secret_code.yaml"), [])
