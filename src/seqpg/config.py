@@ -132,8 +132,10 @@ class EpisodeConfig:
     env: str | None = None
     """Multi-turn episodes: the environment class, `module:Class` or `path/to/file.py:Class`, with
     reset(prompt, seed) -> first observation and step(model_text) -> (observation or None, reward, done,
-    info). The model writes, the environment answers, the model writes again; only the model's tokens are
-    trained on. null with `tools` set: the task's prompt is the question and the first turn without a
+    info). Gymnasium's reset -> (obs, info) and 5-tuple step, and TRL environment_factory classes (reset(**row),
+    no step) are accepted; the class's public methods are tools bound to each episode's instance
+    (docs/episodes.md). The model writes, the environment answers, the model writes again; only the model's
+    tokens are trained on. null with `tools` set: the task's prompt is the question and the first turn without a
     tool call ends the episode. null without tools: single-turn training."""
     env_params: dict[str, Any] = field(default_factory=dict)
     """Constructor arguments of the environment class."""
@@ -166,6 +168,13 @@ class EpisodeConfig:
     tool_max_processes: int = 16
     """Processes (and threads) a tool call may start, beyond those the user already runs (RLIMIT_NPROC; not
     applied to root); 0: no limit. Tools run with the user's permissions: this is no sandbox (docs/episodes.md)."""
+    env_timeout_s: float = 30.0
+    """Wall-clock seconds each call into the environment (reset, step, one of its methods called as a tool) may
+    take; past it the call is abandoned and the episode fails (see on_env_error). Its methods run in-process."""
+    on_env_error: str = "drop"
+    """drop: an episode whose environment or chat template fails (raises, times out, returns a bad reward, a
+    first observation over max_episode_tokens) is closed as truncated, its failing turn unrewarded, counted in
+    episode/env_errors; a step where every episode fails stops the run. raise: the first failure stops it."""
 
     @property
     def enabled(self) -> bool:
@@ -802,6 +811,13 @@ def _check_episode(cfg: TrainConfig) -> None:
     for key in ("tool_memory_mb", "tool_cpu_s", "tool_file_mb", "tool_max_processes"):
         if getattr(e, key) < 0:
             raise ConfigError(f"episode.{key} must be >= 0 (0: no limit), got {getattr(e, key)}")
+    from .rollout.env_errors import ON_ENV_ERROR
+
+    if e.on_env_error not in ON_ENV_ERROR:
+        raise ConfigError(f"episode.on_env_error must be one of {', '.join(ON_ENV_ERROR)}, got {e.on_env_error!r}")
+    if not 0 < e.env_timeout_s <= MAX_TOOL_TIMEOUT_S:
+        raise ConfigError(f"episode.env_timeout_s must be > 0 and at most {MAX_TOOL_TIMEOUT_S} (an hour), got "
+                          f"{e.env_timeout_s}")
     if not 0 < e.tool_timeout_s <= MAX_TOOL_TIMEOUT_S:
         raise ConfigError(f"episode.tool_timeout_s must be > 0 and at most {MAX_TOOL_TIMEOUT_S} (an hour), got "
                           f"{e.tool_timeout_s}")

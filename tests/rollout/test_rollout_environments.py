@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from seqpg.rollout.environments import (EpisodeLimits, StepResult, as_messages, coerce_step_result, load_environment,
+from seqpg.rollout.env_adapters import EnvCallError, coerce_step
+from seqpg.rollout.environments import (EpisodeLimits, StepResult, as_messages, load_environment,
                                         make_environment)
 
 GOOD = '''
@@ -66,14 +67,17 @@ def test_constructor_refusing_params_is_named(env_file):
 
 
 def test_step_results_are_coerced_or_refused():
-    r = coerce_step_result(("hi", 1, 1, {"k": 2}), env_name="E")
+    r = coerce_step(("hi", 1, 1, {"k": 2}), "environment E: step()")
     assert r == StepResult("hi", 1.0, True, {"k": 2}) and isinstance(r.reward, float)
-    with pytest.raises(TypeError, match="environment E: step\\(\\) must return"):
-        coerce_step_result(("hi", 1.0), env_name="E")
-    with pytest.raises(TypeError, match="reward must be a number"):
-        coerce_step_result(("hi", "lots", False, {}), env_name="E")
-    with pytest.raises(TypeError, match="each message needs str 'role' and 'content'"):
-        coerce_step_result(([{"role": "user"}], 0.0, False, {}), env_name="E")
+    gym = coerce_step(("hi", 0.5, False, True, {}), "w")  # gymnasium's (obs, reward, terminated, truncated, info)
+    assert gym == StepResult("hi", 0.5, False, {}, truncated=True)
+    with pytest.raises(EnvCallError, match="environment E: step\\(\\) must return"):
+        coerce_step(("hi", 1.0), "environment E: step()")
+    for bad in ("lots", "1.0", True, float("nan"), float("inf"), None):
+        with pytest.raises(EnvCallError, match="reward|non-finite"):
+            coerce_step(("hi", bad, False, {}), "E")
+    with pytest.raises(EnvCallError, match="each message needs str 'role' and 'content'"):
+        coerce_step(([{"role": "user"}], 0.0, False, {}), "E")
 
 
 def test_observations_become_messages():

@@ -13,6 +13,7 @@ from seqpg.batch import Prompt
 from seqpg.rollout.chat import decode_kept
 from seqpg.rollout.environments import EpisodeLimits
 from seqpg.model.policy import completion_logprobs
+from seqpg.rollout.env_errors import EpisodeFailure
 from seqpg.rollout.episodes import episodes_to_rollout
 from seqpg.rollout.multiturn import KVRows, sample_episodes
 from seqpg.rollout.tools import ToolStats, load_tools
@@ -138,9 +139,13 @@ def test_template_that_rewrites_history_is_refused(tiny_model_and_tokenizer):
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     scripted = ScriptedModel(model, tok, ["  padded answer  "])
-    with pytest.raises(ValueError, match="rendering the conversation changes text already in the context"):
+    with pytest.raises(EpisodeFailure, match="rendering the conversation changes text already in the context"):
         sample_episodes(scripted, tok, PROMPTS[:1], lambda: CountdownEnv(3), limits=LIMITS,
-                        sampling=SamplingArgs(greedy=True))
+                        sampling=SamplingArgs(greedy=True), on_env_error="raise")
+    scripted = ScriptedModel(model, tok, ["  padded answer  "])
+    [ep] = sample_episodes(scripted, tok, PROMPTS[:1], lambda: CountdownEnv(3), limits=LIMITS,
+                           sampling=SamplingArgs(greedy=True))  # drop: that episode ends, the run goes on
+    assert ep.truncated and not ep.done and "rewrites earlier turns" in ep.env_error and ep.turns[0].reward == 0
 
 
 def test_tool_calls_answer_a_turn_then_the_environment_rewards(tiny_model_and_tokenizer):

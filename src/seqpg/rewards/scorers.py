@@ -58,6 +58,9 @@ class Scorer(ABC):
     """Scores may be None, "does not apply to this sample" (left out of the weighted sum)."""
     uses_completion_ids: bool = False
     """``__call__`` also takes ``completion_ids=``: each completion's token ids (EOS included)."""
+    uses_episodes: bool = False
+    """``__call__`` also takes ``episodes=``: each sample's whole :class:`~seqpg.rollout.episodes.Episode`
+    (messages, turns with their tool calls and results, the environment instance), or None in a single-turn run."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -364,13 +367,37 @@ def resolve_callable(fn: str | Callable[..., Any], *, what: str) -> Callable[...
     return getattr(module, attr)
 
 
+def takes_argument(fn: Callable[..., Any], name: str, *, var_keyword: bool = False) -> bool:
+    """Whether ``fn`` has a parameter ``name`` (or, with ``var_keyword``, takes ``**kwargs``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name and p.kind is not p.VAR_POSITIONAL or var_keyword and p.kind is p.VAR_KEYWORD
+               for p in params)
+
+
 @register_scorer("callable")
 class CallableScorer(PerSampleScorer):
-    """``fn(prompt_text, completion, meta) -> float``, given as ``"module:function"`` or a callable."""
+    """``fn(prompt_text, completion, meta) -> float``, given as ``"module:function"`` or a callable.
+
+    Whole episode: a function with a parameter named ``episode`` is also given ``episode=``, the sample's
+    :class:`~seqpg.rollout.episodes.Episode` (its ``messages``, ``turns`` with their ``tool_results``, its
+    environment ``env``), or None in a single-turn run."""
 
     def __init__(self, name: str, *, fn: str | Callable[[str, str, dict], float]) -> None:
         super().__init__(name)
         self.fn = resolve_callable(fn, what=f"scorer {name!r}")
+        self.uses_episodes = takes_argument(self.fn, "episode")
+
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str],
+                 tokens: Sequence[Sequence[str]] | None = None, *, episodes: Sequence[Any] | None = None) -> list[float]:
+        if not self.uses_episodes:
+            return super().__call__(prompts, completions, tokens)
+        episodes = [None] * len(prompts) if episodes is None else episodes
+        return [self.fn(p.text, c, p.meta, episode=e) for p, c, e in zip(prompts, completions, episodes, strict=True)]
 
     def score_one(self, prompt: Prompt, completion: str) -> float:
         return self.fn(prompt.text, completion, prompt.meta)  # score_batch checks that it is a finite number
@@ -395,7 +422,7 @@ class DenseCallableScorer(Scorer):
                 for p, c, t in zip(prompts, completions, tokens, strict=True)]
 
 
-TRL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")
+TRL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "environments")
 """The keyword arguments TRL passes to a reward function besides the dataset columns."""
 
 
@@ -418,6 +445,8 @@ class TRLRewardScorer(Scorer):
     * ``completion_ids``: each completion's token ids, EOS included (TRL keeps the EOS in its
       ``completion_mask`` too).
     * ``trainer_state``: TRL passes its ``transformers.TrainerState``; seqpg has none and passes None.
+    * ``environments``: in a run with ``episode.env``, each sample's environment instance (as TRL passes them
+      with ``environment_factory``), when the function names the parameter or takes ``**kwargs``.
     * ``**columns``: every other column of the prompt file (``Prompt.meta``, e.g. ``answer``), one list
       per column over the batch; None where a prompt lacks the column.
 
@@ -439,10 +468,12 @@ class TRLRewardScorer(Scorer):
             raise ValueError(f"scorer {name!r}: conversational must be true or false, got {conversational!r}")
         self.fn = resolve_callable(fn, what=f"scorer {name!r}")
         self.conversational = conversational
+        self.uses_episodes = takes_argument(self.fn, "environments", var_keyword=True)
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str],
                  tokens: Sequence[Sequence[str]] | None = None, *,
-                 completion_ids: Sequence[Sequence[int]] | None = None) -> list[float | None]:
+                 completion_ids: Sequence[Sequence[int]] | None = None,
+                 episodes: Sequence[Any] | None = None) -> list[float | None]:
         if completion_ids is None:
             raise ValueError(f"scorer {self.name!r} needs the completion token ids (score_batch passes them)")
         if self.conversational:
@@ -450,9 +481,10 @@ class TRLRewardScorer(Scorer):
             completion_args: list[Any] = [[{"role": "assistant", "content": c}] for c in completions]
         else:
             prompt_args, completion_args = [p.text for p in prompts], list(completions)
+        extra = {} if episodes is None else {"environments": [ep.env for ep in episodes]}  # as TRL: with environments
         return list(self.fn(prompts=prompt_args, completions=completion_args,
                             completion_ids=[list(ids) for ids in completion_ids], trainer_state=None,
-                            **self.columns(prompts)))
+                            **self.columns(prompts), **extra))
 
     def columns(self, prompts: Sequence[Prompt]) -> dict[str, list[Any]]:
         """Every meta column of the batch's prompts as one list per column (TRL's ``reward_kwargs``)."""
@@ -556,22 +588,25 @@ def _check_value(scorer: Scorer, i: int, value: Any, n_tokens: int | None, promp
 
 
 def _call(scorer: Scorer, prompts: Sequence[Prompt], completions: Sequence[str], tokens: list[list[str]] | None,
-          ids: list[list[int]] | None, rows: slice) -> list[Any]:
-    """``scorer`` on ``rows`` of the batch (with their token ids where the scorer takes them)."""
+          ids: list[list[int]] | None, rows: slice, episodes: list[Any] | None = None) -> list[Any]:
+    """``scorer`` on ``rows`` of the batch (with their token ids and episodes where the scorer takes them)."""
     sub_tokens = None if tokens is None else tokens[rows]
+    kwargs: dict[str, Any] = {}
     if scorer.uses_completion_ids:
-        return list(scorer(prompts[rows], completions[rows], sub_tokens, completion_ids=ids[rows]))
-    return list(scorer(prompts[rows], completions[rows], sub_tokens))
+        kwargs["completion_ids"] = ids[rows]
+    if scorer.uses_episodes:
+        kwargs["episodes"] = None if episodes is None else episodes[rows]
+    return list(scorer(prompts[rows], completions[rows], sub_tokens, **kwargs))
 
 
 def _run_scorer(scorer: Scorer, prompts: Sequence[Prompt], completions: Sequence[str],
                 tokens: list[list[str]] | None, on_error: str,
-                ids: list[list[int]] | None = None) -> tuple[list[Any], list[bool]]:
+                ids: list[list[int]] | None = None, episodes: list[Any] | None = None) -> tuple[list[Any], list[bool]]:
     """(per-sample values, per-sample failed) for one scorer; a batch that raises is retried sample by
     sample so that the error names the sample that caused it."""
     B = len(completions)
     try:
-        values = _call(scorer, prompts, completions, tokens, ids, slice(None))
+        values = _call(scorer, prompts, completions, tokens, ids, slice(None), episodes)
         if len(values) != B:
             raise ScorerError(f"scorer {scorer.name!r} returned {len(values)} scores for a batch of {B} completions")
         failed = [False] * B
@@ -581,7 +616,7 @@ def _run_scorer(scorer: Scorer, prompts: Sequence[Prompt], completions: Sequence
         values, failed = [], []
         for i in range(B):
             try:
-                one = _call(scorer, prompts, completions, tokens, ids, slice(i, i + 1))
+                one = _call(scorer, prompts, completions, tokens, ids, slice(i, i + 1), episodes)
                 if len(one) != 1:
                     raise ScorerError(f"{_describe(scorer, i, prompts, completions)} returned {len(one)} scores "
                                       "for 1 completion")
@@ -650,6 +685,7 @@ def score_batch(rollout: RolloutBatch, scorers: Sequence[tuple[Scorer, float]], 
                              "pass tokenizer= to score_batch")
         tokens = completion_tokens(rollout, tokenizer)
     ids = completion_id_lists(rollout) if any(s.uses_completion_ids for s, _ in scorers) else None
+    episodes = rollout.episodes  # an episode batch's whole episodes (None when single-turn)
 
     seq_scores: dict[str, torch.Tensor] = {}
     dense_scores: dict[str, torch.Tensor] = {}
@@ -657,7 +693,7 @@ def score_batch(rollout: RolloutBatch, scorers: Sequence[tuple[Scorer, float]], 
     failed: dict[str, list[bool]] = {}
     applies: dict[str, torch.Tensor] = {}
     for scorer, _ in scorers:
-        values, failed[scorer.name] = _run_scorer(scorer, prompts, completions, tokens, on_error, ids)
+        values, failed[scorer.name] = _run_scorer(scorer, prompts, completions, tokens, on_error, ids, episodes)
         if scorer.dense:
             dense_BC = torch.zeros(B, C, dtype=torch.float32)
             dense_BC[rollout.completion_mask_BC] = torch.tensor([v for row in values for v in row], dtype=torch.float32)

@@ -18,6 +18,10 @@ Modules, one concern each:
 * :mod:`.cpu_caps`     what the CPU and the torch build can do (the fast paths' fallbacks)
 * :mod:`.environments` the Environment protocol (reset / step), ``StepResult``, the
   ``module:Class`` loader, turn and token limits
+* :mod:`.env_adapters` the seqpg, gymnasium and TRL conventions behind one interface; an
+  environment's public methods as stateful tools; in-process calls with a time limit
+* :mod:`.env_errors`   ``episode.on_env_error``: one bad episode closed and counted, never the run
+* :mod:`.skyrl_env`    SkyRL-Gym's environments (optional)
 * :mod:`.tools`        tools from ``module:function``: JSON schemas, prompt rendering, the
   ``<tool_call>`` parser and a time-limited runner that never hangs
 * :mod:`.chat`         chat-template rendering of new messages as a token delta (the kept

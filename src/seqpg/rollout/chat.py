@@ -53,3 +53,42 @@ def render_delta(tokenizer, messages: list[Message], new: list[Message], kept_id
 def decode_kept(tokenizer, ids: list[int]) -> str:
     """The exact text of ``ids``: special tokens kept, no clean-up of spaces."""
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def probe_chat_template(tokenizer, template_kwargs: dict | None = None, *, tool_turn: bool = True) -> None:
+    """Refuse (ValueError, one line) a chat template that cannot hold an episode as a growing token list.
+
+    Renders a short conversation the way :func:`render_delta` does: a user turn, an assistant turn
+    ending in whitespace (as a model's turn may) closed by EOS, then a tool turn (``tool_turn``) and a
+    user turn; each render must start with the text already kept, and the template must accept the
+    order.  Needs only the tokenizer, so it runs before any model loads."""
+    kwargs = dict(template_kwargs or {})
+    eos = tokenizer.eos_token or ""
+    history = [{"role": "user", "content": "What is 2 + 3?"}]
+    try:
+        kept = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False, **kwargs)
+    except Exception as e:  # noqa: BLE001 - jinja's errors, whatever the template raises
+        raise ValueError(f"chat template: cannot render a user message ({type(e).__name__}: {e})") from None
+    answer = "Let me check.  \n"
+    kept += answer + eos
+    history.append({"role": "assistant", "content": answer})
+    follow = ([("tool", {"role": "tool", "name": "calculate", "content": "5"})] if tool_turn else []) + \
+        [("user", {"role": "user", "content": "Are you sure?"})]
+    for what, message in follow:
+        try:
+            full = tokenizer.apply_chat_template(history + [message], add_generation_prompt=True, tokenize=False,
+                                                 **kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"chat template: rejects a {what} message after an assistant turn ({type(e).__name__}: "
+                             f"{e}); episodes need a template that takes the conversation's order") from None
+        if not full.startswith(kept):
+            at = next((i for i, (a, b) in enumerate(zip(full, kept)) if a != b), min(len(full), len(kept)))
+            raise ValueError(f"chat template: adding a {what} message rewrites text already in the context at "
+                             f"character {at} (kept {kept[at:at + 30]!r}, template {full[at:at + 30]!r}); episodes "
+                             "append each observation as a token delta and need a template that renders history "
+                             "verbatim (trailing whitespace and reasoning included)")
+        history.append(message)
+        kept = full
+        if what == "tool":  # the model answers the tool before the user speaks again
+            kept += answer + eos
+            history.append({"role": "assistant", "content": answer})

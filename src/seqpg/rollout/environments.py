@@ -13,6 +13,9 @@ None (allowed with ``done``) adds nothing.  ``step`` may return a :class:`StepRe
 4-tuple.  An episode ends when the environment says done, or is cut (``truncated``) at a turn
 limit or a token budget (:class:`EpisodeLimits`).
 
+Gymnasium's ``reset -> (obs, info)`` and 5-tuple ``step``, TRL's ``environment_factory`` classes and
+an environment's own methods as tools are accepted too: :mod:`.env_adapters`.
+
 The class is named in config as ``"module:Class"`` or ``"path/to/file.py:Class"``;
 :func:`load_environment` checks it before any model loads and fails in one line naming what is
 wrong.
@@ -20,6 +23,7 @@ wrong.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -59,6 +63,8 @@ class StepResult:
     """The episode is over (terminal): the model writes no more."""
     info: dict[str, Any] = field(default_factory=dict)
     """Anything to log (kept per turn in the episode)."""
+    truncated: bool = False
+    """The environment cut the episode short (gymnasium's ``truncated``): it ends, not as a terminal state."""
 
 
 ENV_SCORE = "env"
@@ -102,28 +108,6 @@ class EpisodeLimits:
         return turns >= self.max_turns or context_tokens >= self.max_tokens
 
 
-def coerce_step_result(out: Any, *, env_name: str) -> StepResult:
-    """``step``'s return value as a StepResult; a wrong shape is a one-line error naming the environment."""
-    if isinstance(out, StepResult):
-        result = out
-    elif isinstance(out, tuple) and len(out) == 4:
-        obs, reward, done, info = out
-        result = StepResult(obs, reward, done, info if info is not None else {})
-    else:
-        raise TypeError(f"environment {env_name}: step() must return StepResult or (observation, reward, done, info), "
-                        f"got {type(out).__name__}")
-    try:
-        result.reward = float(result.reward)
-    except (TypeError, ValueError):
-        raise TypeError(f"environment {env_name}: step() reward must be a number, got {result.reward!r}") from None
-    result.done = bool(result.done)
-    if not isinstance(result.info, dict):
-        raise TypeError(f"environment {env_name}: step() info must be a dict, got {type(result.info).__name__}")
-    if result.observation is not None:
-        as_messages(result.observation, where=f"environment {env_name}: step() observation")
-    return result
-
-
 def as_messages(obs: Observation, *, where: str, role: str = "user") -> list[Message]:
     """An observation as chat messages: a str becomes one ``role`` message; messages are checked."""
     if isinstance(obs, str):
@@ -141,7 +125,8 @@ def load_environment(spec: str) -> type:
     """The environment class named by ``"module:Class"`` or ``"path/to/file.py:Class"``, checked.
 
     Errors (one line each, naming ``spec``): malformed spec, missing module or file, missing
-    attribute, not a class, a class without callable ``reset`` and ``step``.
+    attribute, not a class, a class that follows none of the conventions of :mod:`.env_adapters`
+    (no ``reset``; no ``step`` and a ``reset`` that does not take TRL's ``**row``).
     """
     if not isinstance(spec, str) or spec.count(":") < 1 or not spec.rpartition(":")[2]:
         raise ValueError(f"environment {spec!r}: expected 'module:Class' or 'path/to/file.py:Class'")
@@ -152,10 +137,10 @@ def load_environment(spec: str) -> type:
     cls = getattr(module, name)
     if not inspect.isclass(cls):
         raise TypeError(f"environment {spec!r}: {name!r} is a {type(cls).__name__}, not a class")
-    missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
-    if missing:
-        raise TypeError(f"environment {spec!r}: class {name} lacks {' and '.join(missing)}() "
-                        "(an environment needs reset(prompt, seed) and step(model_text))")
+    try:
+        env_kind(cls)
+    except TypeError as e:
+        raise TypeError(f"environment {spec!r}: {e}") from None
     return cls
 
 
@@ -196,3 +181,41 @@ def import_target(target: str, *, what: str):
         raise ImportError(f"{what}: cannot import module {target!r}: {e}") from e
     except (Exception, SystemExit) as e:
         raise ImportError(f"{what}: importing module {target!r} failed: {type(e).__name__}: {e}") from e
+
+
+ENV_KINDS = ("seqpg", "gymnasium", "trl")
+"""The conventions an environment class may follow (:mod:`.env_adapters`)."""
+
+
+def env_kind(cls: type) -> str:
+    """Which convention ``cls`` follows (seqpg, gymnasium or TRL: :mod:`.env_adapters`); a class that follows
+    none is a TypeError naming what is missing."""
+    return _kind(cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _kind(cls: type) -> str:
+    reset = getattr(cls, "reset", None)
+    if not callable(reset):
+        raise TypeError(f"class {cls.__name__} lacks reset() (an environment needs reset(prompt, seed) and "
+                        "step(model_text), or TRL's reset(**row) and tool methods)")
+    params = reset_params(reset)
+    if not callable(getattr(cls, "step", None)):
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return "trl"
+        raise TypeError(f"class {cls.__name__} lacks step() and its reset does not take **kwargs (an environment "
+                        "needs reset(prompt, seed) and step(model_text); a class without step() is a TRL "
+                        "environment_factory class, whose reset(**row) takes the task's columns)")
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if named and (named[0].name == "seed" or named[0].kind is inspect.Parameter.KEYWORD_ONLY):
+        return "gymnasium"
+    return "seqpg"
+
+
+def reset_params(fn) -> list[inspect.Parameter]:
+    """``fn``'s parameters after ``self`` (none where its signature cannot be read)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    return params[1:] if params and params[0].name == "self" else params

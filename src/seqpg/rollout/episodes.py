@@ -71,6 +71,9 @@ class Episode:
     """The environment said done."""
     truncated: bool = False
     """Cut at the turn limit or the token budget before the environment said done."""
+    env_error: str | None = None
+    """Why the environment (or the chat template) failed in this episode, which was then closed as truncated
+    (``episode.on_env_error: drop``); None when nothing failed."""
     env: Any = None
     """The environment instance the episode was played in."""
     messages: list[dict[str, Any]] = field(default_factory=list)

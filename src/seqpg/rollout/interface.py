@@ -36,6 +36,8 @@ import torch
 
 from ..batch import Prompt, RolloutBatch, ScoredBatch, sequence_returns
 from ..rewards.scorers import score_batch
+from .env_adapters import merge_tools, method_tools
+from .env_errors import check_not_all_failed
 from .environments import ENV_SCORE, EpisodeLimits, QuestionEnv, load_environment, make_environment
 from .episodes import episodes_to_rollout
 from .multiturn import sample_episodes
@@ -70,6 +72,9 @@ class Rollouts(ABC):
     def reported_rewards(self, scored: ScoredBatch) -> torch.Tensor:
         """(B,) the reward a sample is logged, evaluated, explained and baselined (ReMax) with."""
 
+    def check_batch(self, rollout: RolloutBatch) -> None:
+        """Refuse a sampled batch that cannot be trained on (episodes: every one failed); nothing for completions."""
+
     def metrics(self, rollout: RolloutBatch, gather_cat: Callable, all_reduce_sum: Callable) -> dict[str, float]:
         """What a step logs about how its samples were drawn, over all processes (none for completions)."""
         return {}
@@ -88,6 +93,9 @@ class Rollouts(ABC):
 
     def describe(self) -> str:
         return type(self).__name__
+
+    def check_template(self, tokenizer) -> None:
+        """Refuse (a ``ConfigError``) a chat template the samples cannot be rendered with (nothing for completions)."""
 
     def check_context(self, n_ctx: int) -> None:
         """Refuse (a ``ConfigError``) a budget that a model of ``n_ctx`` positions cannot hold (a completion's
@@ -158,6 +166,10 @@ class Episodes(Rollouts):
     tools: Mapping[str, Tool]
     limits: EpisodeLimits
     tool_limits: ToolLimits
+    env_timeout_s: float
+    """Seconds each call into the environment may take (``episode.env_timeout_s``)."""
+    on_env_error: str
+    """``drop`` or ``raise`` (``episode.on_env_error``, :mod:`seqpg.rollout.env_errors`)."""
     shared_openings = False
 
     @property
@@ -171,6 +183,19 @@ class Episodes(Rollouts):
             raise ConfigError(f"episode.max_episode_tokens={self.limits.max_tokens} exceeds the model's context "
                               f"of {n_ctx} positions; lower it")
 
+    def check_template(self, tokenizer) -> None:
+        """The template probe (:func:`seqpg.rollout.chat.probe_chat_template`; a tool turn when the run has tools)."""
+        from ..config import ConfigError
+        from .chat import probe_chat_template
+        from .sampling import uses_chat_template
+
+        if not uses_chat_template(tokenizer, self.sampling.chat_template):
+            return
+        try:
+            probe_chat_template(tokenizer, tool_turn=bool(self.tools))
+        except ValueError as err:
+            raise ConfigError(f"sampling.chat_template: {err}") from err
+
     def make_env(self):
         return make_environment(self.env_cls, dict(self.env_params), spec=self.env_spec)
 
@@ -181,8 +206,13 @@ class Episodes(Rollouts):
                                    tools=dict(self.tools), tool_limits=self.tool_limits,
                                    stop_strings=s.stop_strings, system_prompt=s.system_prompt,
                                    chat_template=s.chat_template, env_seeds=list(seeds), generator=generator,
-                                   env_name=self.env_spec, fast_decode=s.fast_decode)
+                                   env_name=self.env_spec, fast_decode=s.fast_decode,
+                                   env_timeout_s=self.env_timeout_s, on_env_error=self.on_env_error)
         return episodes_to_rollout(episodes, tokenizer.pad_token_id, n=n)
+
+    def check_batch(self, rollout: RolloutBatch) -> None:
+        """One bad episode never stops a run; a step where every episode failed does (one line)."""
+        check_not_all_failed(rollout.episodes, self.env_spec)
 
     def score(self, rollout, scorers, *, on_error, tokenizer) -> ScoredBatch:
         """The scorers on each episode's final model turn, plus the environment's per-turn rewards
@@ -216,12 +246,15 @@ class Episodes(Rollouts):
              "episode/context_frac": 1.0 - float(sums[0] / sums[1].clamp(min=1)), "episode/tool_calls": float(sums[2])}
         counts = all_reduce_sum(torch.tensor([float(errors.get(k, 0)) for k in ERROR_KINDS]))
         m.update({f"episode/tool_errors/{k}": float(v) for k, v in zip(ERROR_KINDS, counts.tolist())})
+        m["episode/env_errors"] = float(all_reduce_sum(torch.tensor(float(sum(ep.env_error is not None
+                                                                              for ep in eps)))))
         return m
 
     def log_row(self, rollout, i) -> dict[str, Any]:
         """Every model turn, what answered it, and the environment's reward for it."""
         return {"turns": [{"text": t.text, "reward": t.reward, "tools": [res.content for res in t.tool_results]}
-                          for t in rollout.episodes[i].turns]}
+                          for t in rollout.episodes[i].turns],
+                "env_error": rollout.episodes[i].env_error}  # why the environment failed (on_env_error: drop)
 
     def transcript(self, rollout, tokenizer, i) -> str:
         """The whole episode after the prompt, the environment's tokens included."""
@@ -248,8 +281,8 @@ def rollouts_from_config(cfg) -> Rollouts:
     spec = e.env or "tools-only (QuestionEnv)"
     try:
         env_cls = load_environment(e.env) if e.env is not None else QuestionEnv
-        make_environment(env_cls, dict(e.env_params), spec=spec)  # a constructor that refuses its params, now
-        tools = load_tools(list(e.tools))
+        env = make_environment(env_cls, dict(e.env_params), spec=spec)  # a constructor that refuses its params, now
+        tools = merge_tools(load_tools(list(e.tools)), method_tools(env, spec=spec))  # its public methods are tools
     except (ValueError, TypeError, AttributeError, ImportError, OSError, SyntaxError) as err:
         raise ConfigError(f"episode: {err}") from err
     limits = EpisodeLimits(max_turns=e.max_turns, max_new_tokens=cfg.sampling.max_new_tokens,
@@ -259,4 +292,5 @@ def rollouts_from_config(cfg) -> Rollouts:
                     tool_limits=ToolLimits(timeout_s=e.tool_timeout_s, max_chars=e.tool_max_chars,
                                            max_calls=e.tool_max_calls, max_parallel=e.tool_max_parallel,
                                            memory_mb=e.tool_memory_mb, cpu_s=e.tool_cpu_s, file_mb=e.tool_file_mb,
-                                           max_processes=e.tool_max_processes))
+                                           max_processes=e.tool_max_processes),
+                    env_timeout_s=e.env_timeout_s, on_env_error=e.on_env_error)

@@ -42,9 +42,12 @@ from seqpg.rollout.sampling import (CACHE_KWARG, SamplingArgs, choose_tokens, eo
                                     uses_chat_template)
 
 from .chat import render_delta, render_start
-from .environments import EpisodeLimits, Message, as_messages, coerce_step_result
+from .env_adapters import EpisodeEnv
+from .env_errors import ON_ENV_ERROR, EpisodeFailure, fail_episode
+from .environments import EpisodeLimits, Message, as_messages
 from .episodes import Episode, Turn
-from .tools import Tool, ToolLimits, ToolStats, parse_tool_calls, run_tool_calls, template_takes_tools, with_tools
+from .tools import Tool, ToolLimits, ToolResult, ToolStats, parse_tool_calls, run_tool_calls, template_takes_tools, \
+    with_tools
 
 
 class KVRows:
@@ -109,21 +112,14 @@ class KVRows:
 
 @dataclass
 class _Running:
-    """An episode in progress (its environment and conversation are kept on the episode)."""
+    """An episode in progress: its environment and the conversation its tokens hold."""
 
     episode: Episode
-
-    @property
-    def env(self) -> Any:
-        return self.episode.env
-
-    @property
-    def messages(self) -> list[Message]:
-        return self.episode.messages
-
-    @messages.setter
-    def messages(self, value: list[Message]) -> None:
-        self.episode.messages = value
+    env: EpisodeEnv
+    messages: list[Message]
+    start_failed: bool = False
+    """The environment (or the template) failed before the first turn: the episode began from the task's
+    prompt and ends after one model turn (see :mod:`.env_errors`)."""
 
 
 def sample_episodes(
@@ -146,6 +142,8 @@ def sample_episodes(
     env_name: str = "",
     env_seeds: Sequence[int] | None = None,
     fast_decode: bool = True,
+    env_timeout_s: float = 30.0,
+    on_env_error: str = "drop",
 ) -> list[Episode]:
     """``n`` episodes per prompt (episode ``i*n + j`` is prompt ``i``'s j-th, its environment reset
     with ``seed + i*n + j``, or with ``env_seeds[i]`` when given: one seed per prompt, so a prompt's
@@ -157,7 +155,12 @@ def sample_episodes(
     ``limits.max_turns`` or when its context reaches ``limits.max_tokens``.  The model is in eval
     mode for the call.  Episodes hold plain lists (CPU); see :func:`.episodes.episodes_to_rollout`.
     ``fast_decode``: one-token steps through :mod:`seqpg.rollout.fastdecode` where it takes the model.
+    Every call into an environment runs with a time limit of ``env_timeout_s`` (:mod:`.env_adapters`);
+    ``on_env_error``: ``drop`` closes an episode whose environment or chat template fails as truncated and
+    goes on, ``raise`` stops with :class:`.env_errors.EpisodeFailure` (:mod:`.env_errors`).
     """
+    if on_env_error not in ON_ENV_ERROR:
+        raise ValueError(f"sample_episodes: on_env_error must be one of {ON_ENV_ERROR}, got {on_env_error!r}")
     if not prompts or n < 1:
         raise ValueError(f"sample_episodes: need prompts and n >= 1, got {len(prompts)} prompts, n={n}")
     if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -170,9 +173,11 @@ def sample_episodes(
         raise ValueError(f"sample_episodes: {len(env_seeds)} env_seeds for {len(prompts)} prompts")
     seeds = [[env_seeds[i]] * n if env_seeds is not None else [seed + i * n + j for j in range(n)]
              for i in range(len(prompts))]
-    running = [_start(p, i, seeds[i][j], make_env(), tokenizer, tools, tool_kwargs, system_prompt,
-                      chat_template, limits, env_name) for i, p in enumerate(prompts) for j in range(n)]
-    episodes = [r.episode for r in running]
+    name = env_name or "?"
+    running = [_start(p, i, seeds[i][j], EpisodeEnv(make_env(), name=name, timeout_s=env_timeout_s), tokenizer,
+                      tools, tool_kwargs, system_prompt, chat_template, limits, on_env_error)
+               for i, p in enumerate(prompts) for j in range(n)]
+    episodes, everyone = [r.episode for r in running], list(running)
     was_training = model.training
     model.eval()
     try:
@@ -187,7 +192,7 @@ def sample_episodes(
                                     tuple(stop_strings))
                 fed = [f + len(t) - 1 for f, t in zip(fed, turns)]  # a turn's last token is fed with the next delta
                 _environment_turn(running, turns, tokenizer, tools, tool_kwargs, tool_limits, tool_stats, limits,
-                                  chat_template, env_name)
+                                  chat_template, on_env_error)
                 keep = [k for k, r in enumerate(running) if not (r.episode.done or r.episode.truncated)]
                 if len(keep) < len(running):
                     running, fed = [running[k] for k in keep], [fed[k] for k in keep]
@@ -195,24 +200,44 @@ def sample_episodes(
                         kv.keep(keep)
     finally:
         model.train(was_training)
+    for r in everyone:
+        r.episode.messages, r.episode.env = r.messages, r.env.user
     return episodes
 
 
-def _start(prompt: Prompt, group: int, seed: int, env: Any, tokenizer, tools: dict[str, Tool], tool_kwargs: dict,
-           system_prompt: str | None, chat_template: bool, limits: EpisodeLimits, env_name: str) -> _Running:
-    obs = env.reset(prompt, seed)
-    messages = as_messages(obs, where=f"environment {env_name}: reset() observation")
+def _start(prompt: Prompt, group: int, seed: int, env: EpisodeEnv, tokenizer, tools: dict[str, Tool],
+           tool_kwargs: dict, system_prompt: str | None, chat_template: bool, limits: EpisodeLimits,
+           on_env_error: str) -> _Running:
+    """The episode's first observation rendered; if the environment or the template fails here (or the
+    observation is over the budget), with ``drop`` the episode starts from the task's prompt instead."""
+    episode = Episode(prompt=prompt, group=group, seed=seed)
+    try:
+        messages, ids = _first_input(env.reset(prompt, seed), tokenizer, tools, tool_kwargs, system_prompt,
+                                     chat_template)
+        if len(ids) >= limits.max_tokens:
+            raise ValueError(f"the first observation is {len(ids)} tokens, no room under max_tokens="
+                             f"{limits.max_tokens} (episode.max_episode_tokens)")
+        failed = False
+    except Exception as e:  # noqa: BLE001 - whatever the environment or template raised: the episode fails
+        fail_episode(episode, env.name, "reset", e, on_env_error)
+        messages, ids = _first_input(prompt.text, tokenizer, tools, tool_kwargs, system_prompt, chat_template)
+        failed = True
+    if len(ids) >= limits.max_tokens:
+        raise ValueError(f"sample_episodes: prompt {prompt.id!r} is {len(ids)} tokens, no room under "
+                         f"max_tokens={limits.max_tokens}")
+    episode.prompt_len = len(ids)
+    episode.append(ids, action=False)
+    return _Running(episode, env, messages, start_failed=failed)
+
+
+def _first_input(obs, tokenizer, tools: dict[str, Tool], tool_kwargs: dict, system_prompt: str | None,
+                 chat_template: bool) -> tuple[list[Message], list[int]]:
+    messages = obs if isinstance(obs, list) else as_messages(obs, where="the task's prompt")
     if system_prompt is not None and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
     if tools and chat_template and not tool_kwargs:
         messages = with_tools(messages, tools, in_template=False)[0]
-    ids = render_start(tokenizer, messages, tool_kwargs, chat_template=chat_template)
-    if len(ids) >= limits.max_tokens:
-        raise ValueError(f"sample_episodes: prompt {prompt.id!r} is {len(ids)} tokens, no room under "
-                         f"max_tokens={limits.max_tokens}")
-    episode = Episode(prompt=prompt, group=group, seed=seed, prompt_len=len(ids), env=env, messages=messages)
-    episode.append(ids, action=False)
-    return _Running(episode)
+    return messages, render_start(tokenizer, messages, tool_kwargs, chat_template=chat_template)
 
 
 def _model_turn(kv: KVRows, logits_BV: torch.Tensor, running: list[_Running], sampling: SamplingArgs,
@@ -250,36 +275,80 @@ def _model_turn(kv: KVRows, logits_BV: torch.Tensor, running: list[_Running], sa
 
 def _environment_turn(running: list[_Running], turns: list[list[int]], tokenizer, tools: dict[str, Tool],
                       tool_kwargs: dict, tool_limits: ToolLimits, tool_stats: ToolStats | None,
-                      limits: EpisodeLimits, chat_template: bool, env_name: str) -> None:
-    """Answer each episode's last turn (its tools, else its environment); append the observation as a delta."""
-    calls = ({k: parse_tool_calls(r.episode.turns[-1].text, tools, tool_limits.max_calls) for k, r in enumerate(running)}
-             if tools else {})
+                      limits: EpisodeLimits, chat_template: bool, on_env_error: str) -> None:
+    """Answer each episode's last turn (its tools, else its environment); append the observation as a delta.
+
+    Free-function tools of every episode run together in the forked runner; an environment's own
+    methods run on its instance, in-process (:mod:`.env_adapters`).  A failure of the environment or the
+    template closes that episode only (:mod:`.env_errors`)."""
+    calls = ({k: parse_tool_calls(r.episode.turns[-1].text, tools, tool_limits.max_calls) for k, r in enumerate(running)
+              if not r.start_failed} if tools else {})
     calls = {k: c for k, c in calls.items() if c}
-    flat = [c for k in sorted(calls) for c in calls[k]]
-    results = run_tool_calls(flat, tools, tool_limits, tool_stats) if flat else []
+    forked = [c for k in sorted(calls) for c in calls[k] if not _is_method(c, tools)]
+    forked_results = run_tool_calls(forked, tools, tool_limits, tool_stats) if forked else []
     for k, (r, toks) in enumerate(zip(running, turns)):
         ep, turn = r.episode, r.episode.turns[-1]
         r.messages = r.messages + [{"role": "assistant", "content": _turn_content(tokenizer, toks)}]
-        if k in calls:
-            turn.tool_results, results = results[:len(calls[k])], results[len(calls[k]):]
-            new = [res.as_message() for res in turn.tool_results]
-        else:
-            step = coerce_step_result(r.env.step(turn.text), env_name=env_name or type(r.env).__name__)
-            turn.reward, turn.info = step.reward, step.info
-            if step.done:
-                ep.done = True
-                continue
-            new = as_messages(step.observation, where=f"environment {env_name}: step() observation") \
-                if step.observation is not None else []
-        if limits.truncated(turns=len(ep.turns), context_tokens=len(ep.token_ids)):
-            ep.truncated = True
+        if r.start_failed:
+            ep.truncated = True  # the environment never started: the turn gets no reward
             continue
-        delta = render_delta(tokenizer, r.messages, new, ep.token_ids, tool_kwargs, chat_template=chat_template)
-        if limits.truncated(turns=len(ep.turns), context_tokens=len(ep.token_ids) + len(delta)):
-            ep.truncated = True  # no room left to answer the observation: it is not appended
+        mine = calls.get(k, [])
+        n_forked = sum(not _is_method(c, tools) for c in mine)
+        own, forked_results = forked_results[:n_forked], forked_results[n_forked:]
+        try:
+            new = _answer(r, turn, mine, own, tools, tool_limits, tool_stats)
+            if not (ep.done or ep.truncated) and limits.truncated(turns=len(ep.turns), context_tokens=len(ep.token_ids)):
+                ep.truncated = True
+            if ep.done or ep.truncated:
+                turn.reward += r.env.final_reward()
+                continue
+            delta = render_delta(tokenizer, r.messages, new, ep.token_ids, tool_kwargs, chat_template=chat_template)
+            if limits.truncated(turns=len(ep.turns), context_tokens=len(ep.token_ids) + len(delta)):
+                ep.truncated = True  # no room left to answer the observation: it is not appended
+                turn.reward += r.env.final_reward()
+                continue
+        except EpisodeFailure:
+            raise
+        except Exception as e:  # noqa: BLE001 - the environment's or the template's failure ends this episode
+            turn.reward = 0.0
+            ep.done = False
+            fail_episode(ep, r.env.name, f"turn {len(ep.turns) - 1}", e, on_env_error)
             continue
         ep.append(delta, action=False)
         r.messages = r.messages + new
+
+
+def _is_method(call, tools: dict[str, Tool]) -> bool:
+    return call.error is None and tools[call.name].method
+
+
+def _answer(r: _Running, turn: Turn, calls: list, forked: list[ToolResult], tools: dict[str, Tool],
+            limits: ToolLimits, stats: ToolStats | None) -> list[Message]:
+    """The messages answering ``turn``: its tool results (then what ``tool_step`` adds), or the step's
+    observation; sets the turn's reward and info and the episode's done / truncated."""
+    ep = r.episode
+    if calls:
+        results, forked = [], list(forked)
+        for call in calls:
+            if _is_method(call, tools):
+                results.append(r.env.call_tool(tools[call.name], call.arguments, limits.max_chars))
+            else:
+                results.append(forked.pop(0))
+                results[-1].arguments = dict(call.arguments)
+        if stats is not None:
+            stats.add([res for call, res in zip(calls, results) if _is_method(call, tools)])
+        turn.tool_results = results
+        new = [res.as_message() for res in results]
+        step = r.env.tool_step(turn.text, results)
+        if step is None:
+            return new
+    else:
+        new, step = [], r.env.step(turn.text)
+    turn.reward, turn.info = step.reward, step.info
+    ep.done, ep.truncated = step.done, step.truncated and not step.done
+    if step.observation is not None and not step.done:
+        new = new + as_messages(step.observation, where=f"environment {r.env.name}: observation")
+    return new
 
 
 def _turn_content(tokenizer, toks: list[int]) -> str:

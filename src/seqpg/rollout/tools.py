@@ -10,7 +10,8 @@
 * **Parsing**: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, the common form
   (Hermes, Qwen, SmolLM3).  Malformed JSON, an unclosed tag, an unknown tool or arguments that
   do not bind to the function's signature become an error observation, never an exception.
-* **Running**: each call runs in a forked child process, and no more than ``max_calls`` per turn
+* **Running**: an environment's own methods (``Tool.method``) run in-process on the episode's
+  instance (:mod:`.env_adapters`); every function tool runs in a forked child process, and no more than ``max_calls`` per turn
   nor ``max_parallel`` at once (every call forks the trainer).  A thread could stop the *waiting*
   but not a runaway function; a process is the one unit the OS lets us stop.  ``fork`` (not
   ``spawn``) because the function may come from a ``file.py`` that a fresh interpreter could not
@@ -68,6 +69,8 @@ class Tool:
     name: str
     fn: Callable[..., Any]
     schema: dict[str, Any]  # {"type": "function", "function": {"name", "description", "parameters"}}
+    method: bool = False
+    """A method of the environment (:mod:`.env_adapters`): run in-process on each episode's own instance."""
 
 
 @dataclass
@@ -88,6 +91,7 @@ class ToolResult:
     content: str
     error: str | None = None  # None, or an ERROR_KINDS entry
     output: str = ""  # what the call printed (stdout and stderr), cut to ToolLimits.max_chars; not shown to the model
+    arguments: dict[str, Any] = field(default_factory=dict)  # the call's arguments (what an environment is shown)
 
     def as_message(self) -> Message:
         return {"role": "tool", "name": self.name or "unknown", "content": self.content}
@@ -340,12 +344,7 @@ class _Running:
                 kind, text, full_len = json.loads(self.data[_HEADER:_HEADER + size].decode("utf-8"))
             except (ValueError, RecursionError, TypeError):
                 return ToolResult(name, "error: the tool process sent an unreadable result", "crashed")
-            if kind == "ok":
-                return ToolResult(name, text)
-            if kind == "truncated":
-                return ToolResult(name, f"{text}\n[truncated: {full_len} characters, first {limits.max_chars} shown]",
-                                  "truncated")
-            return ToolResult(name, f"error: {text}", kind)
+            return _as_result(name, kind, text, full_len, limits.max_chars)
         if not self.eof:
             return ToolResult(name, f"error: {name} ran past its time limit of {limits.timeout_s:g} s and was "
                               "stopped", "timeout")
@@ -407,6 +406,20 @@ def _child(fn: Callable[..., Any], arguments: dict[str, Any], limits: ToolLimits
     data = len(payload).to_bytes(_HEADER, "big") + payload
     while data:
         data = data[os.write(result_fd, data):]
+
+
+def _as_result(name: str | None, kind: str, text: str, full_len: int, max_chars: int) -> ToolResult:
+    if kind == "ok":
+        return ToolResult(name, text)
+    if kind == "truncated":
+        return ToolResult(name, f"{text}\n[truncated: {full_len} characters, first {max_chars} shown]", "truncated")
+    return ToolResult(name, f"error: {text}", kind)
+
+
+def call_to_result(name: str | None, fn: Callable[..., Any], arguments: dict[str, Any], max_chars: int) -> ToolResult:
+    """``fn(**arguments)`` in this process, as a ToolResult: its text cut to ``max_chars``, or why there is none
+    (what it raises is the result's error, never raised here)."""
+    return _as_result(name, *_call(fn, arguments, max_chars), max_chars)
 
 
 def _call(fn: Callable[..., Any], arguments: dict[str, Any], max_chars: int) -> list:

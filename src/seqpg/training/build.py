@@ -97,6 +97,7 @@ def fit_to_context(cfg: TrainConfig, rollouts: Rollouts, *prompt_lists: list) ->
         uses_chat_template(tok, cfg.sampling.chat_template)
     except ValueError as e:
         raise ConfigError(f"model {cfg.model.name!r}: {e}") from e
+    rollouts.check_template(tok)  # a template that rewrites history or refuses an episode's order: before any model
     if n_ctx is None:
         return prompt_lists
     rollouts.check_context(n_ctx)

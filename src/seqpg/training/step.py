@@ -160,9 +160,12 @@ def sample(model, tokenizer, prompts: list[Prompt], st: StepSettings, *, step: i
         parts = [r.sample(model, tokenizer, [p], n=n, seeds=[seeds[i]],
                           generator=seeded_generator(device, st.seed, step, "prompt", first + i))
                  for i, p in enumerate(prompts)]
-        return concat_rollouts(parts, tokenizer.pad_token_id)
-    gen = seeded_generator(device, st.seed, step, "rank", rank) if rank is not None else None
-    return r.sample(model, tokenizer, prompts, n=n, seeds=seeds, generator=gen)
+        rollout = concat_rollouts(parts, tokenizer.pad_token_id)
+    else:
+        gen = seeded_generator(device, st.seed, step, "rank", rank) if rank is not None else None
+        rollout = r.sample(model, tokenizer, prompts, n=n, seeds=seeds, generator=gen)
+    r.check_batch(rollout)  # e.g. every episode's environment failed: one line, not a step on nothing
+    return rollout
 
 
 # ---------------------------------------------------------------------------------------------
