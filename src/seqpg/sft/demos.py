@@ -26,6 +26,8 @@ Every problem with a row is one line naming the file and line (``DemoError``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ import torch
 
 from ..batch import Prompt, RolloutBatch
 from ..rollout.environments import Message
-from ..rollout.sampling import left_pad
+from ..rollout.sampling import left_pad, uses_chat_template
 from ..rollout.tools import Tool, template_takes_tools, with_tools
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -179,7 +181,8 @@ def _tool_call(call: Any, where: str, what: str) -> dict[str, Any]:
 class RenderSettings:
     """How conversations are rendered: as the episode sampler renders them (``from_config``)."""
 
-    chat_template: bool = True
+    chat_template: bool | None = None
+    """The template's use: True, False, or None (the tokenizer's template when it has one)."""
     system_prompt: str | None = None
     tools: tuple[Tool, ...] = ()
     max_length: int = 2048
@@ -256,6 +259,10 @@ def trained_spans(tokenizer, messages: list[Message], trained: list[int], kwargs
 
 def render_demo(tokenizer, conv: Conversation, s: RenderSettings, where: str) -> Demo:
     """The row rendered once, tokenised once; its actions are the tokens starting inside a trained span."""
+    try:  # sampling.chat_template null: the tokenizer's template when it has one, as episodes decide it
+        s = dataclasses.replace(s, chat_template=uses_chat_template(tokenizer, s.chat_template))
+    except ValueError as e:
+        raise DemoError(f"{where}: {e}") from None
     messages, trained, kwargs = as_template_messages(conv, s, tokenizer)
     try:
         text, spans = trained_spans(tokenizer, messages, trained, kwargs, s.chat_template)
