@@ -1,6 +1,6 @@
 """A tool environment: an arithmetic question the model may answer with the help of a calculator.
 
-Config (once the trainer takes environments):
+Config (examples/env_calculator.yaml):
 
     env: examples/envs/calculator.py:CalculatorEnv
     tools: [examples/envs/calculator.py:calculate]
