@@ -123,29 +123,16 @@ def test_tool_names_must_not_clash_and_methods_need_a_schema():
         method_tools(NoSchema(), spec="t")
 
 
-class IncrementEnv:
-    """Written from TRL's GRPO guide (environment_factory with a dataset): reset(target, **kwargs)."""
+EXAMPLE_INCREMENT = load_environment(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "envs",
+                                                   "increment.py") + ":IncrementEnv")
+
+
+class IncrementEnv(EXAMPLE_INCREMENT):
+    """The example's class (TRL's GRPO guide, unchanged), also keeping the row ``reset`` got for the test."""
 
     def reset(self, target, **kwargs) -> None:
-        self.counter = 0
-        self.target = target
         self.row = kwargs
-
-    def get_reward(self) -> float:
-        return float(self.counter == self.target)
-
-    def increment(self, step: int) -> int:
-        """
-        Increment the internal counter.
-
-        Args:
-            step: Value to add to the counter.
-
-        Returns:
-            The updated counter value.
-        """
-        self.counter += step
-        return self.counter
+        return super().reset(target, **kwargs)
 
 
 def test_trl_environment_factory_class_runs_unchanged(tiny_model_and_tokenizer):
