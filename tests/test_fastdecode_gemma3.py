@@ -57,7 +57,7 @@ def test_gemma3_decode_logits_equal_a_full_forward_without_cache(tiny_tokenizer,
     cache = preallocated_cache(model.config, P + T)
     with torch.no_grad():
         model.get_decoder()(input_ids=ids_BL[:, :P - 1], attention_mask=mask_BL[:, :P - 1].long(),
-                            position_ids=pos_BL[:, :P - 1], use_cache=True, **{sampling._CACHE_KWARG: cache})
+                            position_ids=pos_BL[:, :P - 1], use_cache=True, **{sampling.CACHE_KWARG: cache})
         fast = FastDecoder(model, cache, rows=len(lengths))
         for t in range(T + 1):
             w = P + t  # columns seen after this step

@@ -31,7 +31,8 @@ def test_two_processes_learn_then_one_resumes_into_the_same_logs(overrides, dist
     assert sorted(p.name for p in run.iterdir() if p.name != "warnings.jsonl") == [
         ".lock", "checkpoints", "config.yaml", "metrics.jsonl", "plots", "samples.jsonl"]
     if (run / "warnings.jsonl").exists():
-        assert all("collapse" in w["warning"] for w in read_jsonl(run / "warnings.jsonl"))
+        assert all("collapse" in w["warning"] or "no learning signal" in w["warning"]  # every group at the optimum
+                   for w in read_jsonl(run / "warnings.jsonl"))
 
     resumed = train(load_config(run / "config.yaml", ["steps=36"]), resume=True, progress=False)
     assert resumed.steps_done == 36

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -72,8 +71,10 @@ def test_the_python_examples_run(tiny_overrides, monkeypatch, tmp_path):
 def test_the_reward_example_scores(tmp_path, monkeypatch):
     reward_py = next(b for b in blocks("python") if b.startswith("# my_rewards.py"))
     (tmp_path / "my_rewards.py").write_text(reward_py)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import my_rewards
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("readme_my_rewards", tmp_path / "my_rewards.py")
+    my_rewards = importlib.util.module_from_spec(spec)  # by path: another test may have a `my_rewards` imported
+    spec.loader.exec_module(my_rewards)
 
     assert my_rewards.short_and_kind("p", "Thanks, that is kind.", {}) == 1.0
     assert my_rewards.short_and_kind("p", "No.", {}) == 0.0
@@ -84,7 +85,6 @@ def test_the_reward_example_scores(tmp_path, monkeypatch):
     assert [r.name for r in cfg.rewards] == ["kind", "sentiment"]
     from seqpg.training.build import build_scorers
     assert len(build_scorers(cfg.rewards)) == 2
-    sys.modules.pop("my_rewards", None)
 
 
 def test_the_environment_example_trains(tiny_overrides, tmp_path):
