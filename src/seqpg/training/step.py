@@ -60,8 +60,6 @@ class StepSettings:
     seed: int
     kl_mode: str
     """``reward``: the KL to the reference is a per-token reward penalty; ``loss``: a loss term."""
-    kl_noise_floor: float
-    """|log pi - log pi_ref| at or below which a token's KL is exactly 0 (``algo.kl_noise_floor``, resolved)."""
     uses_reference: bool
     """``algo.kl_coef > 0``: the step computes reference log-probs."""
     update: UpdateSettings
@@ -92,6 +90,12 @@ class StepSettings:
         return self.update.kl_estimator
 
     @property
+    def kl_noise_floor(self) -> float:
+        """|log pi - log pi_ref| at or below which a token's KL is exactly 0 (``algo.kl_noise_floor``, resolved;
+        the update's)."""
+        return self.update.kl_noise_floor
+
+    @property
     def bf16(self) -> bool:
         """bfloat16 autocast for every forward pass (:func:`seqpg.training.precision.autocast`; the update's)."""
         return self.update.bf16
@@ -111,7 +115,7 @@ class StepSettings:
         return cls(family=family, advantage_params=MappingProxyType(params), whiten=a.whiten,
                    rollouts=rollouts_from_config(cfg), samples_per_prompt=s.samples_per_prompt,
                    seed_per_prompt=s.seed_per_prompt, seed=cfg.seed, kl_mode=a.kl_mode_used,
-                   kl_noise_floor=kl_noise_floor(cfg), uses_reference=a.kl_coef > 0, update=update,
+                   uses_reference=a.kl_coef > 0, update=update,
                    on_scorer_error=cfg.on_scorer_error,
                    sample_rounds=s.max_sample_rounds if s.dynamic_sampling else 1, overlong_filter=a.overlong_filter)
 
