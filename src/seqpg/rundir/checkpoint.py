@@ -152,6 +152,17 @@ def _save_hf_config(model: nn.Module, folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def checkpoint_to_resume(run_dir: str | os.PathLike, resume: bool) -> Path | None:
+    """The checkpoint a run continues from: ``run_dir``'s latest intact one with ``resume``, None without;
+    ``resume`` with none there is a FileNotFoundError that says to start without it."""
+    if not resume:
+        return None
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints; start without --resume")
+    return ckpt
+
+
 def latest_checkpoint(run_dir: str | os.PathLike, *, verify: bool = True) -> Path | None:
     """The newest intact checkpoint of ``run_dir`` (normally what ``latest`` names), or None if there is none.
 

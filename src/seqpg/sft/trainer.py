@@ -36,7 +36,7 @@ from ..batch import RolloutBatch
 from ..config import ConfigError, TrainConfig, to_dict
 from ..model.policy import position_ids_from_mask
 from ..training.build import build_kl_controller, build_optimizer, build_policy, seed_everything
-from ..rundir.checkpoint import latest_checkpoint
+from ..rundir.checkpoint import checkpoint_to_resume
 from ..rundir.parallel_checkpoint import load_parallel_checkpoint, save_parallel_checkpoint
 from ..training.distributed import DistContext, Parallel
 from ..training.precision import autocast
@@ -159,9 +159,7 @@ def _run(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool, run_
     optimizer, scheduler = build_optimizer(cfg.optim, parallel.policy, None, None)
     start = 0
     with dist.fail_together("resume"):
-        ckpt = latest_checkpoint(run_dir) if resume else None
-        if resume and ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints; start without --resume")
+        ckpt = checkpoint_to_resume(run_dir, resume)
         if ckpt is not None:
             start = load_parallel_checkpoint(parallel, ckpt, optimizer, scheduler, verify=False)["step"]
             apply_resume_changes(changes, cfg, optimizer, scheduler, build_kl_controller(cfg.algo))

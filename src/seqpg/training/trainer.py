@@ -26,7 +26,7 @@ import torch
 from .. import core
 from ..batch import Prompt
 from .build import Components, build_components
-from ..rundir.checkpoint import latest_checkpoint
+from ..rundir.checkpoint import checkpoint_to_resume
 from ..rundir.checkpoint_files import capture_rng_state, restore_rng_state
 from ..rundir.parallel_checkpoint import load_parallel_checkpoint, save_parallel_checkpoint
 from ..config import TrainConfig, to_dict
@@ -79,9 +79,7 @@ def _run(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool, run_
     c: Components = build_components(cfg, dist)  # scorers and prompts first, then models
     start = 0
     with dist.fail_together("resume"):
-        ckpt = latest_checkpoint(run_dir) if resume else None
-        if resume and ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints; start without --resume")
+        ckpt = checkpoint_to_resume(run_dir, resume)
         if ckpt is not None:
             state = load_parallel_checkpoint(c.parallel, ckpt, c.optimizer, c.scheduler, verify=False)  # verified
             start = state["step"]
