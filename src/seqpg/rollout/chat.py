@@ -21,6 +21,11 @@ from __future__ import annotations
 from .environments import Message
 
 
+def first_difference(a: str, b: str) -> int:
+    """The index of the first character where ``a`` and ``b`` differ (the shorter one's length if one is a prefix)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def render_start(tokenizer, messages: list[Message], template_kwargs: dict, *, chat_template: bool = True) -> list[int]:
     """Token ids of an episode's first input: the template with the generation prompt (or the raw text)."""
     if not chat_template:
@@ -42,7 +47,7 @@ def render_delta(tokenizer, messages: list[Message], new: list[Message], kept_id
                                          **template_kwargs)
     kept = decode_kept(tokenizer, kept_ids)
     if not full.startswith(kept):
-        at = next((i for i, (a, b) in enumerate(zip(full, kept)) if a != b), min(len(full), len(kept)))
+        at = first_difference(full, kept)
         raise ValueError(f"chat template: rendering the conversation changes text already in the context at "
                          f"character {at} (kept {kept[at:at + 40]!r}, template {full[at:at + 40]!r}); this template "
                          "rewrites earlier turns, so observations cannot be appended as a delta; use a template "
@@ -82,7 +87,7 @@ def probe_chat_template(tokenizer, template_kwargs: dict | None = None, *, tool_
             raise ValueError(f"chat template: rejects a {what} message after an assistant turn ({type(e).__name__}: "
                              f"{e}); episodes need a template that takes the conversation's order") from None
         if not full.startswith(kept):
-            at = next((i for i, (a, b) in enumerate(zip(full, kept)) if a != b), min(len(full), len(kept)))
+            at = first_difference(full, kept)
             raise ValueError(f"chat template: adding a {what} message rewrites text already in the context at "
                              f"character {at} (kept {kept[at:at + 30]!r}, template {full[at:at + 30]!r}); episodes "
                              "append each observation as a token delta and need a template that renders history "
