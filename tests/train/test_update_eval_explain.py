@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import statistics
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from seqpg import core
 from seqpg.batch import Prompt
 from seqpg.apps.cli import main
 from seqpg.config import load_config
+from seqpg.training.collapse import distinct_n
 from seqpg.training.evaluate import evaluate, pass_at_k
 from seqpg.model.loading import build_tiny_model, build_tiny_tokenizer
 from seqpg.rollout.interface import Completions
@@ -97,6 +100,29 @@ def test_evaluate_reports_reward_accuracy_standard_errors_and_pass_at_k():
     assert res.mean_reward == pytest.approx(res.accuracy)  # contains gives 1 exactly when correct
     assert set(res.pass_at_k) == {1, 2} and res.pass_at_k[2] >= res.pass_at_k[1]
     assert res.se_reward >= 0 and len(res.completions) == 5
+    # the sampled reward: each prompt's mean over its 4 samples, then the mean over prompts; with 0/1 rewards
+    # that is exactly pass@1 (c/n averaged over prompts)
+    rows = res.sampled_completions
+    assert len(rows) == 20
+    per_prompt = [sum(r["reward"] for r in rows if r["prompt"] == p.text) / 4 for p in prompts]
+    assert res.sampled_reward == pytest.approx(sum(per_prompt) / 5)
+    assert res.sampled_reward == pytest.approx(res.pass_at_k[1])
+    se = statistics.stdev(per_prompt) / math.sqrt(5)
+    assert res.se_sampled_reward == pytest.approx(se)
+    assert res.sampled_collapse["collapse/distinct_2"] == pytest.approx(distinct_n([r["completion"] for r in rows]))
+    assert "sampled_completions" not in res.as_dict()
+
+
+def test_evaluate_samples_without_pass_at_k():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(len(tok), seed=0)
+    prompts = [Prompt(w, w, {"answer": "x"}) for w in ("cat", "dog")]
+    scorers = [(make_scorer("length", name="len"), 1.0)]  # no correctness: the sampled reward still comes
+    rollouts = Completions(SampleSettings(max_new_tokens=8, chat_template=False))
+    res = evaluate(model, tok, prompts, scorers, rollouts=rollouts, samples=3)
+    assert res.pass_at_k == {} and len(res.sampled_completions) == 6 and res.sampled_reward is not None
+    with pytest.raises(ValueError, match="pass@k needs a scorer"):
+        evaluate(model, tok, prompts, scorers, rollouts=rollouts, ks=(1,), samples=3)
 
 
 def test_eval_and_explain_commands_on_a_trained_run(tiny_overrides, capsys):

@@ -85,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-c", "--config", help="configuration for task and rewards (default: the run's, or the defaults)")
     e.add_argument("--prompts", type=int, default=0, help="evaluate on the first N held-out prompts (0: all)")
     e.add_argument("--k", type=int, nargs="*", default=[], help="also report pass@k for these k (sampled)")
-    e.add_argument("--samples", type=int, default=0, help="samples per prompt for pass@k (default: max k)")
+    e.add_argument("--samples", type=int, default=0,
+                   help="also draw this many samples per prompt with the run's sampling settings: their mean "
+                        "reward, distinct-2 and pass@k (default with --k: max k)")
     e.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     e.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
 

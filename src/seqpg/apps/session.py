@@ -71,6 +71,11 @@ class EvalReport:
             lines.append(f"  accuracy     {100 * r.accuracy:5.1f}% ± {100 * r.se_accuracy:.1f}%")
         for name, v in r.per_scorer.items():
             lines.append(f"  {name:<12} {v:+.3f}")
+        if r.sampled_reward is not None:
+            c = r.sampled_collapse
+            lines.append(f"  sampled      {r.sampled_reward:+.3f} ± {r.se_sampled_reward:.3f} (s.e.; "
+                         f"{len(r.sampled_completions) // r.n_prompts} per prompt; distinct-2 "
+                         f"{c['collapse/distinct_2']:.2f})")
         for k, v in r.pass_at_k.items():
             lines.append(f"  pass@{k:<7} {100 * v:5.1f}%")
         lines.append(f"  mean length  {r.mean_length:.1f} tokens")

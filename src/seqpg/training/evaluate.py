@@ -1,9 +1,12 @@
 """Held-out evaluation: mean reward and accuracy with standard errors, and pass@k.
 
 Mean reward and accuracy come from one greedy completion per prompt (deterministic, so the
-standard error is over prompts only).  pass@k uses n >= k sampled completions per prompt and
-the unbiased estimator of Chen et al. 2021, pass@k = 1 - C(n - c, k) / C(n, k), averaged
-over prompts (c = correct samples of that prompt).
+standard error is over prompts only).  With ``samples`` = n > 0, n completions per prompt are also
+drawn with the run's sampling settings: their mean reward (the prompt's mean, then the mean over
+prompts, so the standard error is over prompts), the collapse watch's figures of those completions
+(:func:`seqpg.training.collapse.collapse_metrics`: distinct-2, distinct per group, shared openings),
+and pass@k with the unbiased estimator of Chen et al. 2021, pass@k = 1 - C(n - c, k) / C(n, k),
+averaged over prompts (c = correct samples of that prompt).
 
 The samples are the run's (:mod:`seqpg.rollout.interface`): a multi-turn run is evaluated on whole
 episodes, the reward an episode's return (the scorers on its final turn plus the environment's rewards,
@@ -24,6 +27,7 @@ from ..batch import Prompt
 from ..config import TrainConfig
 from ..rollout.interface import Rollouts, rollouts_from_config
 from ..rollout.seeding import reset_seeds
+from .collapse import collapse_metrics
 
 
 @dataclass
@@ -38,11 +42,18 @@ class EvalResult:
     per_scorer: dict[str, float] = field(default_factory=dict)
     pass_at_k: dict[int, float] = field(default_factory=dict)
     completions: list[dict] = field(default_factory=list)
+    sampled_reward: float | None = None
+    """Mean reward of the sampled completions (mean per prompt, then over prompts); None without ``samples``."""
+    se_sampled_reward: float | None = None
+    sampled_collapse: dict[str, float] = field(default_factory=dict)
+    """The collapse watch's figures of the sampled completions (``collapse/distinct_2``, ...)."""
+    sampled_completions: list[dict] = field(default_factory=list)
 
     def as_dict(self, with_completions: bool = False) -> dict:
         d = asdict(self)
         if not with_completions:
             d.pop("completions")
+            d.pop("sampled_completions")
         d["pass_at_k"] = {str(k): v for k, v in self.pass_at_k.items()}
         return d
 
@@ -71,9 +82,9 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, rollouts: Roll
     """Evaluate ``model`` on ``prompts`` with ``scorers`` (a list of (Scorer, weight)).
 
     Greedy samples of the run's ``rollouts`` (completions or episodes, with its budget, chat template,
-    system prompt, stop strings); ``ks`` (e.g. (1, 4)) adds pass@k from ``samples`` (default max(ks))
-    samples per prompt drawn with all of its settings (temperature, top-p, top-k).  Correctness comes
-    from the scorers that define it. ``on_error``: what a scorer that raises does, as in ``score_batch``.
+    system prompt, stop strings); ``samples`` > 0 adds that many samples per prompt drawn with all of its
+    settings (temperature, top-p, top-k): their mean reward and collapse figures; ``ks`` (e.g. (1, 4)) adds
+    pass@k from them (``samples`` default max(ks)).  Correctness comes from the scorers that define it. ``on_error``: what a scorer that raises does, as in ``score_batch``.
     """
     if not prompts:
         raise ValueError("evaluate: no prompts given")
@@ -96,8 +107,8 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, rollouts: Roll
                  for p, comp, r in zip(chunk, rollout.completions, rewards_B.tolist())]
         if progress is not None:
             progress(len(chunk))
-    pk = _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, rollouts, seed, batch_size,
-                    on_error) if ks else {}
+    sampled = _sampled(model, tokenizer, prompts, scorers, ks, samples, rollouts, seed, batch_size,
+                       on_error) if ks or samples else None
     model.train(was_training)
     n = len(rewards)
     r = torch.tensor(rewards, dtype=torch.float64)
@@ -106,27 +117,46 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, rollouts: Roll
     if correct:
         acc = sum(correct) / len(correct)
         se_acc = math.sqrt(acc * (1 - acc) / len(correct)) if len(correct) > 1 else float("nan")
-    return EvalResult(n, float(r.mean()), se, acc, se_acc, sum(lengths) / n, time.monotonic() - t0,
-                      {k: sum(v) / len(v) if v else math.nan for k, v in per_scorer.items()}, pk, rows)
+    result = EvalResult(n, float(r.mean()), se, acc, se_acc, sum(lengths) / n, time.monotonic() - t0,
+                        {k: sum(v) / len(v) if v else math.nan for k, v in per_scorer.items()}, {}, rows)
+    if sampled is not None:
+        result.pass_at_k, result.sampled_reward, result.se_sampled_reward, result.sampled_collapse, \
+            result.sampled_completions = sampled
+        result.seconds = time.monotonic() - t0
+    return result
 
 
-def _pass_at_k(model, tokenizer, prompts, scorers, ks, samples, rollouts: Rollouts, seed, batch_size,
-               on_error) -> dict[int, float]:
+def _sampled(model, tokenizer, prompts, scorers, ks, samples, rollouts: Rollouts, seed, batch_size, on_error):
+    """(pass@k for each k, sampled mean reward, its s.e. over prompts, collapse figures, rows) of ``samples``
+    (default max(ks)) completions per prompt."""
     n = samples or max(ks)
     gen = torch.Generator().manual_seed(seed)
     per_prompt = max(1, batch_size // n)
     totals = {k: 0.0 for k in ks}
+    prompt_means, texts, groups, rewards, rows = [], [], [], [], []
     for lo in range(0, len(prompts), per_prompt):
         chunk = prompts[lo:lo + per_prompt]
-        rollout, scored, _ = _rollout_scored(model, tokenizer, chunk, lo, scorers, rollouts, n=n, greedy=False,
-                                             generator=gen, on_error=on_error, seed=seed)
-        if scored.correct_B is None:
+        rollout, scored, rewards_B = _rollout_scored(model, tokenizer, chunk, lo, scorers, rollouts, n=n,
+                                                     greedy=False, generator=gen, on_error=on_error, seed=seed)
+        if ks and scored.correct_B is None:
             raise ValueError("pass@k needs a scorer that defines correctness (e.g. reasoning_gym or exact_match)")
         for g in range(len(chunk)):
-            c = int(scored.correct_B[rollout.group_ids_B == g].sum())
-            for k in ks:
-                totals[k] += pass_at_k(n, c, k)
-    return {k: v / len(prompts) for k, v in totals.items()}
+            in_g = rollout.group_ids_B == g
+            prompt_means.append(float(rewards_B[in_g].double().mean()))
+            if ks:
+                c = int(scored.correct_B[in_g].sum())
+                for k in ks:
+                    totals[k] += pass_at_k(n, c, k)
+        texts += list(rollout.completions)
+        groups += (rollout.group_ids_B + lo).tolist()
+        rewards += rewards_B.tolist()
+        rows += [{"prompt": chunk[g].text, "completion": comp, "reward": r}
+                 for g, comp, r in zip(rollout.group_ids_B.tolist(), rollout.completions, rewards_B.tolist())]
+    m = torch.tensor(prompt_means, dtype=torch.float64)
+    se = float(m.std() / math.sqrt(len(m))) if len(m) > 1 else float("nan")
+    figures = collapse_metrics(torch.tensor(rewards), torch.tensor(groups), texts,
+                               openings=rollouts.shared_openings)
+    return {k: v / len(prompts) for k, v in totals.items()}, float(m.mean()), se, figures, rows
 
 
 def evaluate_as_configured(cfg: TrainConfig, model, tok, prompts, scorers, *, ks: tuple[int, ...] = (),
