@@ -30,6 +30,9 @@ SMOKE_ARGS = {
     "sampling_profile.py": ["1", "1", "--model", "tiny", "--new-tokens", "4"],
     "gemma3_sampling_ab.py": ["1", "1", "tiny"],
     "logprob_disagreement.py": ["--tiny", "--prompts", "2", "--samples", "2", "--max-new-tokens", "4", "--threads", "1"],
+    "kl_default.py": ["--name", "smoke", "-c", "examples/demo.yaml", "--minutes", "0.01", "--eval-samples", "2",
+                      "--out", "{tmp}", "model.name=tiny", "task.eval_size=4", "sampling.max_new_tokens=4",
+                      "sampling.chat_template=false", "tensorboard=false"],
 }
 """Script -> the arguments of its smoke run (``{tmp}``: a fresh directory)."""
 
@@ -44,6 +47,7 @@ RESULT_LINE = {
     "sampling_profile.py": "HF generate: median",
     "gemma3_sampling_ab.py": "model forward / fast =",
     "logprob_disagreement.py": "sampler vs reference",
+    "kl_default.py": "| arm | steps | greedy reward | sampled reward |",
 }
 """What each script prints when it ran through."""
 

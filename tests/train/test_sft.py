@@ -157,6 +157,16 @@ def test_resume_mid_epoch_gives_the_state_of_an_uninterrupted_run(sft_overrides)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_max_minutes_reached_exits_0_with_a_checkpoint_to_resume(sft_overrides, capsys):
+    """Reaching max_minutes is what was asked (exit 0, as `seqpg train`), said as such, and resumable."""
+    overrides = sft_overrides("sft.epochs=3", "max_minutes=1e-6")
+    assert main(["sft", "--no-progress", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "1 SFT steps done" in out and "(max_minutes reached; continue with --resume)" in out
+    run = Path(load_config(None, overrides).run_dir)
+    assert (run / "checkpoints" / "step-000001").is_dir()
+
+
 def test_an_sft_run_exports_and_starts_rl_with_its_weights(sft_overrides, tiny_overrides, tmp_path, capsys):
     assert main(["sft", "--no-progress", *sft_overrides("sft.epochs=3")]) == 0
     run = tmp_path / "sft"

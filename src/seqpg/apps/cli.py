@@ -295,7 +295,7 @@ def _cmd_sft(args) -> int:
     result = sft(cfg, resume=bool(args.resume), progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print_summary(result)
-    return EXIT_STOPPED if result.stopped_early else 0
+    return EXIT_STOPPED if result.stopped_early and not result.out_of_time else 0
 
 
 def _refuse_used_run_dir(run_dir: Path) -> None:

@@ -174,7 +174,7 @@ def _run(cfg: TrainConfig, dist: DistContext, resume: bool, progress: bool, run_
 def _loop(cfg, dist, data: SftData, plan: Schedule, parallel: Parallel, optimizer, scheduler, tok, log: RunLogger,
           start: int, progress: bool) -> TrainResult:
     settings, total = update_settings(cfg), plan.total_steps
-    stop, t_start, metrics, step = StopFlag(), time.monotonic(), {}, start
+    stop, t_start, metrics, step, signalled, timed_out = StopFlag(), time.monotonic(), {}, start, False, False
     bar = progress_bar(total=total, initial=start, enabled=progress and dist.is_main, desc="sft")
     try:
         with stop:
@@ -186,8 +186,9 @@ def _loop(cfg, dist, data: SftData, plan: Schedule, parallel: Parallel, optimize
                 _held_out(cfg, dist, data, parallel, log, step, total)
                 bar.update(metrics)
                 out_of_time = cfg.max_minutes is not None and time.monotonic() - t_start > 60 * cfg.max_minutes
-                asked = torch.tensor([stop.is_set() or out_of_time, stop.take_checkpoint_request()], dtype=torch.int64)
-                halt, save_now = dist.all_reduce_max(asked).tolist()
+                asked = torch.tensor([stop.is_set(), out_of_time, stop.take_checkpoint_request()], dtype=torch.int64)
+                signalled, timed_out, save_now = dist.all_reduce_max(asked).tolist()  # every process alike
+                halt = signalled or timed_out
                 if step % cfg.save_every == 0 or step == total or halt or save_now:
                     _save(cfg, dist, parallel, optimizer, scheduler, tok, step)
                 if halt:
@@ -198,7 +199,7 @@ def _loop(cfg, dist, data: SftData, plan: Schedule, parallel: Parallel, optimize
         if dist.is_main:
             from .plots import plot_sft
             plot_sft(Path(cfg.run_dir))
-    return TrainResult(Path(cfg.run_dir), step, step < total, metrics)
+    return TrainResult(Path(cfg.run_dir), step, step < total, metrics, out_of_time=bool(timed_out and not signalled))
 
 
 def _step(cfg, dist, data: SftData, plan: Schedule, parallel: Parallel, optimizer, scheduler,
@@ -250,4 +251,5 @@ def print_summary(result: TrainResult) -> None:
     loss = result.final_metrics.get("loss")
     said = f"; last loss {loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else ""
     print(f"seqpg: {result.steps_done} SFT steps done{said}; run in {result.run_dir}"
-          + (" (stopped early; continue with --resume)" if result.stopped_early else ""), file=sys.stdout)
+          + (" (max_minutes reached; continue with --resume)" if result.out_of_time
+             else " (stopped early; continue with --resume)" if result.stopped_early else ""), file=sys.stdout)
