@@ -30,6 +30,7 @@ SMOKE_ARGS = {
     "sampling_profile.py": ["1", "1", "--model", "tiny", "--new-tokens", "4"],
     "gemma3_sampling_ab.py": ["1", "1", "tiny"],
     "logprob_disagreement.py": ["--tiny", "--prompts", "2", "--samples", "2", "--max-new-tokens", "4", "--threads", "1"],
+    "sampler_precision_ab.py": ["1", "--model", "tiny", "--new-tokens", "4"],
 }
 """Script -> the arguments of its smoke run (``{tmp}``: a fresh directory)."""
 
@@ -44,6 +45,7 @@ RESULT_LINE = {
     "sampling_profile.py": "HF generate: median",
     "gemma3_sampling_ab.py": "model forward / fast =",
     "logprob_disagreement.py": "sampler vs reference",
+    "sampler_precision_ab.py": "sampler precision A/B done",
 }
 """What each script prints when it ran through."""
 
