@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scripted import CountdownEnv
 
 from seqpg.batch import Prompt
 from seqpg.model.policy import completion_logprobs
 from seqpg.rollout import fastdecode
-from seqpg.rollout.sampling import SampleSettings, generate
+from seqpg.rollout.environments import EpisodeLimits
+from seqpg.rollout.multiturn import sample_episodes
+from seqpg.rollout.sampling import SampleSettings, SamplingArgs, generate
 
 PROMPTS = [Prompt("a", "x"), Prompt("b", "What is 12 + 7? Answer briefly.")]
 
@@ -63,3 +66,23 @@ def test_int8_needs_the_fast_decoder(tiny_model_and_tokenizer):
         generate(model, tok, PROMPTS, max_new_tokens=2, fast_decode=False, quantize="int8")
     with pytest.raises(ValueError, match="quantize must be None or 'int8'"):
         generate(model, tok, PROMPTS, max_new_tokens=2, quantize="int4")
+
+
+def test_episodes_sample_on_int8_weights(tiny_model_and_tokenizer, monkeypatch):
+    model, tok = tiny_model_and_tokenizer
+    real, calls = fastdecode.quantize_int8, []
+    monkeypatch.setattr(fastdecode, "quantize_int8", lambda w, b: calls.append(1) or real(w, b))
+    kw = dict(n=2, limits=EpisodeLimits(max_turns=2, max_new_tokens=5, max_tokens=300), sampling=SamplingArgs())
+    fp32 = sample_episodes(model, tok, PROMPTS, lambda: CountdownEnv(2), generator=torch.Generator().manual_seed(0),
+                           **kw)
+    assert not calls
+    int8 = sample_episodes(model, tok, PROMPTS, lambda: CountdownEnv(2), generator=torch.Generator().manual_seed(0),
+                           quantize="int8", **kw)
+    assert len(calls) == 4 * model.config.num_hidden_layers + 1
+    # a turn's first token comes from feeding its context (the model's precision), the next ones from int8 steps
+    p = [ep.prompt_len for ep in fp32]
+    assert p == [ep.prompt_len for ep in int8]
+    assert all(a.sample_logprobs[k] == b.sample_logprobs[k] != 0 for a, b, k in zip(fp32, int8, p))
+    second = [abs(a.sample_logprobs[k + 1] - b.sample_logprobs[k + 1]) for a, b, k in zip(fp32, int8, p)
+              if a.token_ids[:k + 1] == b.token_ids[:k + 1] and a.action_mask[k + 1]]
+    assert second and all(0 < d < 0.05 for d in second)
