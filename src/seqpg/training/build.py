@@ -163,6 +163,8 @@ def build_components(cfg: TrainConfig, dist: DistContext) -> Components:
             torch.set_num_threads(cfg.threads)
         if cfg.bf16:
             cpu_caps.warn_if_bf16_is_slow(dist.device)
+        if cfg.sampling.dtype == "bfloat16":
+            cpu_caps.warn_if_bf16_is_slow(dist.device, "sampling.dtype=bfloat16")
         if cfg.keep_freed_memory:
             keep_freed_memory()
         policy, tok = build_policy(cfg.model, cfg.seed, dist.device)

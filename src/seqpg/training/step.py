@@ -27,6 +27,7 @@ from .. import core
 from ..algorithms import Family, Needs, resolve_family
 from ..batch import Prompt, RolloutBatch, ScoredBatch, concat_rollouts, total_rewards
 from ..config import AlgoConfig, TrainConfig
+from ..model.policy import completion_logprobs
 from .precision import autocast
 from ..rollout.interface import Rollouts, rollouts_from_config
 from ..rollout.sampling import SampleSettings
@@ -238,8 +239,6 @@ def check_sampler(policy, rollout: RolloutBatch, st: StepSettings) -> SamplerChe
     """One forward of ``policy`` without gradients in the caller's (the training's) precision, in micro-batches
     of the update's size: log pi of the sampled tokens, what the update's first forward will see; then the
     correction's weights against the sampler's own log-probs and the mismatch statistics."""
-    from ..model.policy import completion_logprobs
-
     B = rollout.batch_size
     step = st.update.micro_batch_size or B
     with torch.no_grad():
