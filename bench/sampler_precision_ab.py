@@ -4,8 +4,10 @@ sampling calls, and how far each sampler's log-probs are from the float32 traini
 
 SmolLM2-135M-Instruct by default, the first prompts of the benchmark's task, 2 prompts x 8 samples x 32 new
 tokens, temperature 1, float32 master weights.  Each round samples the same prompts from the same seed with
-every sampler, the order rotating from round to round; prints the median time of each, the median and range
-of the per-round ratio float32 / other, and the mismatch statistics over all rounds' samples.
+every sampler, the order rotating from round to round; prints the median time of each (a call's seconds over
+its decode steps), the median and range of the per-round ratio float32 / other, the mismatch statistics over
+all rounds' samples, and the time of the float32 training forward over the samples (the step's extra pass
+when the sampler's precision differs, ``time/sampler_check``), on the same per-decode-step scale.
 
 Usage: python THIS [ROUNDS] [--threads N] [--model NAME] [--new-tokens N] [--cap C] (``--model tiny``: the
 tests' in-process model, a smoke run).  Pin it to one core (``taskset -c 1``) for timings.
@@ -57,13 +59,17 @@ def main() -> None:
         call(dtype, 0)  # warm-up
     times: dict[str | None, list[float]] = {d: [] for d in SAMPLERS}
     stats: dict[str | None, list[core.MismatchStats]] = {d: [] for d in SAMPLERS}
+    checks: list[float] = []  # the training forward over a batch, per decode step of its call
     for r in range(a.rounds):
         order = SAMPLERS[r % 3:] + SAMPLERS[:r % 3]
         for dtype in order:
             seconds, batch = call(dtype, r)
-            times[dtype].append(seconds / max(int(batch.completion_mask_BC.any(0).sum()), 1))
+            steps = max(int(batch.completion_mask_BC.any(0).sum()), 1)
+            times[dtype].append(seconds / steps)
+            t0 = time.perf_counter()
             with torch.no_grad():
                 train_BC = completion_logprobs(model, batch).logprobs_BC * batch.completion_mask_BC
+            checks.append((time.perf_counter() - t0) / steps)
             tis = core.sampler_correction("tis", train_BC, batch.sample_logprobs_BC, batch.completion_mask_BC,
                                           cap=a.cap)
             stats[dtype].append(core.mismatch_stats(train_BC, batch.sample_logprobs_BC, batch.completion_mask_BC,
@@ -83,6 +89,8 @@ def main() -> None:
               f"vs the float32 training forward: kl {m['mismatch/kl']:.3g}, ppl_ratio {m['mismatch/ppl_ratio']:.4f}, "
               f"max |dlogp| {m['mismatch/max_abs_logp_diff']:.3g}, past cap {a.cap:g} "
               f"{m['mismatch/truncated_frac']:.4f} ({int(pooled.num_tokens)} tokens)")
+    print(f"  the float32 training forward over a call's samples (the extra pass): median "
+          f"{1e3 * statistics.median(checks):.1f} ms per decode step of the call")
     print("sampler precision A/B done")
 
 
