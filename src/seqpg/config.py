@@ -810,7 +810,8 @@ def _check_sampler_precision(cfg: TrainConfig) -> None:
         return
     refusals = [(cfg.device == "cuda", "device=cuda (torch's int8 dynamic products run on the CPU); use "
                                       "sampling.dtype=bfloat16 on a GPU"),
-                (not s.fast_decode, "sampling.fast_decode=false (the int8 products are the fast decoder's); set it true"),
+                (not s.fast_decode, "sampling.fast_decode=false (the int8 products are the fast decoder's); "
+                                    "set it true"),
                 (cfg.model.lora_r > 0, "model.lora_r > 0 (the fast decoder does not take LoRA-wrapped projections); "
                                        "train without LoRA or use sampling.dtype=bfloat16"),
                 (cfg.model.dtype != "float32", "model.dtype=bfloat16 (int8 weights are quantised from float32 "

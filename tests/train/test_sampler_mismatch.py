@@ -85,7 +85,8 @@ def test_the_correction_weights_reach_the_update():
     st = StepSettings.from_config(load_config(None, ["model.name=tiny", "optim.grad_noise=false"]))
     w_BC = torch.rand(batch.mask_BC.shape, generator=torch.Generator().manual_seed(2)) * 2
     weighted = dataclasses.replace(batch, sampler_weights_BC=w_BC)
-    assert not all(torch.equal(a, b) for a, b in zip(_params_after_update(weighted, st), _params_after_update(batch, st)))
+    after = zip(_params_after_update(weighted, st), _params_after_update(batch, st))
+    assert not all(torch.equal(a, b) for a, b in after)
 
 
 @pytest.mark.parametrize("extra", [["sampling.dtype=bfloat16"], ["sampling.dtype=int8", "algo.sampler_correction=mis"],

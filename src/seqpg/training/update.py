@@ -49,7 +49,7 @@ class TrainBatch:
     ref_logprobs_BC: torch.Tensor | None = None  # (B, C) reference-policy log-probs (KL as a loss term)
     old_values_BC: torch.Tensor | None = None  # (B, C) critic values at sampling time
     in_loss_B: torch.Tensor | None = None  # (B,) bool, False: the row is masked out of the loss (overlong filtering)
-    sampler_weights_BC: torch.Tensor | None = None  # (B, C) importance weights of the sampler's mismatch (core.mismatch)
+    sampler_weights_BC: torch.Tensor | None = None  # (B, C) importance weights for the sampler (core.mismatch)
 
     @property
     def mask_BC(self) -> torch.Tensor:
