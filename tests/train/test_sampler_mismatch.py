@@ -106,3 +106,16 @@ def test_a_lower_precision_sampler_trains_and_logs_the_mismatch_every_step(tiny_
 def test_a_run_whose_sampler_is_the_trainer_logs_no_mismatch(tiny_overrides):
     rows = read_jsonl(train(load_config(None, tiny_overrides("steps=1")), progress=False).run_dir / "metrics.jsonl")
     assert not any(k in rows[0] for k in MISMATCH) and "time/sampler_check" not in rows[0]
+
+
+def test_int8_sampling_on_a_gpu_found_by_device_auto_is_refused_before_the_model_loads(tiny_overrides, monkeypatch):
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from seqpg.training import build
+
+    monkeypatch.setattr(build, "build_policy", lambda *a, **k: pytest.fail("the model was loaded"))
+    dist = SimpleNamespace(world_size=1, rank=0, device=torch.device("cuda"), enabled=False,
+                           fail_together=lambda _what: nullcontext())
+    with pytest.raises(ConfigError, match="sampling.dtype=int8 runs on the CPU only.*device=auto found a GPU"):
+        build.build_components(load_config(None, tiny_overrides("sampling.dtype=int8")), dist)
