@@ -78,7 +78,7 @@ def main() -> None:
             rollout = sample(c.policy, c.tokenizer, prompts, st, step=rep + 1)
             t1 = time.perf_counter()
             scored = score(c.policy, c.tokenizer, rollout, prompts, scorers[name], st)
-            judged = judge(rollout, scored, st, kl_coef=0.0)
+            judged = judge(rollout, scored, st, kl_coef=0.0, policy=c.policy)
             t2 = time.perf_counter()
             update(c.policy, c.optimizer, judged.train_batch(rollout, st), st.update, max_len=st.max_completion_tokens)
             t3 = time.perf_counter()

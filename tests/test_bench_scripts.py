@@ -33,6 +33,7 @@ SMOKE_ARGS = {
     "kl_default.py": ["--name", "smoke", "-c", "examples/demo.yaml", "--minutes", "0.01", "--eval-samples", "2",
                       "--out", "{tmp}", "model.name=tiny", "task.eval_size=4", "sampling.max_new_tokens=4",
                       "sampling.chat_template=false", "tensorboard=false"],
+    "sampler_precision_ab.py": ["1", "--model", "tiny", "--new-tokens", "4"],
 }
 """Script -> the arguments of its smoke run (``{tmp}``: a fresh directory)."""
 
@@ -48,6 +49,7 @@ RESULT_LINE = {
     "gemma3_sampling_ab.py": "model forward / fast =",
     "logprob_disagreement.py": "sampler vs reference",
     "kl_default.py": "| arm | steps | greedy reward | sampled reward |",
+    "sampler_precision_ab.py": "sampler precision A/B done",
 }
 """What each script prints when it ran through."""
 

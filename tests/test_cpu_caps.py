@@ -49,3 +49,5 @@ def test_bf16_on_a_cpu_without_bf16_units_warns_once(monkeypatch):
         cpu_caps.warn_if_bf16_is_slow("cpu")  # bf16 units: nothing to say
         monkeypatch.setattr(cpu_caps, "native_bf16", lambda: False)
         cpu_caps.warn_if_bf16_is_slow("cuda")  # not about GPUs
+    with pytest.warns(UserWarning, match="sampling.dtype=bfloat16 on a CPU without bf16"):
+        cpu_caps.warn_if_bf16_is_slow("cpu", "sampling.dtype=bfloat16")  # a warning of its own

@@ -125,6 +125,12 @@ class SamplingConfig:
     fast_decode: bool = True
     """Decode Llama-family models (Llama, SmolLM2, Mistral, Qwen2/3) and Gemma 3 with seqpg's lean one-token step
     (same maths as the model's forward, tested equal); false: always the model's own forward."""
+    dtype: str | None = None
+    """Precision of the sampler's products, apart from the training's: null samples as the model trains (`bf16`);
+    `bfloat16` samples under bf16 autocast; `int8` decodes with int8 weights (per output channel, activations
+    quantised per call: torch's dynamic quantised linear; CPU, fast_decode, no LoRA). The master weights and
+    the update keep their precision; the mismatch this brings is measured every step (mismatch/*) and corrected
+    by algo.sampler_correction (docs/maths.md)."""
 
 
 @dataclass
@@ -244,6 +250,14 @@ class AlgoConfig:
         """``kl_estimator``, or the mode's estimator when it is null."""
         return self.kl_estimator or ("k1" if self.kl_mode_used == "reward" else "k3")
 
+    sampler_correction: str | None = None
+    """Importance correction of a sampler that is not the trainer (sampling.dtype): tis (token-level truncated
+    importance sampling, w = min(pi / pi_sampler, cap)), mis (tokens whose ratio leaves [1/cap, cap] are masked),
+    seq_tis, seq_mis (one ratio per sequence), or none. null: tis when the sampler's precision differs from the
+    training's, else none. With any correction but none, pi at the sampling weights is computed by a training-
+    precision forward pass (one more pass per step) and is PPO's old policy; mismatch/* is logged."""
+    sampler_is_cap: float = 2.0
+    """The cap C > 1 of algo.sampler_correction."""
     kl_reference: str | None = None
     """The model the KL term holds the policy near: null, the policy as the run starts (model.name, or the
     `seqpg train --init` model); or a model directory or alias, e.g. the base model of an --init run."""
@@ -386,6 +400,7 @@ FIXED_CHOICES: dict[str, tuple[str, ...]] = {
     "algo.kl_mode": ("reward", "loss"),
     "algo.critic": ("separate", "shared"),
     "model.dtype": ("float32", "bfloat16"),
+    "sampling.dtype": ("bfloat16", "int8"),
     "task.overlong_prompts": ("error", "truncate", "drop"),
     "optim.on_nonfinite": ("skip", "stop"),
     "on_scorer_error": ("raise", "zero"),
@@ -408,6 +423,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "algo.loss": tuple(core.POLICY_LOSSES),
         "algo.agg": tuple(core.AGG_MODES),
         "algo.kl_estimator": tuple(core.KL_ESTIMATORS),
+        "algo.sampler_correction": (*core.SAMPLER_CORRECTIONS, "none"),
         "task.source": tuple(PROMPT_SOURCES),
     }
     return {**names, **FIXED_CHOICES}
@@ -781,7 +797,28 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"dist_timeout_s must be > 0, got {cfg.dist_timeout_s}")
     if cfg.episode.enabled:
         _check_episode(cfg)
+    _check_sampler_precision(cfg)
     _check_sft(cfg.sft)
+
+
+def _check_sampler_precision(cfg: TrainConfig) -> None:
+    """sampling.dtype's combinations, and the correction's cap."""
+    s, a = cfg.sampling, cfg.algo
+    if not a.sampler_is_cap > 1:
+        raise ConfigError(f"algo.sampler_is_cap must be > 1 (the weights are capped at it), got {a.sampler_is_cap}")
+    if s.dtype != "int8":
+        return
+    refusals = [(cfg.device == "cuda", "device=cuda (torch's int8 dynamic products run on the CPU); use "
+                                      "sampling.dtype=bfloat16 on a GPU"),
+                (not s.fast_decode, "sampling.fast_decode=false (the int8 products are the fast decoder's); "
+                                    "set it true"),
+                (cfg.model.lora_r > 0, "model.lora_r > 0 (the fast decoder does not take LoRA-wrapped projections); "
+                                       "train without LoRA or use sampling.dtype=bfloat16"),
+                (cfg.model.dtype != "float32", "model.dtype=bfloat16 (int8 weights are quantised from float32 "
+                                               "master weights); use model.dtype=float32")]
+    for refused, why in refusals:
+        if refused:
+            raise ConfigError(f"sampling.dtype=int8 cannot run with {why}")
 
 
 def _check_sft(s: SftConfig) -> None:

@@ -19,7 +19,9 @@ SIGNATURES = {
     "masked_mean": "(x, mask, *, dim=None, all_reduce=None)",
     "masked_var": "(x, mask, *, unbiased=True, all_reduce=None)",
     "policy_loss": "(name, logprobs, advantages, mask, *, old_logprobs=None, agg='token-mean', num_tokens=None, "
-                   "num_seqs=None, max_len=None, **params)",
+                   "num_seqs=None, max_len=None, sampler_weights=None, **params)",
+    "sampler_correction": "(name, train_logprobs, sampler_logprobs, mask, *, cap=2.0)",
+    "mismatch_stats": "(train_logprobs, sampler_logprobs, mask, truncated=None)",
     "aggregate_loss": "(loss_BT, mask_BT, mode, *, num_tokens=None, num_seqs=None, max_len=None)",
     "kl_estimate": "(name, logprobs_BT, ref_logprobs_BT, *, tol=0.0)",
     "kl_advantages": "(kl_BT, coef, mask, gamma=1.0)",

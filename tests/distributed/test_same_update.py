@@ -43,6 +43,7 @@ CASES = {
     "grpo_fsdp2": ["algo.name=grpo", "parallel=fsdp2", "optim.micro_batch_size=3", "sampling.max_new_tokens=10",
                    STOP_LETTERS],
     "a2c_fsdp2": ["algo.name=a2c", "parallel=fsdp2"],
+    "ppo_bf16_sampler": ["algo.name=ppo", "sampling.dtype=bfloat16", "algo.kl_coef=0.05"],  # mismatch/* summed
     "lora_fsdp2": ["algo.name=grpo", "parallel=fsdp2", "model.lora_r=8", "model.lora_alpha=16",
                    "model.lora_target_modules=[lm_head, q_proj, v_proj]"],
 }

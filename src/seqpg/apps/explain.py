@@ -106,7 +106,8 @@ class RunJudge:
                 raise ValueError(f"could not score the completion ({e}); pass --reward R to give its reward") from e
             if reward is not None:
                 scored.batch.rewards_B[0] = reward
-            judged = judge(rollout, scored, st, kl_coef=self.kl_coef, reference=self.reference, critic=self.critic)
+            judged = judge(rollout, scored, st, kl_coef=self.kl_coef, reference=self.reference, critic=self.critic,
+                           policy=self.model)
         return scored, judged
 
 

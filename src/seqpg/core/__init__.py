@@ -11,6 +11,7 @@ Modules, one concern each:
 * :mod:`.kl`         KL estimators by name (``KL_ESTIMATORS``), penalty, loss, controllers
 * :mod:`.gradstats`  paired gradient statistics of estimators (SNR, variance, bias, cosine), for the lab
 * :mod:`.gradnoise`  the gradient noise scale (McCandlish et al. 2018) from mean-gradient norms
+* :mod:`.mismatch`   importance weights for a sampler that is not the trainer (``SAMPLER_CORRECTIONS``)
 * :mod:`.masked`     masked sum / mean / var and whitening, with cross-process statistics
 * :mod:`.registry`   the name -> function registry every family uses
 
@@ -28,18 +29,21 @@ from .logprobs import entropy_from_logits, token_logprobs
 from .losses import (POLICY_LOSSES, PolicyLossStats, TokenLoss, ValueLossStats, policy_loss, register_policy_loss,
                      value_loss)
 from .masked import masked_mean, masked_sum, masked_var, whiten
+from .mismatch import (SAMPLER_CORRECTIONS, Correction, MismatchStats, mismatch_stats, register_sampler_correction,
+                       sampler_correction)
 from .registry import REQUIRED, Registry
 from .rewards import RewardStats, ScorerStats, combine_rewards, to_token_rewards
 from .utility import TokenContributions, token_contributions, utility
 
 __all__ = [
-    "ADVANTAGE_ESTIMATORS", "AGG_MODES", "KL_ESTIMATORS", "POLICY_LOSSES", "REQUIRED",
-    "AdaptiveKLController", "FixedKLController", "GradStats", "GradientNoise", "Moments", "PolicyLossStats", "Registry",
-    "RewardStats", "ScorerStats", "TokenContributions", "TokenLoss", "ValueLossStats",
+    "ADVANTAGE_ESTIMATORS", "AGG_MODES", "KL_ESTIMATORS", "POLICY_LOSSES", "REQUIRED", "SAMPLER_CORRECTIONS",
+    "AdaptiveKLController", "Correction", "FixedKLController", "GradStats", "GradientNoise", "MismatchStats", "Moments",
+    "PolicyLossStats", "Registry", "RewardStats", "ScorerStats", "TokenContributions", "TokenLoss", "ValueLossStats",
     "advantage_params", "aggregate_loss", "combine_rewards", "compute_advantages", "entropy_from_logits",
     "exact_stats", "gradient_noise_scale",
-    "kl_advantages", "kl_estimate", "kl_loss", "kl_penalty", "masked_mean", "masked_sum", "masked_var", "policy_loss",
-    "register_advantage", "register_kl", "register_policy_loss", "returns_to_go", "sample_stats",
+    "kl_advantages", "kl_estimate", "kl_loss", "kl_penalty", "masked_mean", "masked_sum", "masked_var",
+    "mismatch_stats", "policy_loss", "register_advantage", "register_kl", "register_policy_loss",
+    "register_sampler_correction", "returns_to_go", "sample_stats", "sampler_correction",
     "to_token_rewards", "token_contributions", "token_logprobs", "unit_gradients", "utility", "value_loss",
     "whiten",
 ]

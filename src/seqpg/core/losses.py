@@ -22,6 +22,8 @@ old_logprobs_BT, **params) -> TokenLoss`` (per-token loss plus per-token indicat
 indicators to :class:`PolicyLossStats`. Advantages and old log-probs are constants (detached);
 masked positions are replaced by 0 before an entry sees them, so padding never makes NaN.
 Log-ratios are clamped to +-20 before exp (as verl does) so a stale token cannot overflow.
+``sampler_weights`` (optional, :mod:`seqpg.core.mismatch`) multiply every entry's per-token loss, detached,
+before aggregation: the correction for a sampler that is not the trainer, the same for every loss.
 
 Value loss (PPO2 / OpenAI baselines clipped value loss):
     l_t = 1/2 max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -eps, eps) - R_t)^2),
@@ -168,12 +170,14 @@ def _policy_stats(loss, out: TokenLoss, lp_BT, old_BT, mask_BT) -> PolicyLossSta
 def policy_loss(name: str, logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                 old_logprobs: torch.Tensor | None = None, agg: str = "token-mean", num_tokens: Count | None = None,
                 num_seqs: Count | None = None, max_len: Count | None = None,
-                **params) -> tuple[torch.Tensor, PolicyLossStats]:
+                sampler_weights: torch.Tensor | None = None, **params) -> tuple[torch.Tensor, PolicyLossStats]:
     """(loss, stats) of policy loss ``name`` (module docstring), aggregated by ``agg``.
 
     logprobs, advantages, mask, old_logprobs: (B, T). ``num_tokens`` / ``num_seqs`` / ``max_len``:
-    global counts for split-invariant aggregation (see :mod:`seqpg.core.aggregate`). ``**params``
-    go to the loss and are checked against the ones it takes (e.g. ``clip_low``, ``dual_clip``).
+    global counts for split-invariant aggregation (see :mod:`seqpg.core.aggregate`). ``sampler_weights``
+    (B, T): importance weights w_t of :func:`seqpg.core.mismatch.sampler_correction`, constants that multiply
+    each token's loss (None: none). ``**params`` go to the loss and are checked against the ones it takes
+    (e.g. ``clip_low``, ``dual_clip``).
     """
     fn = POLICY_LOSSES.get(name)
     POLICY_LOSSES.check_params(name, params)
@@ -189,6 +193,9 @@ def policy_loss(name: str, logprobs: torch.Tensor, advantages: torch.Tensor, mas
         check_same_shape("old_logprobs", old_logprobs, "logprobs", logprobs)
         old_BT = torch.where(mask_BT, old_logprobs.detach(), 0).to(lp_BT.dtype)
     out = fn(lp_BT, adv_BT, mask_BT, old_logprobs_BT=old_BT, **params)
+    if sampler_weights is not None:
+        check_same_shape("sampler_weights", sampler_weights, "logprobs", logprobs)
+        out.loss_BT = out.loss_BT * torch.where(mask_BT, sampler_weights.detach(), 0).to(out.loss_BT.dtype)
     loss = aggregate_loss(out.loss_BT, mask_BT, agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
     with torch.no_grad():
         stats = _policy_stats(loss, out, lp_BT.detach(), old_BT, mask_BT)

@@ -86,11 +86,11 @@ def _detect_native_bf16() -> bool:
 _warned: set[str] = set()
 
 
-def warn_if_bf16_is_slow(device: torch.device | str) -> None:
-    """Warn once per process when bf16 autocast is asked for on a CPU without bf16 units."""
-    if torch.device(device).type != "cpu" or native_bf16() or "bf16" in _warned:
+def warn_if_bf16_is_slow(device: torch.device | str, key: str = "bf16=true") -> None:
+    """Warn once per process and ``key`` (the setting that asked: ``bf16=true``, ``sampling.dtype=bfloat16``)
+    when bf16 autocast is asked for on a CPU without bf16 units."""
+    if torch.device(device).type != "cpu" or native_bf16() or key in _warned:
         return
-    _warned.add("bf16")
-    warnings.warn("bf16=true on a CPU without bf16 arithmetic units (AVX512-BF16, AMX or ARM BF16): training "
-                  "runs, but every product converts to float32 and back, so it is slower than bf16=false",
-                  stacklevel=2)
+    _warned.add(key)
+    warnings.warn(f"{key} on a CPU without bf16 arithmetic units (AVX512-BF16, AMX or ARM BF16): it runs, but every "
+                  "product converts to float32 and back, so it is slower than float32", stacklevel=2)

@@ -43,6 +43,13 @@ product runs in that dtype.  Off CPU, where torch lacks oneDNN (ARM builds), and
 oneDNN cannot run bf16 on the CPU (x86 without AVX-512 BW/VL/DQ or AVX-NE-CONVERT: torch refuses
 to repack a bf16 weight there), the products are ``F.linear`` in the same dtype, same maths
 (:func:`can_pack`, from :mod:`seqpg.rollout.cpu_caps`).
+``quantize="int8"`` (``sampling.dtype=int8``): each product weight is quantised once per decoder to
+int8, symmetric per output channel (scale max|w| / 127), and each step's activations per call
+(``torch.ops.quantized.linear_dynamic`` with ``reduce_range``, as fbgemm needs on AVX2, whose 8-bit
+multiply-add saturates at full range): a quarter of float32's bytes per weight read, on any x86 CPU.
+The norms, rotary embedding, attention and sampling stay float32; the prompt's prefill runs in the
+model's own precision.  The products then differ from float32's by the weights' rounding, which the
+trainer measures and corrects (:mod:`seqpg.core.mismatch`).
 On a CUDA device each step from the second on is replayed from a CUDA graph (``FastDecoder``'s
 ``graph``): launched one by one from Python, the step's ~600 kernels took ~30 ms per token on an
 H200; with the replay a whole sampling call (2 x 8 rows, 32 tokens, fp32) went from 1068 to 288 ms
@@ -151,7 +158,7 @@ class FastDecoder:
     """
 
     def __init__(self, model: nn.Module, cache, rows: int, pack: bool | None = None,
-                 graph: bool | None = None) -> None:
+                 graph: bool | None = None, quantize: str | None = None) -> None:
         self.model, self.trunk = model, model.model
         self.layers = list(self.trunk.layers)[: model.config.num_hidden_layers]
         self.cache_layers = cache.layers
@@ -169,13 +176,19 @@ class FastDecoder:
         self.device = model.lm_head.weight.device.type
         self.dtype = torch.get_autocast_dtype(self.device) if torch.is_autocast_enabled(self.device) else None
         self.rows = rows
-        packable = can_pack(self.device, self.dtype or model.lm_head.weight.dtype)
+        if quantize not in (None, "int8"):
+            raise ValueError(f"FastDecoder: quantize must be None or 'int8', got {quantize!r}")
+        if quantize is not None and (self.device != "cpu" or pack or graph):
+            raise ValueError("FastDecoder(quantize='int8') runs on the CPU only (torch's dynamic quantised "
+                             "linear), without pack or graph")
+        self.int8 = quantize == "int8"
+        packable = not self.int8 and can_pack(self.device, self.dtype or model.lm_head.weight.dtype)
         if pack and not packable:
             raise ValueError("FastDecoder(pack=True) needs a CPU model, a torch built with oneDNN (mkldnn) and, for "
                              "bf16, a CPU on which oneDNN runs bf16 (seqpg.rollout.cpu_caps); use pack=None to choose")
         self.pack = packable if pack is None else pack
         self._prepared: dict[tuple[nn.Linear, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self.graph = self.device == "cuda" if graph is None else graph
+        self.graph = self.device == "cuda" if graph is None else bool(graph)
         self._steps = 0
         self._fixed: dict[str, torch.Tensor] | None = None  # the fixed-buffer step's inputs
         self._cuda_graph: torch.cuda.CUDAGraph | None = None
@@ -191,6 +204,9 @@ class FastDecoder:
             if any(m.bias is not None for m in mods):
                 b = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
                                for m in mods])
+            if self.int8:
+                self._prepared[mods] = (quantize_int8(w, b), None)
+                return self._prepared[mods]
             if self.dtype is not None and w.dtype != self.dtype:
                 w, b = w.to(self.dtype), None if b is None else b.to(self.dtype)
             if self.pack:
@@ -201,6 +217,8 @@ class FastDecoder:
     def linear(self, x_BK: torch.Tensor, *mods: nn.Linear) -> torch.Tensor:
         """The linears ``mods`` applied to the rows of x (B, K), outputs side by side: x W^T + b, (B, N)."""
         w, b_N = self._weights(mods)
+        if self.int8:  # activations quantised per call (per tensor), products in int8, output float32
+            return torch.ops.quantized.linear_dynamic(x_BK.float().contiguous(), w, True)
         x_BK = x_BK.to(w.dtype)
         if self.pack:
             return torch.ops.mkldnn._linear_pointwise(x_BK.contiguous(), w, b_N, "none", [], "")
@@ -321,6 +339,19 @@ class FastDecoder:
         if kind is None:
             return self.trunk.rotary_emb(h_B1E, pos_B1)
         return self.trunk.rotary_emb(h_B1E, pos_B1, kind)
+
+
+def quantize_int8(w_NK: torch.Tensor, b_N: torch.Tensor | None):
+    """``w`` (N, K) as symmetric int8 per output channel, scale max|w_n| / 127, packed with its float32 bias for
+    ``torch.ops.quantized.linear_dynamic`` (fbgemm / x86 engines, AVX2 and up)."""
+    import warnings
+
+    w32 = w_NK.float()
+    scale_N = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
+    with warnings.catch_warnings():  # torch marks its quantised tensor constructors as deprecated
+        warnings.simplefilter("ignore")
+        q_NK = torch.quantize_per_channel(w32, scale_N, torch.zeros_like(scale_N, dtype=torch.long), 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(q_NK, None if b_N is None else b_N.float())
 
 
 def _attention_bias(attend_BW: torch.Tensor, window: int | None) -> torch.Tensor:

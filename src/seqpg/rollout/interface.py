@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..batch import Prompt, RolloutBatch, ScoredBatch, sequence_returns
+from ..model.policy import model_device
 from ..rewards.scorers import score_batch
 from .env_adapters import merge_tools, method_tools
 from .env_errors import check_not_all_failed
@@ -202,12 +203,14 @@ class Episodes(Rollouts):
     def sample(self, model, tokenizer, prompts, *, n, seeds, generator=None, greedy=False) -> RolloutBatch:
         s = self.sampling
         args = SamplingArgs(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, greedy=greedy)
-        episodes = sample_episodes(model, tokenizer, prompts, self.make_env, n=n, limits=self.limits, sampling=args,
-                                   tools=dict(self.tools), tool_limits=self.tool_limits,
-                                   stop_strings=s.stop_strings, system_prompt=s.system_prompt,
-                                   chat_template=s.chat_template, env_seeds=list(seeds), generator=generator,
-                                   env_name=self.env_spec, fast_decode=s.fast_decode,
-                                   env_timeout_s=self.env_timeout_s, on_env_error=self.on_env_error)
+        with s.precision(model_device(model).type):  # the sampler's precision, as single-turn sampling's
+            episodes = sample_episodes(model, tokenizer, prompts, self.make_env, n=n, limits=self.limits,
+                                       sampling=args, tools=dict(self.tools), tool_limits=self.tool_limits,
+                                       stop_strings=s.stop_strings, system_prompt=s.system_prompt,
+                                       chat_template=s.chat_template, env_seeds=list(seeds), generator=generator,
+                                       env_name=self.env_spec, fast_decode=s.fast_decode,
+                                       env_timeout_s=self.env_timeout_s, on_env_error=self.on_env_error,
+                                       quantize=s.quantize)
         return episodes_to_rollout(episodes, tokenizer.pad_token_id, n=n)
 
     def check_batch(self, rollout: RolloutBatch) -> None:

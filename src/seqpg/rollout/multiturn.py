@@ -36,10 +36,8 @@ from torch import nn
 
 from seqpg.batch import Prompt
 from seqpg.model.policy import model_device
-from seqpg.rollout.fastdecode import FastDecoder
-from seqpg.rollout.fastdecode import supports as fastdecode_supports
-from seqpg.rollout.sampling import (CACHE_KWARG, SamplingArgs, choose_tokens, eos_token_ids, preallocated_cache,
-                                    uses_chat_template)
+from seqpg.rollout.sampling import (CACHE_KWARG, SamplingArgs, choose_tokens, decoder, eos_token_ids,
+                                    preallocated_cache, uses_chat_template)
 
 from .chat import render_delta, render_start
 from .env_adapters import EpisodeEnv
@@ -57,16 +55,15 @@ class KVRows:
     masked padding column for rows not writing), ``keep`` drops rows.  Both return the (B, V)
     logits after each row's last real token.  ``capacity``: the cache columns reserved at first (it
     grows beyond them when needed); ``fast_decode``: steps through the fast decoder where it takes
-    the model.
+    the model; ``quantize``: its weights' precision there (:func:`seqpg.rollout.sampling.decoder`).
     """
 
     def __init__(self, model: nn.Module, rows: int, pad_id: int, *, capacity: int = 256,
-                 fast_decode: bool = True) -> None:
+                 fast_decode: bool = True, quantize: str | None = None) -> None:
         self.model, self.pad_id = model, pad_id
         self.device = model_device(model)
         self.cache = preallocated_cache(model.config, capacity, grow=True)
-        self.fast = (FastDecoder(model, self.cache, rows=rows, graph=False)
-                     if fast_decode and fastdecode_supports(model) else None)
+        self.fast = decoder(model, self.cache, rows, fast_decode, quantize, graph=False)
         self.attn_BW = torch.zeros((rows, 0), dtype=torch.bool, device=self.device)  # (B, W) real cache columns
         self.fed_B = torch.zeros(rows, dtype=torch.long, device=self.device)  # real tokens per row = next position
 
@@ -144,6 +141,7 @@ def sample_episodes(
     fast_decode: bool = True,
     env_timeout_s: float = 30.0,
     on_env_error: str = "drop",
+    quantize: str | None = None,
 ) -> list[Episode]:
     """``n`` episodes per prompt (episode ``i*n + j`` is prompt ``i``'s j-th, its environment reset
     with ``seed + i*n + j``, or with ``env_seeds[i]`` when given: one seed per prompt, so a prompt's
@@ -154,7 +152,8 @@ def sample_episodes(
     (``limits``); an episode ends when its environment says done, or is truncated at
     ``limits.max_turns`` or when its context reaches ``limits.max_tokens``.  The model is in eval
     mode for the call.  Episodes hold plain lists (CPU); see :func:`.episodes.episodes_to_rollout`.
-    ``fast_decode``: one-token steps through :mod:`seqpg.rollout.fastdecode` where it takes the model.
+    ``fast_decode``: one-token steps through :mod:`seqpg.rollout.fastdecode` where it takes the model;
+    ``quantize="int8"``: on int8 weights there (the environment's tokens are fed in the model's precision).
     Every call into an environment runs with a time limit of ``env_timeout_s`` (:mod:`.env_adapters`);
     ``on_env_error``: ``drop`` closes an episode whose environment or chat template fails as truncated and
     goes on, ``raise`` stops with :class:`.env_errors.EpisodeFailure` (:mod:`.env_errors`).
@@ -183,7 +182,7 @@ def sample_episodes(
     try:
         with torch.no_grad():
             kv = KVRows(model, len(running), tokenizer.pad_token_id, capacity=limits.max_tokens,
-                        fast_decode=fast_decode)
+                        fast_decode=fast_decode, quantize=quantize)
             fed = [0] * len(running)  # tokens of each episode already in the cache
             while running:
                 logits_BV = kv.extend([r.episode.token_ids[f:] for r, f in zip(running, fed)])

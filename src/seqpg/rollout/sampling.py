@@ -28,8 +28,9 @@ costing products; the rollout is bit for bit the same (one uniform per rollout r
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ContextManager, Sequence
 
 import torch
 import transformers
@@ -71,6 +72,7 @@ def generate(
     system_prompt: str | None = None,
     generator: torch.Generator | None = None,
     fast_decode: bool = True,
+    quantize: str | None = None,
 ) -> RolloutBatch:
     """Sample ``n`` completions for each prompt; rows ``i*n .. i*n+n-1`` belong to prompt ``i``.
 
@@ -79,6 +81,8 @@ def generate(
     other models, and ``fast_decode=False``, through the model's own forward.  Decoding runs on
     the model's device; the returned batch holds CPU tensors.  ``generator`` may live on either
     device (the uniform draws are made on its device).  ``chat_template``: see :func:`uses_chat_template`.
+    ``quantize="int8"``: the one-token steps' products run on int8 weights (:class:`FastDecoder`; the
+    prefill keeps the model's precision); a model the fast decoder does not take is then a ValueError.
     """
     args = SamplingArgs(temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
     _check_args(args, n=n, max_new_tokens=max_new_tokens, num_prompts=len(prompts))
@@ -92,7 +96,7 @@ def generate(
         with torch.no_grad():  # not inference_mode: under it autocast re-casts every weight at every step
             ids_BC, mask_BC, logprobs_BC, finished_B, texts = _decode(
                 model, tokenizer, prompt_ids_GP.to(device), prompt_mask_GP.to(device), n, args, max_new_tokens,
-                tuple(stop_strings), generator, fast_decode)
+                tuple(stop_strings), generator, fast_decode, quantize)
     finally:
         model.train(was_training)
     prompt_ids_BP = prompt_ids_GP.repeat_interleave(n, dim=0)  # (B, P), B = len(prompts) * n
@@ -173,6 +177,7 @@ def _decode(
     stop_strings: tuple[str, ...],
     generator: torch.Generator | None,
     fast_decode: bool = True,
+    quantize: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Prefill, then one token per row per step until every row stops or the budget runs out.
 
@@ -194,7 +199,7 @@ def _decode(
     attn_LW[:, :P] = prompt_mask_GP.repeat_interleave(n, dim=0)
     input_L1 = prompt_ids_GP[:, -1:].repeat_interleave(n, dim=0)  # (L, 1) the prompts' last column
     pos_L1 = positions_GP[:, -1:].repeat_interleave(n, dim=0)  # (L, 1)
-    fast = FastDecoder(model, cache[CACHE_KWARG], rows=B) if fast_decode and fastdecode_supports(model) else None
+    fast = decoder(model, cache[CACHE_KWARG], B, fast_decode, quantize)
     compact = fast is not None and not fast.graph  # rows that stopped may leave the decode batch (_leave)
     live_L = torch.arange(B, device=device)  # (L,) the rollout row of each decode row; L = B until rows leave
     rows = _Rows(B, tokenizer, stop_strings, device)
@@ -226,6 +231,20 @@ def _decode(
             cache[CACHE_KWARG].batch_select_indices(keep_L)
     return (torch.stack(rows.ids, dim=1), torch.stack(rows.masks, dim=1), torch.stack(rows.logprobs, dim=1),
             rows.finished_B, rows.texts())
+
+
+def decoder(model: nn.Module, cache, rows: int, fast_decode: bool, quantize: str | None,
+            graph: bool | None = None) -> FastDecoder | None:
+    """The fast decoder of ``model`` (None: decode with the model's own forward), quantised by ``quantize``.
+    A quantised sampler needs the fast decoder: without it, a ValueError naming why."""
+    if fast_decode and fastdecode_supports(model):
+        return FastDecoder(model, cache, rows=rows, graph=graph, quantize=quantize)
+    if quantize is not None:
+        why = "sampling.fast_decode=false" if not fast_decode else \
+            f"a {type(model).__name__} (not a plain Llama-family or Gemma 3 model, or wrapped by LoRA or hooks)"
+        raise ValueError(f"sampling.dtype={quantize} runs in seqpg's fast decoder, which does not take {why}; "
+                         "use sampling.dtype=bfloat16 or null")
+    return None
 
 
 def _keep(finished_L: torch.Tensor, steps_left: int) -> torch.Tensor | None:
@@ -436,18 +455,33 @@ class SampleSettings:
     chat_template: bool | None = None  # None: the tokenizer's template when it has one (uses_chat_template)
     system_prompt: str | None = None
     fast_decode: bool = True
+    dtype: str | None = None
+    """The sampler's precision (``sampling.dtype``): None, the caller's (the training's); ``bfloat16``: bf16
+    autocast around the call; ``int8``: int8 products in the fast decoder."""
 
     @classmethod
     def from_config(cls, s) -> "SampleSettings":
         """From a :class:`seqpg.config.SamplingConfig`."""
         return cls(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                    stop_strings=tuple(s.stop_strings), chat_template=s.chat_template, system_prompt=s.system_prompt,
-                   fast_decode=s.fast_decode)
+                   fast_decode=s.fast_decode, dtype=s.dtype)
+
+    def precision(self, device_type: str) -> ContextManager:
+        """The context a sampling call runs in: bf16 autocast for ``dtype=bfloat16``, else the caller's."""
+        return torch.autocast(device_type, dtype=torch.bfloat16) if self.dtype == "bfloat16" else nullcontext()
+
+    @property
+    def quantize(self) -> str | None:
+        """What the fast decoder quantises its weights to (``int8``), or None."""
+        return "int8" if self.dtype == "int8" else None
 
     def generate(self, model: nn.Module, tokenizer, prompts: list[Prompt], *, n: int = 1, greedy: bool = False,
                  generator: torch.Generator | None = None) -> RolloutBatch:
-        """:func:`generate` with these settings (``greedy``: argmax, log-probs still at the temperature)."""
-        return generate(model, tokenizer, prompts, n=n, max_new_tokens=self.max_new_tokens,
-                        temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, greedy=greedy,
-                        stop_strings=self.stop_strings, chat_template=self.chat_template,
-                        system_prompt=self.system_prompt, generator=generator, fast_decode=self.fast_decode)
+        """:func:`generate` with these settings (``greedy``: argmax, log-probs still at the temperature), in the
+        sampler's precision (:meth:`precision`)."""
+        with self.precision(model_device(model).type):
+            return generate(model, tokenizer, prompts, n=n, max_new_tokens=self.max_new_tokens,
+                            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, greedy=greedy,
+                            stop_strings=self.stop_strings, chat_template=self.chat_template,
+                            system_prompt=self.system_prompt, generator=generator, fast_decode=self.fast_decode,
+                            quantize=self.quantize)

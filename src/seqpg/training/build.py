@@ -163,6 +163,12 @@ def build_components(cfg: TrainConfig, dist: DistContext) -> Components:
             torch.set_num_threads(cfg.threads)
         if cfg.bf16:
             cpu_caps.warn_if_bf16_is_slow(dist.device)
+        if cfg.sampling.dtype == "bfloat16":
+            cpu_caps.warn_if_bf16_is_slow(dist.device, "sampling.dtype=bfloat16")
+        if cfg.sampling.dtype == "int8" and torch.device(dist.device).type != "cpu":
+            raise ConfigError(f"sampling.dtype=int8 runs on the CPU only (torch's int8 dynamic products), and this "
+                              f"run trains on {dist.device} (device=auto found a GPU); use sampling.dtype=bfloat16 "
+                              "or device=cpu")
         if cfg.keep_freed_memory:
             keep_freed_memory()
         policy, tok = build_policy(cfg.model, cfg.seed, dist.device)

@@ -27,6 +27,7 @@ from .. import core
 from ..algorithms import Family, Needs, resolve_family
 from ..batch import Prompt, RolloutBatch, ScoredBatch, concat_rollouts, total_rewards
 from ..config import AlgoConfig, TrainConfig
+from ..model.policy import completion_logprobs
 from .precision import autocast
 from ..rollout.interface import Rollouts, rollouts_from_config
 from ..rollout.sampling import SampleSettings
@@ -69,6 +70,15 @@ class StepSettings:
     (:mod:`seqpg.training.dynamic`)."""
     overlong_filter: bool = False
     """Truncated completions are masked out of the loss (``algo.overlong_filter``)."""
+    sampler_correction: str = "none"
+    """The importance correction of the sampler's mismatch (``algo.sampler_correction``, resolved:
+    :func:`sampler_correction`): a name of :data:`seqpg.core.SAMPLER_CORRECTIONS`, or ``none``."""
+    sampler_is_cap: float = 2.0
+    """The correction's cap C (``algo.sampler_is_cap``)."""
+    sampler_check: bool = False
+    """The step computes pi at the sampling weights with the training forward (the old policy of the loss),
+    logs ``mismatch/*``, and weights the loss when ``sampler_correction`` is not ``none``: the sampler's
+    precision differs from the training's, or a correction was asked for."""
 
     @property
     def needs(self) -> Needs:
@@ -117,7 +127,9 @@ class StepSettings:
                    seed_per_prompt=s.seed_per_prompt, seed=cfg.seed, kl_mode=a.kl_mode_used,
                    uses_reference=a.kl_coef > 0, update=update,
                    on_scorer_error=cfg.on_scorer_error,
-                   sample_rounds=s.max_sample_rounds if s.dynamic_sampling else 1, overlong_filter=a.overlong_filter)
+                   sample_rounds=s.max_sample_rounds if s.dynamic_sampling else 1, overlong_filter=a.overlong_filter,
+                   sampler_correction=sampler_correction(cfg), sampler_is_cap=a.sampler_is_cap,
+                   sampler_check=sampler_differs(cfg) or sampler_correction(cfg) != "none")
 
     @property
     def max_completion_tokens(self) -> int:
@@ -141,6 +153,20 @@ def kl_noise_floor(cfg: TrainConfig) -> float:
     if cfg.algo.kl_noise_floor is not None:
         return cfg.algo.kl_noise_floor
     return KL_NOISE_FLOOR[bool(cfg.bf16) or cfg.model.dtype == "bfloat16"]
+
+
+def sampler_differs(cfg: TrainConfig) -> bool:
+    """Whether the sampler's precision (``sampling.dtype``) differs from the training forward's (``bf16``,
+    ``model.dtype``)."""
+    trainer = "bfloat16" if cfg.bf16 or cfg.model.dtype == "bfloat16" else "float32"
+    return cfg.sampling.dtype is not None and cfg.sampling.dtype != trainer
+
+
+def sampler_correction(cfg: TrainConfig) -> str:
+    """``algo.sampler_correction``, or when null ``tis`` for a sampler of another precision, else ``none``."""
+    if cfg.algo.sampler_correction is not None:
+        return cfg.algo.sampler_correction
+    return "tis" if sampler_differs(cfg) else "none"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +226,37 @@ def score(model, tokenizer, rollout: RolloutBatch, prompts: list[Prompt], scorer
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
+class SamplerCheck:
+    """The sampler as the trainer sees it: pi at the sampling weights in the training precision, the correction's
+    weights and the mismatch's statistics (:mod:`seqpg.core.mismatch`)."""
+
+    train_logprobs_BC: torch.Tensor  # (B, C) log pi of the sampled tokens, training forward, 0 on padding
+    weights_BC: torch.Tensor | None  # (B, C) importance weights of st.sampler_correction; None with ``none``
+    stats: core.MismatchStats  # this process's sums
+
+
+def check_sampler(policy, rollout: RolloutBatch, st: StepSettings) -> SamplerCheck:
+    """One forward of ``policy`` without gradients in the caller's (the training's) precision, in micro-batches
+    of the update's size: log pi of the sampled tokens, what the update's first forward will see; then the
+    correction's weights against the sampler's own log-probs and the mismatch statistics."""
+    B = rollout.batch_size
+    step = st.update.micro_batch_size or B
+    with torch.no_grad():
+        parts = [completion_logprobs(policy, rollout.select(torch.arange(lo, min(lo + step, B))),
+                                     temperature=st.sample.temperature).logprobs_BC.float()
+                 for lo in range(0, B, step)]
+    mask_BC = rollout.completion_mask_BC
+    train_BC = torch.cat(parts).to(mask_BC.device) * mask_BC
+    correction = None
+    if st.sampler_correction != "none":
+        correction = core.sampler_correction(st.sampler_correction, train_BC, rollout.sample_logprobs_BC, mask_BC,
+                                             cap=st.sampler_is_cap)
+    stats = core.mismatch_stats(train_BC, rollout.sample_logprobs_BC, mask_BC,
+                                truncated=None if correction is None else correction.truncated_BT)
+    return SamplerCheck(train_BC, None if correction is None else correction.weights_BT, stats)
+
+
+@dataclass
 class Judged:
     """Everything the update and the logs need from a scored rollout."""
 
@@ -212,12 +269,16 @@ class Judged:
     kl_coef: float  # the KL coefficient this step used
     in_loss_B: torch.Tensor | None = None  # (B,) bool, rows the loss sees (overlong filtering); None: all
     task_adv_abs_max: float = 0.0  # max |A| of the estimator's part (this process), before a KL penalty is added
+    sampler: SamplerCheck | None = None  # the trainer's view of the sampler (st.sampler_check), else None
 
     def train_batch(self, rollout: RolloutBatch, st: StepSettings) -> TrainBatch:
-        """What :func:`seqpg.training.update.update` trains on (reference log-probs only when KL is a loss term)."""
-        return TrainBatch(rollout, self.advantages_BC, self.returns_BC, rollout.sample_logprobs_BC,
+        """What :func:`seqpg.training.update.update` trains on (reference log-probs only when KL is a loss term;
+        the old policy is the training forward's at the sampling weights when the step computed it)."""
+        old_BC = self.sampler.train_logprobs_BC if self.sampler is not None else rollout.sample_logprobs_BC
+        weights_BC = self.sampler.weights_BC if self.sampler is not None else None
+        return TrainBatch(rollout, self.advantages_BC, self.returns_BC, old_BC,
                           self.ref_logprobs_BC if st.kl_mode == "loss" else None, self.old_values_BC,
-                          in_loss_B=self.in_loss_B)
+                          in_loss_B=self.in_loss_B, sampler_weights_BC=weights_BC)
 
     def kl_loss_coef(self, st: StepSettings) -> float:
         """The weight of the update's KL loss term (0 unless KL is a loss term with a reference)."""
@@ -225,21 +286,29 @@ class Judged:
 
 
 def judge(rollout: RolloutBatch, scored: Scored, st: StepSettings, *, kl_coef: float, reference=None, critic=None,
-          all_reduce: Callable | None = None, timer: Callable[[str], ContextManager] | None = None) -> Judged:
+          all_reduce: Callable | None = None, timer: Callable[[str], ContextManager] | None = None,
+          policy=None) -> Judged:
     """Reference and critic passes, the KL penalty (``kl_mode=reward``) and the advantages of ``rollout``.
 
     ``kl_coef`` is this step's coefficient (the KL controller's value); ``all_reduce`` sums over
     processes (group statistics and whitening see the global batch); ``timer(name)`` (optional) times
-    the ``reference`` and ``advantages`` parts.
+    the ``reference``, ``sampler_check`` and ``advantages`` parts.  With ``st.sampler_check`` the ``policy``
+    is run once more (:func:`check_sampler`), and the KL to the reference is then taken from its log-probs.
     """
     time = timer or (lambda _name: nullcontext())
     mask_BC = rollout.completion_mask_BC
+    sampler = None
+    if st.sampler_check:
+        if policy is None:
+            raise ValueError("judge: st.sampler_check needs the policy (its log-probs at the sampling weights)")
+        with time("sampler_check"):
+            sampler = check_sampler(policy, rollout, st)
     with time("reference"):
         ref_BC = reference.logprobs(rollout, temperature=st.sample.temperature) if reference is not None else None
         values_BC = critic.values_of(rollout) if critic is not None else None
     rewards = total_rewards(scored.batch)
-    kl_BC = (core.kl_estimate(st.kl_estimator, rollout.sample_logprobs_BC, ref_BC, tol=st.kl_noise_floor)
-             if ref_BC is not None else None)
+    old_BC = sampler.train_logprobs_BC if sampler is not None else rollout.sample_logprobs_BC
+    kl_BC = core.kl_estimate(st.kl_estimator, old_BC, ref_BC, tol=st.kl_noise_floor) if ref_BC is not None else None
     shaped = kl_BC is not None and st.kl_mode == "reward"
     if shaped and not st.kl_in_advantages:  # a critic learns the values of the KL-shaped return
         rewards = core.kl_penalty(rewards, kl_BC, kl_coef, mask_BC)
@@ -258,4 +327,4 @@ def judge(rollout: RolloutBatch, scored: Scored, st: StepSettings, *, kl_coef: f
     if st.overlong_filter:  # DAPO: a truncated completion's reward judges an unfinished answer; it gets no loss
         in_loss_B = rollout.finished_B.clone()
         adv_BC = adv_BC * in_loss_B[:, None]
-    return Judged(rewards, adv_BC, ret_BC, kl_BC, ref_BC, values_BC, kl_coef, in_loss_B, task_adv_abs_max)
+    return Judged(rewards, adv_BC, ret_BC, kl_BC, ref_BC, values_BC, kl_coef, in_loss_B, task_adv_abs_max, sampler)

@@ -198,7 +198,7 @@ def train_step(cfg: TrainConfig, c: Components, dist: DistContext, step: int, lo
     rollout, scored = drawn.rollout, drawn.scored
     with st.autocast(dist.device):
         judged = judge(rollout, scored, st, kl_coef=c.kl_ctl.value, reference=c.reference, critic=c.critic,
-                       all_reduce=dist.all_reduce_sum, timer=timer)
+                       all_reduce=dist.all_reduce_sum, timer=timer, policy=c.policy)
     if start is not None:
         start.updating = True
     with timer("update"):
@@ -211,6 +211,8 @@ def train_step(cfg: TrainConfig, c: Components, dist: DistContext, step: int, lo
     c.kl_ctl.update(kl_mean, rollout.batch_size * dist.world_size)
     metrics = {**_metrics(scored.batch, judged.advantages_BC, kl_mean, ustats, timer, c, dist), **dynamic_metrics}
     metrics["adv_task_abs_max"] = float(dist.all_reduce_max(torch.tensor(judged.task_adv_abs_max)))
+    if judged.sampler is not None:
+        metrics.update(_mismatch_metrics(judged.sampler.stats, dist))
     if judged.in_loss_B is not None:
         metrics["overlong_masked"] = float(dist.gather_cat((~judged.in_loss_B).float()).mean())
     log.log_metrics(step, metrics)
@@ -255,6 +257,14 @@ def _metrics(scored, adv_BC, kl_mean, ustats, timer, c: Components, dist: DistCo
     m["time/step"] = total
     m["tokens_per_s"] = float(lengths.sum()) / max(total, 1e-9)
     return m
+
+
+def _mismatch_metrics(stats: core.MismatchStats, dist: DistContext) -> dict[str, float]:
+    """``mismatch/*`` over all processes: the sums summed, the largest difference the largest."""
+    sums = dist.all_reduce_sum(torch.stack([stats.num_tokens, stats.kl_sum, stats.log_ratio_sum,
+                                            stats.truncated_sum]).double())
+    top = dist.all_reduce_max(stats.max_abs_log_ratio.double())
+    return core.MismatchStats(*sums, max_abs_log_ratio=top).means()
 
 
 def _sample_rows(scored, adv_BC, rollouts) -> list[dict]:

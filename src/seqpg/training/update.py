@@ -49,6 +49,7 @@ class TrainBatch:
     ref_logprobs_BC: torch.Tensor | None = None  # (B, C) reference-policy log-probs (KL as a loss term)
     old_values_BC: torch.Tensor | None = None  # (B, C) critic values at sampling time
     in_loss_B: torch.Tensor | None = None  # (B,) bool, False: the row is masked out of the loss (overlong filtering)
+    sampler_weights_BC: torch.Tensor | None = None  # (B, C) importance weights for the sampler (core.mismatch)
 
     @property
     def mask_BC(self) -> torch.Tensor:
@@ -60,14 +61,14 @@ class TrainBatch:
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return TrainBatch(self.rollout.select(rows), self.advantages_BC[rows], self.returns_BC[rows],
                           self.old_logprobs_BC[rows], pick(self.ref_logprobs_BC), pick(self.old_values_BC),
-                          pick(self.in_loss_B))
+                          pick(self.in_loss_B), pick(self.sampler_weights_BC))
 
     def to(self, device: torch.device) -> "TrainBatch":
         """The batch with its tensors on ``device``."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return TrainBatch(self.rollout.to(device), self.advantages_BC.to(device), self.returns_BC.to(device),
                           self.old_logprobs_BC.to(device), move(self.ref_logprobs_BC), move(self.old_values_BC),
-                          move(self.in_loss_B))
+                          move(self.in_loss_B), move(self.sampler_weights_BC))
 
 
 class NonFiniteError(RuntimeError):
@@ -275,7 +276,8 @@ def _micro_loss(policy, critic, micro: TrainBatch, s: UpdateSettings, kl_loss_co
     micro = micro.to(out.logprobs_BC.device)  # the loss terms where the log-probs are (the layout stayed on the host)
     mask = micro.mask_BC
     pg_loss, pst = core.policy_loss(s.loss, out.logprobs_BC, micro.advantages_BC, mask,
-                                    old_logprobs=micro.old_logprobs_BC, agg=s.agg, **counts, **s.loss_params)
+                                    old_logprobs=micro.old_logprobs_BC, agg=s.agg,
+                                    sampler_weights=micro.sampler_weights_BC, **counts, **s.loss_params)
     loss = pg_loss
     stats = {"pg_loss": float(pg_loss.detach()), "clip_frac": float(pst.clip_frac), "approx_kl_old": float(pst.approx_kl)}
     stats["entropy"] = float(core.masked_mean(out.entropy_BC.detach(), mask)) if bool(mask.any()) else 0.0

@@ -84,7 +84,7 @@ class SeqpgRunner:
                                          seeds=reset_seeds(st.seed, k, 0, len(prompts)), generator=self.generator)
         marks["sampled"] = now()
         scored = score(self.policy, self.tok, rollout, prompts, self.scorers, st)  # the training step's stages
-        batch = judge(rollout, scored, st, kl_coef=0.0).train_batch(rollout, st)
+        batch = judge(rollout, scored, st, kl_coef=0.0, policy=self.policy).train_batch(rollout, st)
         marks["scored"] = now()
         clock = BackwardClock()
         with clock:
