@@ -30,6 +30,8 @@ SMOKE_ARGS = {
     "sampling_profile.py": ["1", "1", "--model", "tiny", "--new-tokens", "4"],
     "gemma3_sampling_ab.py": ["1", "1", "tiny"],
     "logprob_disagreement.py": ["--tiny", "--prompts", "2", "--samples", "2", "--max-new-tokens", "4", "--threads", "1"],
+    "shared_prefix_ab.py": ["--model", "tiny", "--reps", "1", "--set", "episode.tools=[]",
+                            "episode.max_episode_tokens=512", "sampling.max_new_tokens=4"],
 }
 """Script -> the arguments of its smoke run (``{tmp}``: a fresh directory)."""
 
@@ -44,6 +46,7 @@ RESULT_LINE = {
     "sampling_profile.py": "HF generate: median",
     "gemma3_sampling_ab.py": "model forward / fast =",
     "logprob_disagreement.py": "sampler vs reference",
+    "shared_prefix_ab.py": "identical episodes: True",
 }
 """What each script prints when it ran through."""
 

@@ -1,0 +1,93 @@
+"""Sampling time of a multi-turn step with the shared first-input prefill vs each episode's first input in full, A/B.
+
+    PYTHONPATH=src taskset -c 1 python bench/shared_prefix_ab.py [--reps 5] [--threads 1]
+    (--model tiny --set episode.max_episode_tokens=2000 sampling.max_new_tokens=4 --reps 1: a smoke run)
+
+The run of examples/env_secret_code.yaml (its system message, its lookup_code tool, its secret-code
+environment; 2 prompts x 8 samples, up to 3 turns of 48 tokens) sampled by the rollout the training step
+uses.  A ("full"): every episode's first input prefilled in full, the sampler's first chunk before the shared
+prefill (``KVRows._start`` replaced by the plain chunk).  B ("shared"): as the sampler runs now, identical first
+inputs once and the step's common prefix once (seqpg.rollout.prefix).  Each repetition samples the same
+prompts with the same generator under both, in alternating order (AB, then BA), and checks that the two
+give the same episodes; then the medians of each and of the per-repetition ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from seqpg.config import load_config
+from seqpg.rollout.multiturn import KVRows
+from seqpg.rollout.prefix import prefill_tokens
+from seqpg.rollout.seeding import reset_seeds
+from seqpg.training.build import build_components
+from seqpg.training.distributed import DistContext
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_START = KVRows._start
+
+
+def full_start(self, first_ids):
+    """The first chunk as before the shared prefill: every row's first input through the model in full."""
+    return self._forward(*self._chunk(first_ids))
+
+
+def timed(c, prompts, seeds, rep: int, start) -> tuple[float, list]:
+    KVRows._start = start
+    try:
+        t0 = time.perf_counter()
+        rollout = c.settings.rollouts.sample(c.policy, c.tokenizer, prompts, n=c.settings.samples_per_prompt,
+                                             seeds=seeds, generator=torch.Generator().manual_seed(rep))
+        return time.perf_counter() - t0, rollout.episodes
+    finally:
+        KVRows._start = SHARED_START
+
+
+def same(a: list, b: list) -> bool:
+    return all(x.token_ids == y.token_ids and max((abs(p - q) for p, q in zip(x.sample_logprobs, y.sample_logprobs)),
+                                                  default=0.0) <= 1e-4 for x, y in zip(a, b))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=str(ROOT / "examples" / "env_secret_code.yaml"))
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", nargs="*", default=[], help="more key=value overrides of the configuration")
+    a = ap.parse_args()
+    cfg = load_config(a.config, [f"model.name={a.model}", f"threads={a.threads}", "tensorboard=false",
+                                 "run_dir=/tmp/seqpg-shared-prefix-ab", *a.set])
+    c = build_components(cfg, DistContext.from_env("cpu", "auto", 600))
+    print(f"model {a.model}, {torch.get_num_threads()} thread(s), {cfg.sampling.prompts_per_step} prompts x "
+          f"{cfg.sampling.samples_per_prompt} samples, config {a.config}", flush=True)
+    times = {"full": [], "shared": []}
+    starts = {"full": full_start, "shared": SHARED_START}
+    identical = True
+    for rep in range(a.reps + 1):  # repetition 0 warms up (caches, allocator) and is not counted
+        prompts = c.stream.take(cfg.sampling.prompts_per_step)
+        seeds = reset_seeds(cfg.seed, rep + 1, 0, len(prompts))
+        order = ["full", "shared"] if rep % 2 == 0 else ["shared", "full"]
+        got = {name: timed(c, prompts, seeds, rep, starts[name]) for name in order}
+        identical = identical and same(got["full"][1], got["shared"][1])
+        first = [ep.token_ids[:ep.prompt_len] for ep in got["shared"][1]]
+        distinct = list(map(list, dict.fromkeys(map(tuple, first))))
+        print(f"rep {rep}{' (warm-up)' if rep == 0 else ''}: full {got['full'][0]:.3f} s, shared "
+              f"{got['shared'][0]:.3f} s; first-input tokens {sum(map(len, first))}, prefilled with sharing "
+              f"{prefill_tokens(distinct)}", flush=True)
+        if rep > 0:
+            for name in times:
+                times[name].append(got[name][0])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = statistics.median(f / s for f, s in zip(times["full"], times["shared"]))
+    print(f"sampling s/step, median of {a.reps}: full {med['full']:.3f}, shared {med['shared']:.3f}; "
+          f"full / shared per rep, median {ratio:.3f}; identical episodes: {identical}")
+
+
+if __name__ == "__main__":
+    main()
