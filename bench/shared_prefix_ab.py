@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from seqpg.batch import RolloutBatch
 from seqpg.config import load_config
 from seqpg.rollout.multiturn import KVRows
-from seqpg.rollout.prefix import prefill_tokens
 from seqpg.rollout.seeding import reset_seeds
 from seqpg.training.build import build_components
 from seqpg.training.distributed import DistContext
@@ -34,23 +34,25 @@ SHARED_START = KVRows._start
 
 def full_start(self, first_ids):
     """The first chunk as before the shared prefill: every row's first input through the model in full."""
-    return self._forward(*self._chunk(first_ids))
+    ids_BD, real_BD, pos_BD = self._chunk(first_ids)
+    self.prefilled = int(real_BD.sum())
+    return self._forward(ids_BD, real_BD, pos_BD)
 
 
-def timed(c, prompts, seeds, rep: int, start) -> tuple[float, list]:
+def timed(c, prompts, seeds, rep: int, start) -> tuple[float, RolloutBatch]:
     KVRows._start = start
     try:
         t0 = time.perf_counter()
         rollout = c.settings.rollouts.sample(c.policy, c.tokenizer, prompts, n=c.settings.samples_per_prompt,
                                              seeds=seeds, generator=torch.Generator().manual_seed(rep))
-        return time.perf_counter() - t0, rollout.episodes
+        return time.perf_counter() - t0, rollout
     finally:
         KVRows._start = SHARED_START
 
 
-def same(a: list, b: list) -> bool:
+def same(a: RolloutBatch, b: RolloutBatch) -> bool:
     return all(x.token_ids == y.token_ids and max((abs(p - q) for p, q in zip(x.sample_logprobs, y.sample_logprobs)),
-                                                  default=0.0) <= 1e-4 for x, y in zip(a, b))
+                                                  default=0.0) <= 1e-4 for x, y in zip(a.episodes, b.episodes))
 
 
 def main() -> None:
@@ -75,11 +77,9 @@ def main() -> None:
         order = ["full", "shared"] if rep % 2 == 0 else ["shared", "full"]
         got = {name: timed(c, prompts, seeds, rep, starts[name]) for name in order}
         identical = identical and same(got["full"][1], got["shared"][1])
-        first = [ep.token_ids[:ep.prompt_len] for ep in got["shared"][1]]
-        distinct = list(map(list, dict.fromkeys(map(tuple, first))))
         print(f"rep {rep}{' (warm-up)' if rep == 0 else ''}: full {got['full'][0]:.3f} s, shared "
-              f"{got['shared'][0]:.3f} s; first-input tokens {sum(map(len, first))}, prefilled with sharing "
-              f"{prefill_tokens(distinct)}", flush=True)
+              f"{got['shared'][0]:.3f} s; first-input tokens prefilled: full {got['full'][1].prefill_tokens}, "
+              f"shared {got['shared'][1].prefill_tokens}", flush=True)
         if rep > 0:
             for name in times:
                 times[name].append(got[name][0])

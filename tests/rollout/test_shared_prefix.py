@@ -15,7 +15,7 @@ from seqpg.model.loading import TINY_SLIDING_WINDOW, build_tiny_model
 from seqpg.rollout import sampling
 from seqpg.rollout.environments import EpisodeLimits
 from seqpg.rollout.multiturn import KVRows, sample_episodes
-from seqpg.rollout.prefix import common_prefix, prefill_tokens
+from seqpg.rollout.prefix import PrefillCount, common_prefix
 from seqpg.rollout.sampling import SamplingArgs, generate, preallocated_cache
 from seqpg.rollout.tools import load_tools
 
@@ -33,7 +33,9 @@ def tiny(tokenizer, arch: str) -> torch.nn.Module:
 
 def plain_start(self, first_ids):
     """The first chunk as before the shared prefill: every row's first input through the model in full."""
-    return self._forward(*self._chunk(first_ids))
+    ids_BD, real_BD, pos_BD = self._chunk(first_ids)
+    self.prefilled = int(real_BD.sum())
+    return self._forward(ids_BD, real_BD, pos_BD)
 
 
 def trunk_calls(model) -> list[tuple[int, int]]:
@@ -43,14 +45,9 @@ def trunk_calls(model) -> list[tuple[int, int]]:
     return seen
 
 
-def test_common_prefix_and_the_tokens_prefilled():
+def test_common_prefix():
     assert common_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert common_prefix([[1, 2], [1, 2]]) == 2 and common_prefix([[1], [2]]) == 0 and common_prefix([]) == 0
-    # T = 6, L = 2: the prefix once; rows of 6 and 3 tokens take 4 and 3 columns after it (the short row's
-    # left padding of 3 pushed its prefix past column 2); one row alone shares nothing
-    assert prefill_tokens([[1, 2, 3, 4, 5, 6], [1, 2, 7]]) == 2 + 4 + 3
-    assert prefill_tokens([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7]]) == 5 + 1 + 1
-    assert prefill_tokens([[1, 2, 3]]) == 3
 
 
 def test_spread_rows_shifts_the_one_row_into_each_row():
@@ -102,18 +99,20 @@ def test_episodes_sampled_with_shared_first_inputs_equal_those_without(tiny_toke
     model = eos_prone(tiny(tiny_tokenizer, arch), tiny_tokenizer.eos_token_id)
     tools = load_tools(["tool_fixtures:add"])
 
-    def sample():
+    def sample(count):
         return sample_episodes(model, tiny_tokenizer, PROMPTS, lambda: CountdownEnv(2), n=3, limits=LIMITS,
                                sampling=SamplingArgs(temperature=1.0), tools=tools, system_prompt=SYSTEM,
-                               generator=torch.Generator().manual_seed(4))
+                               generator=torch.Generator().manual_seed(4), prefill=count)
 
-    seen = trunk_calls(model)
-    shared = sample()
+    seen, counts = trunk_calls(model), (PrefillCount(), PrefillCount())
+    shared = sample(counts[0])
     first = [ep.token_ids[:ep.prompt_len] for ep in shared[::3]]
-    L = common_prefix(first)
-    assert L > 2 * TINY_SLIDING_WINDOW and seen[:2] == [(1, L), (3, max(map(len, first)) - L)]
+    L, D = common_prefix(first), max(map(len, first))
+    assert L > 2 * TINY_SLIDING_WINDOW and seen[:2] == [(1, L), (3, D - L)]
+    assert counts[0].tokens == L + 3 * (D - L)  # the prefix once, the 3 distinct remainders' chunk
     monkeypatch.setattr(KVRows, "_start", plain_start)
-    plain = sample()
+    plain = sample(counts[1])
+    assert counts[1].tokens == 3 * sum(map(len, first))
     assert sum(len(ep.turns) for ep in plain) > len(plain)  # episodes went on after their first turn
     for a, b in zip(shared, plain):
         assert a.token_ids == b.token_ids and a.action_mask == b.action_mask
@@ -140,6 +139,11 @@ def test_completions_sampled_with_a_shared_system_prompt_equal_those_without(tin
     assert L > 2 * TINY_SLIDING_WINDOW and seen[:2] == [(1, L), (3, P - 1 - L)]
     monkeypatch.setattr(sampling, "shared_prefill", lambda *args: 0)
     plain = sample()
+    lengths_G = shared.prompt_mask_BP[::2].sum(1)
+    # each prompt once but its last column in both its rows; shared: the prefix once, the shift s_g = P - n_g of
+    # each row's first L columns padding, the rest of them taken from the prefix
+    assert plain.prefill_tokens == int(lengths_G.sum()) - 3 + 6
+    assert shared.prefill_tokens == plain.prefill_tokens - 2 * L + int((P - lengths_G).sum())
     assert torch.equal(shared.completion_ids_BC, plain.completion_ids_BC)
     assert torch.equal(shared.completion_mask_BC, plain.completion_mask_BC)
     torch.testing.assert_close(shared.sample_logprobs_BC, plain.sample_logprobs_BC, atol=1e-5, rtol=0)
@@ -157,3 +161,23 @@ def test_identical_prompts_leave_nothing_after_the_prefix(tiny_tokenizer):
     assert torch.equal(both.completion_ids_BC[1], alone.completion_ids_BC[0])
     torch.testing.assert_close(both.sample_logprobs_BC[1], alone.sample_logprobs_BC[0], atol=1e-5, rtol=0)
 
+
+
+def test_the_step_logs_the_prefill_tokens(tiny_tokenizer):
+    """``sampling/prefill_tokens``: what the sampler counted; ``sampling/prefill_shared_tokens``: the rows'
+    prompt tokens beyond it.  A batch that was not counted logs neither."""
+    from seqpg.batch import concat_rollouts
+    from seqpg.rollout.interface import Completions
+    from seqpg.rollout.sampling import SampleSettings
+
+    model = tiny(tiny_tokenizer, "llama")
+    batch = generate(model, tiny_tokenizer, PROMPTS, n=2, max_new_tokens=4, system_prompt=SYSTEM)
+    rollouts = Completions(sampling=SampleSettings(max_new_tokens=4))
+    m = rollouts.metrics(batch, lambda t: t, lambda t: t)
+    held = int(batch.prompt_mask_BP.sum())
+    assert m == {"sampling/prefill_tokens": batch.prefill_tokens,
+                 "sampling/prefill_shared_tokens": held - batch.prefill_tokens}
+    assert 0 < batch.prefill_tokens < held / 2
+    both = concat_rollouts([batch, batch], tiny_tokenizer.pad_token_id)
+    assert rollouts.metrics(both, lambda t: t, lambda t: t)["sampling/prefill_tokens"] == 2 * batch.prefill_tokens
+    assert rollouts.metrics(batch.select([0, 1]), lambda t: t, lambda t: t) == {}

@@ -41,7 +41,7 @@ from seqpg.batch import Prompt
 from seqpg.model.policy import model_device
 from seqpg.rollout.fastdecode import FastDecoder
 from seqpg.rollout.fastdecode import supports as fastdecode_supports
-from seqpg.rollout.prefix import shared_prefill
+from seqpg.rollout.prefix import PrefillCount, shared_prefill
 from seqpg.rollout.sampling import (CACHE_KWARG, SamplingArgs, choose_tokens, eos_token_ids, preallocated_cache,
                                     uses_chat_template)
 
@@ -73,6 +73,7 @@ class KVRows:
                      if fast_decode and fastdecode_supports(model) else None)
         self.attn_BW = torch.zeros((rows, 0), dtype=torch.bool, device=self.device)  # (B, W) real cache columns
         self.fed_B = torch.zeros(rows, dtype=torch.long, device=self.device)  # real tokens per row = next position
+        self.prefilled = 0  # the first inputs' tokens run through the model (shared ones once)
 
     def extend(self, new_ids: list[list[int]]) -> torch.Tensor:
         """Feed row i the tokens ``new_ids[i]`` (left-padded into one chunk). -> (B, V) logits.
@@ -109,6 +110,7 @@ class KVRows:
         L = shared_prefill(self.model.get_decoder(), ids_UD[:, :-1], real_UD[:, :-1], self.cache,
                            CACHE_KWARG) if U > 1 else 0
         self.attn_BW, self.fed_B = real_UD[:, :L], real_UD[:, :L].sum(dim=1)
+        self.prefilled = L + int(real_UD[:, L:].sum())
         logits_UV = self._forward(ids_UD[:, L:], real_UD[:, L:], pos_UD[:, L:])
         if U == len(first_ids):
             return logits_UV
@@ -175,6 +177,7 @@ def sample_episodes(
     fast_decode: bool = True,
     env_timeout_s: float = 30.0,
     on_env_error: str = "drop",
+    prefill: PrefillCount | None = None,
 ) -> list[Episode]:
     """``n`` episodes per prompt (episode ``i*n + j`` is prompt ``i``'s j-th, its environment reset
     with ``seed + i*n + j``, or with ``env_seeds[i]`` when given: one seed per prompt, so a prompt's
@@ -189,6 +192,7 @@ def sample_episodes(
     Every call into an environment runs with a time limit of ``env_timeout_s`` (:mod:`.env_adapters`);
     ``on_env_error``: ``drop`` closes an episode whose environment or chat template fails as truncated and
     goes on, ``raise`` stops with :class:`.env_errors.EpisodeFailure` (:mod:`.env_errors`).
+    ``prefill``: where to add the first inputs' tokens run through the model (:mod:`.prefix`).
     """
     if on_env_error not in ON_ENV_ERROR:
         raise ValueError(f"sample_episodes: on_env_error must be one of {ON_ENV_ERROR}, got {on_env_error!r}")
@@ -229,6 +233,8 @@ def sample_episodes(
                     running, fed = [running[k] for k in keep], [fed[k] for k in keep]
                     if running:
                         kv.keep(keep)
+            if prefill is not None:
+                prefill.tokens += kv.prefilled
     finally:
         model.train(was_training)
     for r in everyone:

@@ -24,8 +24,18 @@ to compute once (a single-turn group's prompt; the multi-turn sampler's identica
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+
+@dataclass
+class PrefillCount:
+    """The prompt tokens a sampling call ran through the model, counted by the sampler into an object the
+    caller passes in (``sample_episodes(prefill=...)``)."""
+
+    tokens: int = 0
 
 
 def common_prefix(rows: list[list[int]]) -> int:
@@ -39,16 +49,6 @@ def common_prefix(rows: list[list[int]]) -> int:
             k += 1
         L = k
     return L
-
-
-def prefill_tokens(rows: list[list[int]]) -> int:
-    """The real tokens that prefilling the left-padded ``rows`` computes with :func:`shared_prefill`: the
-    shared prefix once, then each row's tokens in the columns after it (its remainder, and the part of the
-    prefix its left padding pushed past column L)."""
-    if len(rows) < 2:
-        return sum(len(r) for r in rows)
-    T, L = max(len(r) for r in rows), common_prefix(rows)
-    return L + sum(len(r) - max(0, L - (T - len(r))) for r in rows)
 
 
 def shared_prefill(trunk: nn.Module, ids_BT: torch.Tensor, mask_BT: torch.Tensor, cache, cache_kwarg: str) -> int:

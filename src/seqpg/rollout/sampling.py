@@ -92,7 +92,7 @@ def generate(
     model.eval()
     try:
         with torch.no_grad():  # not inference_mode: under it autocast re-casts every weight at every step
-            ids_BC, mask_BC, logprobs_BC, finished_B, texts = _decode(
+            ids_BC, mask_BC, logprobs_BC, finished_B, texts, prefilled = _decode(
                 model, tokenizer, prompt_ids_GP.to(device), prompt_mask_GP.to(device), n, args, max_new_tokens,
                 tuple(stop_strings), generator, fast_decode)
     finally:
@@ -109,6 +109,7 @@ def generate(
         sample_logprobs_BC=logprobs_BC.cpu(),
         group_ids_B=torch.arange(len(prompts)).repeat_interleave(n),
         finished_B=finished_B.cpu(),
+        prefill_tokens=prefilled,
     )
 
 
@@ -175,10 +176,11 @@ def _decode(
     stop_strings: tuple[str, ...],
     generator: torch.Generator | None,
     fast_decode: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str], int]:
     """Prefill, then one token per row per step until every row stops or the budget runs out.
 
-    Returns (ids_BC, mask_BC, logprobs_BC, finished_B, completion texts), C <= max_new_tokens.
+    Returns (ids_BC, mask_BC, logprobs_BC, finished_B, completion texts, the prompt tokens run through the
+    model: the prefill's and the prompts' last column in every row), C <= max_new_tokens.
     """
     G, P = prompt_ids_GP.shape
     B = G * n
@@ -188,9 +190,11 @@ def _decode(
     eos_ids_E = torch.tensor(eos_token_ids(model, tokenizer), dtype=torch.long, device=device)  # (E,)
     positions_GP = position_ids_from_mask(prompt_mask_GP)
     cache = {CACHE_KWARG: preallocated_cache(model.config, P + max_new_tokens)}  # filled in place by each call
+    prefilled = B  # the prompts' last column, fed to every row at the first step
     if P > 1:  # columns 0 .. P-2 once per prompt (their common prefix once), trunk only; then n copies of each row
         trunk = model.get_decoder()
         shared = shared_prefill(trunk, prompt_ids_GP[:, :-1], prompt_mask_GP[:, :-1], cache[CACHE_KWARG], CACHE_KWARG)
+        prefilled += shared + int(prompt_mask_GP[:, shared:-1].sum())
         if shared < P - 1:
             trunk(input_ids=prompt_ids_GP[:, shared:-1], attention_mask=prompt_mask_GP[:, :-1].long(),
                   position_ids=positions_GP[:, shared:-1], use_cache=True, **cache)
@@ -230,7 +234,7 @@ def _decode(
             live_L, input_L1, pos_L1, attn_LW = live_L[keep_L], input_L1[keep_L], pos_L1[keep_L], attn_LW[keep_L]
             cache[CACHE_KWARG].batch_select_indices(keep_L)
     return (torch.stack(rows.ids, dim=1), torch.stack(rows.masks, dim=1), torch.stack(rows.logprobs, dim=1),
-            rows.finished_B, rows.texts())
+            rows.finished_B, rows.texts(), prefilled)
 
 
 def _keep(finished_L: torch.Tensor, steps_left: int) -> torch.Tensor | None:
