@@ -46,7 +46,7 @@ RESULT_LINE = {
     "sampling_profile.py": "HF generate: median",
     "gemma3_sampling_ab.py": "model forward / fast =",
     "logprob_disagreement.py": "sampler vs reference",
-    "shared_prefix_ab.py": "identical episodes: True",
+    "shared_prefix_ab.py": "episodes with the same tokens as shared",
 }
 """What each script prints when it ran through."""
 
