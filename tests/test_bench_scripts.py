@@ -34,6 +34,8 @@ SMOKE_ARGS = {
                       "--out", "{tmp}", "model.name=tiny", "task.eval_size=4", "sampling.max_new_tokens=4",
                       "sampling.chat_template=false", "tensorboard=false"],
     "sampler_precision_ab.py": ["1", "--model", "tiny", "--new-tokens", "4"],
+    "shared_prefix_ab.py": ["--model", "tiny", "--reps", "1", "--set", "episode.tools=[]",
+                            "episode.max_episode_tokens=512", "sampling.max_new_tokens=4"],
 }
 """Script -> the arguments of its smoke run (``{tmp}``: a fresh directory)."""
 
@@ -50,6 +52,7 @@ RESULT_LINE = {
     "logprob_disagreement.py": "sampler vs reference",
     "kl_default.py": "| arm | steps | greedy reward | sampled reward |",
     "sampler_precision_ab.py": "sampler precision A/B done",
+    "shared_prefix_ab.py": "episodes with the same tokens as shared",
 }
 """What each script prints when it ran through."""
 

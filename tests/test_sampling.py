@@ -7,6 +7,7 @@ import torch
 
 from seqpg.batch import Prompt
 from seqpg.model.policy import completion_logprobs, position_ids_from_mask
+from seqpg.rollout.prefix import common_prefix
 from seqpg.rollout.sampling import SamplingArgs, choose_tokens, encode_prompt, filter_top_k_top_p, generate
 
 PROMPTS = [Prompt("hi", "short"), Prompt("What is 12 + 7? Answer briefly.", "long")]
@@ -226,10 +227,13 @@ def test_one_token_prompt_beside_longer_ones(tiny_model_and_tokenizer):
 
 
 def test_prompts_prefilled_once_each(tiny_model_and_tokenizer):
-    """The trunk sees the G prompts once (all but their last column), then B = G * n rows per step."""
+    """The trunk sees the G prompts' common prefix once, then the G prompts once (their columns after it,
+    all but the last), then B = G * n rows per step."""
     model, tok = tiny_model_and_tokenizer
     seen = []
     model.model.embed_tokens.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape)))
     batch = generate(model, tok, PROMPTS, n=3, max_new_tokens=4, generator=seeded(0))
     P, C = batch.prompt_ids_BP.shape[1], batch.completion_ids_BC.shape[1]
-    assert seen == [(2, P - 1)] + [(6, 1)] * C
+    L = common_prefix([ids[mask].tolist() for ids, mask in zip(batch.prompt_ids_BP[::3], batch.prompt_mask_BP[::3])])
+    assert tok.decode(batch.prompt_ids_BP[-1, -P:][batch.prompt_mask_BP[-1]][:L]).endswith("<|im_start|>user\n")
+    assert seen == [(1, L), (2, P - 1 - L)] + [(6, 1)] * C

@@ -64,6 +64,7 @@ class RolloutBatch:
     env_rewards_BC: torch.Tensor | None = None  # (B, C) float32, episodes: each turn's environment reward on its last token
     turn_BC: torch.Tensor | None = None  # (B, C) long, episodes: k on model turn k's tokens, -1 on context and padding
     episodes: list[Any] | None = None  # B, episodes: each row's seqpg.rollout.episodes.Episode as sampled
+    prefill_tokens: int | None = None  # prompt tokens the sampler ran through the model (rollout.prefix); None: not counted
 
     def __post_init__(self) -> None:
         B = len(self.prompts)
@@ -133,11 +134,12 @@ class RolloutBatch:
         if all(_on(getattr(self, n), device) for n in names):
             return self
         return RolloutBatch(prompts=self.prompts, completions=self.completions, env_rewards_BC=self.env_rewards_BC,
-                            turn_BC=self.turn_BC, episodes=self.episodes,
+                            turn_BC=self.turn_BC, episodes=self.episodes, prefill_tokens=self.prefill_tokens,
                             **{n: getattr(self, n).to(device) for n in names})
 
     def select(self, rows: torch.Tensor | list[int]) -> "RolloutBatch":
-        """The sub-batch of the given rows (for micro-batches and per-process shares)."""
+        """The sub-batch of the given rows (for micro-batches and per-process shares; its ``prefill_tokens``
+        not counted)."""
         idx = torch.as_tensor(rows, dtype=torch.long)
         il = idx.tolist()
         return RolloutBatch(
@@ -171,6 +173,7 @@ def concat_rollouts(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
 
     offsets = torch.tensor([0] + [int(r.group_ids_B.max()) + 1 for r in parts[:-1]]).cumsum(0).tolist()
     episodes = [r.episodes for r in parts]
+    prefill = [r.prefill_tokens for r in parts]
     return RolloutBatch(
         prompts=[p for r in parts for p in r.prompts], completions=[t for r in parts for t in r.completions],
         prompt_ids_BP=cat("prompt_ids_BP", P, True, pad_id), prompt_mask_BP=cat("prompt_mask_BP", P, True, False),
@@ -180,7 +183,8 @@ def concat_rollouts(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         group_ids_B=torch.cat([r.group_ids_B + o for r, o in zip(parts, offsets)]),
         finished_B=torch.cat([r.finished_B for r in parts]),
         env_rewards_BC=cat("env_rewards_BC", C, False, 0.0), turn_BC=cat("turn_BC", C, False, -1),
-        episodes=None if any(e is None for e in episodes) else [ep for e in episodes for ep in e])
+        episodes=None if any(e is None for e in episodes) else [ep for e in episodes for ep in e],
+        prefill_tokens=None if None in prefill else sum(prefill))
 
 
 def _on(t: torch.Tensor, device: torch.device) -> bool:

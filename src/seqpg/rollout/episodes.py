@@ -110,7 +110,8 @@ class Episode:
             raise ValueError(f"Episode {self.prompt.id!r}: the turns do not cover exactly the action tokens")
 
 
-def episodes_to_rollout(episodes: list[Episode], pad_id: int, *, n: int) -> RolloutBatch:
+def episodes_to_rollout(episodes: list[Episode], pad_id: int, *, n: int,
+                        prefill_tokens: int | None = None) -> RolloutBatch:
     """Episodes (``n`` per prompt, prompt-major) as one :class:`~seqpg.batch.RolloutBatch` (each checked first):
 
         prompt_ids_BP        the first observation (the rendered initial prompt), left-padded
@@ -122,6 +123,7 @@ def episodes_to_rollout(episodes: list[Episode], pad_id: int, *, n: int) -> Roll
         turn_BC              k on model turn k's tokens, -1 elsewhere
         group_ids_B          episodes of the same initial prompt share an id
         episodes             the episodes themselves
+        prefill_tokens       as given: the first inputs' tokens the sampler ran through the model
     """
     if not episodes or len(episodes) % n:
         raise ValueError(f"episodes_to_rollout: {len(episodes)} episodes is not a whole number of groups of {n}")
@@ -150,4 +152,4 @@ def episodes_to_rollout(episodes: list[Episode], pad_id: int, *, n: int) -> Roll
         prompt_ids_BP=prompt_ids_BP.cpu(), prompt_mask_BP=prompt_mask_BP.cpu(), completion_ids_BC=ids_BC,
         completion_mask_BC=action_BC, sample_logprobs_BC=lp_BC,
         group_ids_B=torch.arange(B // n).repeat_interleave(n), finished_B=torch.tensor([ep.done for ep in episodes]),
-        env_rewards_BC=r_BC, turn_BC=turn_BC, episodes=list(episodes))
+        env_rewards_BC=r_BC, turn_BC=turn_BC, episodes=list(episodes), prefill_tokens=prefill_tokens)

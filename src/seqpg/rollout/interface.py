@@ -42,6 +42,7 @@ from .env_errors import check_not_all_failed
 from .environments import ENV_SCORE, EpisodeLimits, QuestionEnv, load_environment, make_environment
 from .episodes import episodes_to_rollout
 from .multiturn import sample_episodes
+from .prefix import PrefillCount
 from .sampling import SamplingArgs, SampleSettings
 from .tools import ERROR_KINDS, Tool, ToolLimits, load_tools
 
@@ -77,8 +78,14 @@ class Rollouts(ABC):
         """Refuse a sampled batch that cannot be trained on (episodes: every one failed); nothing for completions."""
 
     def metrics(self, rollout: RolloutBatch, gather_cat: Callable, all_reduce_sum: Callable) -> dict[str, float]:
-        """What a step logs about how its samples were drawn, over all processes (none for completions)."""
-        return {}
+        """What a step logs about how its samples were drawn, over all processes: the prompt tokens its
+        prefill ran through the model, and those its rows hold beyond them (shared prefixes and identical
+        prompts computed once: :mod:`.prefix`), where the sampler counted them."""
+        if rollout.prefill_tokens is None:
+            return {}
+        done, held = all_reduce_sum(torch.tensor([float(rollout.prefill_tokens),
+                                                  float(rollout.prompt_mask_BP.sum())])).tolist()
+        return {"sampling/prefill_tokens": done, "sampling/prefill_shared_tokens": held - done}
 
     def log_row(self, rollout: RolloutBatch, i: int) -> dict[str, Any]:
         """What a logged sample row holds besides prompt, completion, reward and scores (none for completions)."""
@@ -203,6 +210,7 @@ class Episodes(Rollouts):
     def sample(self, model, tokenizer, prompts, *, n, seeds, generator=None, greedy=False) -> RolloutBatch:
         s = self.sampling
         args = SamplingArgs(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, greedy=greedy)
+        prefill = PrefillCount()
         with s.precision(model_device(model).type):  # the sampler's precision, as single-turn sampling's
             episodes = sample_episodes(model, tokenizer, prompts, self.make_env, n=n, limits=self.limits,
                                        sampling=args, tools=dict(self.tools), tool_limits=self.tool_limits,
@@ -210,8 +218,8 @@ class Episodes(Rollouts):
                                        chat_template=s.chat_template, env_seeds=list(seeds), generator=generator,
                                        env_name=self.env_spec, fast_decode=s.fast_decode,
                                        env_timeout_s=self.env_timeout_s, on_env_error=self.on_env_error,
-                                       quantize=s.quantize)
-        return episodes_to_rollout(episodes, tokenizer.pad_token_id, n=n)
+                                       quantize=s.quantize, prefill=prefill)
+        return episodes_to_rollout(episodes, tokenizer.pad_token_id, n=n, prefill_tokens=prefill.tokens)
 
     def check_batch(self, rollout: RolloutBatch) -> None:
         """One bad episode never stops a run; a step where every episode failed does (one line)."""
@@ -237,7 +245,8 @@ class Episodes(Rollouts):
         return sequence_returns(scored)
 
     def metrics(self, rollout, gather_cat, all_reduce_sum) -> dict[str, float]:
-        """Turns, how episodes ended, the context's share of the span, tool calls and their errors by kind."""
+        """Turns, how episodes ended, the context's share of the span, tool calls and their errors by kind; the
+        prefill's tokens."""
         eps = rollout.episodes
         turns_B = torch.tensor([float(len(ep.turns)) for ep in eps])
         done_B = torch.tensor([float(ep.done) for ep in eps])
@@ -251,7 +260,7 @@ class Episodes(Rollouts):
         m.update({f"episode/tool_errors/{k}": float(v) for k, v in zip(ERROR_KINDS, counts.tolist())})
         m["episode/env_errors"] = float(all_reduce_sum(torch.tensor(float(sum(ep.env_error is not None
                                                                               for ep in eps)))))
-        return m
+        return {**m, **super().metrics(rollout, gather_cat, all_reduce_sum)}
 
     def log_row(self, rollout, i) -> dict[str, Any]:
         """Every model turn, what answered it, and the environment's reward for it."""

@@ -10,6 +10,9 @@ Each turn has two phases, both batched over the episodes still running:
    per row per step against the cache, like :mod:`seqpg.rollout.sampling`, until every row has ended its
    turn (EOS, a stop string, or its token allowance).  Rows that ended early get padding
    columns, masked out.  Nothing is ever re-encoded: the cache only grows by the new tokens.
+   The first inputs are computed once each where episodes share them: identical ones (a group's,
+   when its environment's first observation does not depend on the seed) once, and the distinct
+   ones' common prefix (the system message, the tool schema) once for the step (:mod:`.prefix`).
 2. **Environment**: each turn's text goes to the tool parser (when tools are configured and the
    turn calls one: the tools run, all episodes' calls together, and their results are the
    observation) or else to the environment's ``step``.  The observation is rendered as a token
@@ -36,6 +39,7 @@ from torch import nn
 
 from seqpg.batch import Prompt
 from seqpg.model.policy import model_device
+from seqpg.rollout.prefix import PrefillCount, shared_prefill
 from seqpg.rollout.sampling import (CACHE_KWARG, SamplingArgs, choose_tokens, decoder, eos_token_ids,
                                     preallocated_cache, uses_chat_template)
 
@@ -66,11 +70,21 @@ class KVRows:
         self.fast = decoder(model, self.cache, rows, fast_decode, quantize, graph=False)
         self.attn_BW = torch.zeros((rows, 0), dtype=torch.bool, device=self.device)  # (B, W) real cache columns
         self.fed_B = torch.zeros(rows, dtype=torch.long, device=self.device)  # real tokens per row = next position
+        self.prefilled = 0  # the first inputs' tokens run through the model (shared ones once)
 
     def extend(self, new_ids: list[list[int]]) -> torch.Tensor:
-        """Feed row i the tokens ``new_ids[i]`` (left-padded into one chunk). -> (B, V) logits."""
+        """Feed row i the tokens ``new_ids[i]`` (left-padded into one chunk). -> (B, V) logits.
+
+        Into an empty cache (the first inputs), identical rows are computed once and copied, and the
+        distinct rows' common prefix (a system message, a tool schema) once for all (:mod:`.prefix`)."""
         if len(new_ids) != self.attn_BW.shape[0] or any(len(ids) == 0 for ids in new_ids):
             raise ValueError("KVRows.extend: one non-empty token list per row")
+        if self.attn_BW.shape[1] == 0:
+            return self._start(new_ids)
+        return self._forward(*self._chunk(new_ids))
+
+    def _chunk(self, new_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids_BD, real_BD, pos_BD): the rows' new tokens left-padded into one chunk, positions after ``fed_B``."""
         D = max(len(ids) for ids in new_ids)
         ids_BD = torch.full((len(new_ids), D), self.pad_id, dtype=torch.long)
         real_BD = torch.zeros((len(new_ids), D), dtype=torch.bool)
@@ -79,7 +93,26 @@ class KVRows:
             real_BD[i, D - len(ids):] = True
         ids_BD, real_BD = ids_BD.to(self.device), real_BD.to(self.device)
         pos_BD = (self.fed_B[:, None] + real_BD.long().cumsum(dim=1) - 1).clamp(min=0) * real_BD
-        return self._forward(ids_BD, real_BD, pos_BD)
+        return ids_BD, real_BD, pos_BD
+
+    def _start(self, first_ids: list[list[int]]) -> torch.Tensor:
+        """The first chunk, into the empty cache: the U distinct rows, their first L columns by
+        :func:`.prefix.shared_prefill`, the rest by the model; then each row takes its distinct row's cache."""
+        distinct = list(dict.fromkeys(map(tuple, first_ids)))
+        where = {ids: u for u, ids in enumerate(distinct)}
+        row_of_B = [where[tuple(ids)] for ids in first_ids]
+        U = len(distinct)
+        self.attn_BW, self.fed_B = self.attn_BW[:U], self.fed_B[:U]
+        ids_UD, real_UD, pos_UD = self._chunk([list(ids) for ids in distinct])
+        L = shared_prefill(self.model.get_decoder(), ids_UD[:, :-1], real_UD[:, :-1], self.cache,
+                           CACHE_KWARG) if U > 1 else 0
+        self.attn_BW, self.fed_B = real_UD[:, :L], real_UD[:, :L].sum(dim=1)
+        self.prefilled = L + int(real_UD[:, L:].sum())
+        logits_UV = self._forward(ids_UD[:, L:], real_UD[:, L:], pos_UD[:, L:])
+        if U == len(first_ids):
+            return logits_UV
+        self.keep(row_of_B)
+        return logits_UV[torch.tensor(row_of_B, device=logits_UV.device)]
 
     def step(self, token_B: torch.Tensor, writing_B: torch.Tensor) -> torch.Tensor:
         """Feed ``token_B`` to the rows where ``writing_B``; the others get a masked column. -> (B, V)."""
@@ -142,6 +175,7 @@ def sample_episodes(
     env_timeout_s: float = 30.0,
     on_env_error: str = "drop",
     quantize: str | None = None,
+    prefill: PrefillCount | None = None,
 ) -> list[Episode]:
     """``n`` episodes per prompt (episode ``i*n + j`` is prompt ``i``'s j-th, its environment reset
     with ``seed + i*n + j``, or with ``env_seeds[i]`` when given: one seed per prompt, so a prompt's
@@ -157,6 +191,7 @@ def sample_episodes(
     Every call into an environment runs with a time limit of ``env_timeout_s`` (:mod:`.env_adapters`);
     ``on_env_error``: ``drop`` closes an episode whose environment or chat template fails as truncated and
     goes on, ``raise`` stops with :class:`.env_errors.EpisodeFailure` (:mod:`.env_errors`).
+    ``prefill``: where to add the first inputs' tokens run through the model (:mod:`.prefix`).
     """
     if on_env_error not in ON_ENV_ERROR:
         raise ValueError(f"sample_episodes: on_env_error must be one of {ON_ENV_ERROR}, got {on_env_error!r}")
@@ -197,6 +232,8 @@ def sample_episodes(
                     running, fed = [running[k] for k in keep], [fed[k] for k in keep]
                     if running:
                         kv.keep(keep)
+            if prefill is not None:
+                prefill.tokens += kv.prefilled
     finally:
         model.train(was_training)
     for r in everyone:

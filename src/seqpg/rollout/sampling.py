@@ -2,7 +2,8 @@
 
 Each prompt is tokenised once (chat template with the assistant generation prompt) and the
 rows are left-padded to P.  The prompts' first P - 1 columns are prefilled once per prompt
-(the decoder trunk only: no logits are needed there), the cache is then repeated for the ``n``
+(the decoder trunk only: no logits are needed there; the prompts' common prefix, a system
+message, once for all of them: :mod:`seqpg.rollout.prefix`), the cache is then repeated for the ``n``
 samples of each prompt, and decoding starts by feeding every row its prompt's last column.
 Each step runs one token per row against the KV cache (preallocated for P + max_new_tokens
 positions and written in place) and calls the LM head on (B, 1) hidden states only.  Position
@@ -39,6 +40,7 @@ from torch import nn
 from seqpg.batch import Prompt, RolloutBatch
 from seqpg.rollout.fastdecode import FastDecoder
 from seqpg.rollout.fastdecode import supports as fastdecode_supports
+from seqpg.rollout.prefix import shared_prefill
 from seqpg.model.policy import model_device, position_ids_from_mask
 
 
@@ -94,7 +96,7 @@ def generate(
     model.eval()
     try:
         with torch.no_grad():  # not inference_mode: under it autocast re-casts every weight at every step
-            ids_BC, mask_BC, logprobs_BC, finished_B, texts = _decode(
+            ids_BC, mask_BC, logprobs_BC, finished_B, texts, prefilled = _decode(
                 model, tokenizer, prompt_ids_GP.to(device), prompt_mask_GP.to(device), n, args, max_new_tokens,
                 tuple(stop_strings), generator, fast_decode, quantize)
     finally:
@@ -111,6 +113,7 @@ def generate(
         sample_logprobs_BC=logprobs_BC.cpu(),
         group_ids_B=torch.arange(len(prompts)).repeat_interleave(n),
         finished_B=finished_B.cpu(),
+        prefill_tokens=prefilled,
     )
 
 
@@ -178,10 +181,11 @@ def _decode(
     generator: torch.Generator | None,
     fast_decode: bool = True,
     quantize: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str], int]:
     """Prefill, then one token per row per step until every row stops or the budget runs out.
 
-    Returns (ids_BC, mask_BC, logprobs_BC, finished_B, completion texts), C <= max_new_tokens.
+    Returns (ids_BC, mask_BC, logprobs_BC, finished_B, completion texts, the prompt tokens run through the
+    model: the prefill's and the prompts' last column in every row), C <= max_new_tokens.
     """
     G, P = prompt_ids_GP.shape
     B = G * n
@@ -191,9 +195,14 @@ def _decode(
     eos_ids_E = torch.tensor(eos_token_ids(model, tokenizer), dtype=torch.long, device=device)  # (E,)
     positions_GP = position_ids_from_mask(prompt_mask_GP)
     cache = {CACHE_KWARG: preallocated_cache(model.config, P + max_new_tokens)}  # filled in place by each call
-    if P > 1:  # columns 0 .. P-2 once per prompt, trunk only; then n copies of each row's cache
-        model.get_decoder()(input_ids=prompt_ids_GP[:, :-1], attention_mask=prompt_mask_GP[:, :-1].long(),
-                            position_ids=positions_GP[:, :-1], use_cache=True, **cache)
+    prefilled = B  # the prompts' last column, fed to every row at the first step
+    if P > 1:  # columns 0 .. P-2 once per prompt (their common prefix once), trunk only; then n copies of each row
+        trunk = model.get_decoder()
+        shared = shared_prefill(trunk, prompt_ids_GP[:, :-1], prompt_mask_GP[:, :-1], cache[CACHE_KWARG], CACHE_KWARG)
+        prefilled += shared + int(prompt_mask_GP[:, shared:-1].sum())
+        if shared < P - 1:
+            trunk(input_ids=prompt_ids_GP[:, shared:-1], attention_mask=prompt_mask_GP[:, :-1].long(),
+                  position_ids=positions_GP[:, shared:-1], use_cache=True, **cache)
         cache[CACHE_KWARG].batch_repeat_interleave(n)
     attn_LW = torch.zeros((B, P + max_new_tokens), dtype=torch.bool, device=device)  # column P+t set when token t goes in
     attn_LW[:, :P] = prompt_mask_GP.repeat_interleave(n, dim=0)
@@ -230,7 +239,7 @@ def _decode(
             live_L, input_L1, pos_L1, attn_LW = live_L[keep_L], input_L1[keep_L], pos_L1[keep_L], attn_LW[keep_L]
             cache[CACHE_KWARG].batch_select_indices(keep_L)
     return (torch.stack(rows.ids, dim=1), torch.stack(rows.masks, dim=1), torch.stack(rows.logprobs, dim=1),
-            rows.finished_B, rows.texts())
+            rows.finished_B, rows.texts(), prefilled)
 
 
 def decoder(model: nn.Module, cache, rows: int, fast_decode: bool, quantize: str | None,
@@ -314,6 +323,28 @@ class _PreallocatedLayer(transformers.cache_utils.DynamicLayer):
         if self.is_initialized:
             self._keys, self._values = self._keys.index_select(0, indices), self._values.index_select(0, indices)
             self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+
+    def spread_rows(self, shift_B: torch.Tensor) -> None:
+        """The one row held becomes B rows, row b's filled columns shifted right by ``shift_B[b]`` (B,):
+        column c of row b holds the row's column c - shift_B[b], zero where that is below 0; the length stays
+        (:mod:`seqpg.rollout.prefix`)."""
+        if not self.is_initialized:
+            return
+        if self._keys.shape[0] != 1:
+            raise ValueError(f"spread_rows: the cache holds {self._keys.shape[0]} rows, expected 1")
+        src_BL = torch.arange(self.length, device=self._keys.device)[None] - shift_B.to(self._keys.device)[:, None]
+        real_BL = src_BL >= 0
+        idx_N = src_BL.clamp(min=0).reshape(-1)
+
+        def spread(buf_1HCD: torch.Tensor) -> torch.Tensor:
+            B, L = real_BL.shape
+            out = buf_1HCD.new_zeros((B,) + buf_1HCD.shape[1:])
+            rows_HBLD = buf_1HCD[0].index_select(1, idx_N).view(buf_1HCD.shape[1], B, L, -1)
+            out[:, :, :L] = rows_HBLD.transpose(0, 1) * real_BL[:, None, :, None]
+            return out
+
+        self._keys, self._values = spread(self._keys), spread(self._values)
+        self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
 
     def get_seq_length(self) -> int:
         return self.length
