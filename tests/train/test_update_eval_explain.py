@@ -113,6 +113,19 @@ def test_evaluate_reports_reward_accuracy_standard_errors_and_pass_at_k():
     assert "sampled_completions" not in res.as_dict()
 
 
+def test_evaluate_measures_the_model_in_its_own_precision_not_the_runs_sampler():
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(len(tok), seed=0)
+    prompts = [Prompt(w, w, {"answer": "x"}) for w in ("cat", "dog", "sun")]
+    scorers = [(make_scorer("contains", name="has_x", column="answer"), 1.0)]
+    exact = Completions(SampleSettings(max_new_tokens=8, chat_template=False))
+    int8 = Completions(SampleSettings(max_new_tokens=8, chat_template=False, dtype="int8"))
+    a = evaluate(model, tok, prompts, scorers, rollouts=exact, samples=2)
+    b = evaluate(model, tok, prompts, scorers, rollouts=int8, samples=2)
+    assert a.completions == b.completions and a.sampled_completions == b.sampled_completions
+    assert int8.at_model_precision() == exact and int8.sampling.dtype == "int8"  # the run's own is unchanged
+
+
 def test_evaluate_samples_without_pass_at_k():
     tok = build_tiny_tokenizer()
     model = build_tiny_model(len(tok), seed=0)

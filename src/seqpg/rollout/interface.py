@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
@@ -59,6 +59,11 @@ class Rollouts(ABC):
     @abstractmethod
     def max_completion_tokens(self) -> int:
         """The most completion columns a row can have (the Dr. GRPO loss's constant normaliser)."""
+
+    def at_model_precision(self) -> "Rollouts":
+        """These rollouts with the sampler in the model's own precision (``sampling.dtype`` null): what an
+        evaluation measures, the policy as trained and exported, not its lower-precision sampler."""
+        return replace(self, sampling=replace(self.sampling, dtype=None))
 
     @abstractmethod
     def sample(self, model, tokenizer, prompts: list[Prompt], *, n: int, seeds: Sequence[int],

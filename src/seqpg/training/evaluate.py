@@ -82,12 +82,14 @@ def evaluate(model, tokenizer, prompts: list[Prompt], scorers, *, rollouts: Roll
     """Evaluate ``model`` on ``prompts`` with ``scorers`` (a list of (Scorer, weight)).
 
     Greedy samples of the run's ``rollouts`` (completions or episodes, with its budget, chat template,
-    system prompt, stop strings); ``samples`` > 0 adds that many samples per prompt drawn with all of its
+    system prompt, stop strings), in the model's own precision (a run's ``sampling.dtype`` is the training
+    sampler's, not the policy's); ``samples`` > 0 adds that many samples per prompt drawn with all of its
     settings (temperature, top-p, top-k): their mean reward and collapse figures; ``ks`` (e.g. (1, 4)) adds
     pass@k from them (``samples`` default max(ks)).  Correctness comes from the scorers that define it. ``on_error``: what a scorer that raises does, as in ``score_batch``.
     """
     if not prompts:
         raise ValueError("evaluate: no prompts given")
+    rollouts = rollouts.at_model_precision()  # the policy itself, whatever precision the run samples in
     t0 = time.monotonic()
     was_training = model.training
     model.eval()
