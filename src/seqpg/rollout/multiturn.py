@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from seqpg.batch import Prompt
+from seqpg.model.attention_masks import MASKABLE_ATTENTION, attention_implementation, layer_masks, sliding_window
 from seqpg.model.policy import model_device
 from seqpg.rollout.prefix import PrefillCount, shared_prefill
 from seqpg.rollout.sampling import (CACHE_KWARG, SamplingArgs, choose_tokens, decoder, eos_token_ids,
@@ -71,6 +72,8 @@ class KVRows:
         self.attn_BW = torch.zeros((rows, 0), dtype=torch.bool, device=self.device)  # (B, W) real cache columns
         self.fed_B = torch.zeros(rows, dtype=torch.long, device=self.device)  # real tokens per row = next position
         self.prefilled = 0  # the first inputs' tokens run through the model (shared ones once)
+        self.windowed = sliding_window(model) is not None and attention_implementation(model) in MASKABLE_ATTENTION
+        self.dtype = next(model.parameters()).dtype
 
     def extend(self, new_ids: list[list[int]]) -> torch.Tensor:
         """Feed row i the tokens ``new_ids[i]`` (left-padded into one chunk). -> (B, V) logits.
@@ -134,10 +137,23 @@ class KVRows:
 
     def _forward(self, ids_BD: torch.Tensor, real_BD: torch.Tensor, pos_BD: torch.Tensor) -> torch.Tensor:
         self.attn_BW = torch.cat([self.attn_BW, real_BD], dim=1)
-        out = self.model(input_ids=ids_BD, attention_mask=self.attn_BW.long(), position_ids=pos_BD, use_cache=True,
+        out = self.model(input_ids=ids_BD, attention_mask=self._mask(pos_BD), position_ids=pos_BD, use_cache=True,
                          logits_to_keep=1, **{CACHE_KWARG: self.cache})
         self.fed_B = self.fed_B + real_BD.sum(dim=1)
         return out.logits[:, -1]
+
+    def _mask(self, pos_BD: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The attention mask of a chunk of D columns, the last D of ``attn_BW`` (B, W): that 2-D mask, which
+        the model makes causal; or, for a model with sliding-window layers, one 4-D mask per layer type with
+        the window counted in positions (:mod:`seqpg.model.attention_masks`).  The model's own masks count
+        it in columns, and a row's cache has masked columns inside it (idle decode steps, chunk padding)."""
+        if not self.windowed:
+            return self.attn_BW.long()
+        W, D = self.attn_BW.shape[1], pos_BD.shape[1]
+        allowed_BDW = torch.ones((D, W), dtype=torch.bool, device=self.device).tril(diagonal=W - D) & self.attn_BW[:, None]
+        allowed_BDW[:, :, W - D:] |= torch.eye(D, dtype=torch.bool, device=self.device)  # padding queries stay finite
+        pos_BW = (self.attn_BW.long().cumsum(dim=1) - 1).clamp(min=0)  # a real column's position
+        return layer_masks(self.model, allowed_BDW, pos_BD, pos_BW, self.dtype)
 
 
 @dataclass
