@@ -15,6 +15,8 @@ from seqpg.rollout.environments import EpisodeLimits
 from seqpg.model.policy import completion_logprobs
 from seqpg.rollout.env_errors import EpisodeFailure
 from seqpg.rollout.episodes import episodes_to_rollout
+from seqpg.model.loading import TINY_SLIDING_WINDOW, build_tiny_model
+from seqpg.rollout.fastdecode import supports
 from seqpg.rollout.multiturn import KVRows, sample_episodes
 from seqpg.rollout.tools import ToolStats, load_tools
 from seqpg.rollout.sampling import SamplingArgs
@@ -105,6 +107,61 @@ def test_sampler_logprobs_equal_trainer_logprobs(tiny_model_and_tokenizer, tempe
         assert "<|im_start|>user\ntry again 1<|im_end|>\n<|im_start|>user" not in text
         assert "<|im_start|>user\ntry again 2<|im_end|>\n<|im_start|>assistant\n" in text
         assert batch.group_ids_B[i] == i // 3
+
+
+def gemma3(tok, implementation="sdpa"):
+    """The tiny Gemma 3: 3 layers, two of them over a sliding window of TINY_SLIDING_WINDOW positions."""
+    model = build_tiny_model(len(tok), arch="gemma3", num_layers=3)
+    model.config._attn_implementation = implementation
+    return model
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_gemma3_kv_extension_counts_the_window_in_positions(tiny_tokenizer, fast, implementation):
+    """Rows of 12 and 5 tokens, 6 decode steps with row 1 idle for 5 of them, then deltas of 3 and 10
+    tokens (left padding inside the chunk): every row's cache has masked columns inside it, which a
+    window counted in columns would count; the logits equal a fresh forward over each row's real tokens."""
+    model = gemma3(tiny_tokenizer, implementation)
+    g = torch.Generator().manual_seed(0)
+    hist = [torch.randint(4, 100, (n,), generator=g).tolist() for n in (12, 5)]
+    kv = KVRows(model, 2, tiny_tokenizer.pad_token_id, capacity=64, fast_decode=fast)
+    assert (kv.fast is not None) == fast and kv.windowed
+    with torch.no_grad():
+        kv.extend(hist)
+        for s in range(6):
+            writing, token = [True, s == 0], torch.randint(4, 100, (2,), generator=g)
+            kv.step(token, torch.tensor(writing))
+            hist = [h + [int(t)] if w else h for h, t, w in zip(hist, token, writing)]
+        deltas = [torch.randint(4, 100, (n,), generator=g).tolist() for n in (3, 10)]
+        logits = kv.extend(deltas)
+    for i in range(2):
+        hist[i] += deltas[i]
+        assert len(hist[i]) > TINY_SLIDING_WINDOW
+        torch.testing.assert_close(logits[i], full_logits(model, hist[i])[-1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hooked", [True, False])
+def test_gemma3_sampler_logprobs_equal_trainer_logprobs_past_the_window(tiny_tokenizer, hooked):
+    """Whole episodes on the tiny Gemma 3, far past its window, with idle rows (turns of varied lengths)
+    and padded deltas in the cache.  ``hooked``: turns end on an EOS made likely by a hook on the LM head,
+    so every step runs through the model's forward; else on stop strings, the steps through the fast decoder."""
+    tok = tiny_tokenizer
+    model = gemma3(tok)
+    if hooked:
+        eos_prone(model, tok.eos_token_id)
+    assert supports(model) != hooked
+    eps = sample_episodes(model, tok, PROMPTS, lambda: CountdownEnv(3), n=3, limits=LIMITS,
+                          sampling=SamplingArgs(temperature=1.0), generator=seeded(0),
+                          stop_strings=() if hooked else ("e", "a", "o", "t"))
+    batch = episodes_to_rollout(eps, tok.pad_token_id, n=3)
+    assert min(len(ep.token_ids) - ep.prompt_len for ep in eps) > 4 * TINY_SLIDING_WINDOW
+    assert all(len(ep.turns) == 3 and ep.done for ep in eps)
+    assert len({t.end - t.start for ep in eps for t in ep.turns}) > 2
+    with torch.no_grad():
+        lp_BC = completion_logprobs(model, batch, temperature=1.0).logprobs_BC
+    act = batch.completion_mask_BC
+    torch.testing.assert_close(lp_BC[act], batch.sample_logprobs_BC[act], atol=1e-5, rtol=0)
 
 
 def test_batched_episodes_equal_each_alone(tiny_model_and_tokenizer):
