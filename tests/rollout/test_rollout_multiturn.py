@@ -118,17 +118,22 @@ def gemma3(tok, implementation="sdpa"):
 
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-def test_gemma3_kv_extension_counts_the_window_in_positions(tiny_tokenizer, fast, implementation):
+@pytest.mark.parametrize("lengths, shared", [((12, 5), 0), ((12, 10), 9)])
+def test_gemma3_kv_extension_counts_the_window_in_positions(tiny_tokenizer, fast, implementation, lengths, shared):
     """Rows of 12 and 5 tokens, 6 decode steps with row 1 idle for 5 of them, then deltas of 3 and 10
     tokens (left padding inside the chunk): every row's cache has masked columns inside it, which a
-    window counted in columns would count; the logits equal a fresh forward over each row's real tokens."""
+    window counted in columns would count; the logits equal a fresh forward over each row's real tokens.
+    ``shared``: the rows begin with that many equal tokens (more than the window), prefilled once
+    (:mod:`seqpg.rollout.prefix`)."""
     model = gemma3(tiny_tokenizer, implementation)
     g = torch.Generator().manual_seed(0)
-    hist = [torch.randint(4, 100, (n,), generator=g).tolist() for n in (12, 5)]
+    hist = [torch.randint(4, 100, (n,), generator=g).tolist() for n in lengths]
+    hist[1][:shared] = hist[0][:shared]
     kv = KVRows(model, 2, tiny_tokenizer.pad_token_id, capacity=64, fast_decode=fast)
     assert (kv.fast is not None) == fast and kv.windowed
     with torch.no_grad():
         kv.extend(hist)
+        assert (kv.prefilled < sum(lengths)) == (shared > 0)
         for s in range(6):
             writing, token = [True, s == 0], torch.randint(4, 100, (2,), generator=g)
             kv.step(token, torch.tensor(writing))
