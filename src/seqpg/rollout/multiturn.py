@@ -150,7 +150,8 @@ class KVRows:
         if not self.windowed:
             return self.attn_BW.long()
         W, D = self.attn_BW.shape[1], pos_BD.shape[1]
-        allowed_BDW = torch.ones((D, W), dtype=torch.bool, device=self.device).tril(diagonal=W - D) & self.attn_BW[:, None]
+        causal_DW = torch.ones((D, W), dtype=torch.bool, device=self.device).tril(diagonal=W - D)
+        allowed_BDW = causal_DW & self.attn_BW[:, None]  # (B, D, W)
         allowed_BDW[:, :, W - D:] |= torch.eye(D, dtype=torch.bool, device=self.device)  # padding queries stay finite
         pos_BW = (self.attn_BW.long().cumsum(dim=1) - 1).clamp(min=0)  # a real column's position
         return layer_masks(self.model, allowed_BDW, pos_BD, pos_BW, self.dtype)
@@ -176,6 +177,8 @@ def sample_episodes(
     *,
     n: int = 1,
     limits: EpisodeLimits,
+    env_timeout_s: float,
+    on_env_error: str,
     sampling: SamplingArgs = SamplingArgs(),
     tools: dict[str, Tool] | None = None,
     tool_limits: ToolLimits = ToolLimits(),
@@ -188,8 +191,6 @@ def sample_episodes(
     env_name: str = "",
     env_seeds: Sequence[int] | None = None,
     fast_decode: bool = True,
-    env_timeout_s: float = 30.0,
-    on_env_error: str = "drop",
     quantize: str | None = None,
     prefill: PrefillCount | None = None,
 ) -> list[Episode]:
@@ -206,7 +207,8 @@ def sample_episodes(
     ``quantize="int8"``: on int8 weights there (the environment's tokens are fed in the model's precision).
     Every call into an environment runs with a time limit of ``env_timeout_s`` (:mod:`.env_adapters`);
     ``on_env_error``: ``drop`` closes an episode whose environment or chat template fails as truncated and
-    goes on, ``raise`` stops with :class:`.env_errors.EpisodeFailure` (:mod:`.env_errors`).
+    goes on, ``raise`` stops with :class:`.env_errors.EpisodeFailure` (:mod:`.env_errors`).  Both have no
+    default here: the config's (``episode.env_timeout_s``, ``episode.on_env_error``) is the one.
     ``prefill``: where to add the first inputs' tokens run through the model (:mod:`.prefix`).
     """
     if on_env_error not in ON_ENV_ERROR:
