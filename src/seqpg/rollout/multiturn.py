@@ -4,11 +4,12 @@ Each turn has two phases, both batched over the episodes still running:
 
 1. **Model**: every episode's new context tokens (the first observation at turn 0; later its
    last turn's final token and the environment's delta) are fed as ONE (B, D) chunk with the KV
-   cache of everything before, rows left-padded inside the chunk (padding masked out, positions
-   counting each row's real tokens only, so a row computes exactly what it would alone).  The
-   logits of the chunk's last column give each row's first token; decoding then runs one token
-   per row per step against the cache, like :mod:`seqpg.rollout.sampling`, until every row has ended its
-   turn (EOS, a stop string, or its token allowance).  Rows that ended early get padding
+   cache of everything before, rows left-padded inside the chunk (padding masked out; positions,
+   and a sliding window's width (Gemma 3's), counting each row's real tokens only, so a row computes
+   exactly what it would alone).  The logits of the chunk's last column give each row's first
+   token; decoding then runs one token per row per step against the cache, like
+   :mod:`seqpg.rollout.sampling`, until every row has ended its turn (EOS, a stop string, or its
+   token allowance).  Rows that ended early get padding
    columns, masked out.  Nothing is ever re-encoded: the cache only grows by the new tokens.
    The first inputs are computed once each where episodes share them: identical ones (a group's,
    when its environment's first observation does not depend on the seed) once, and the distinct
