@@ -9,7 +9,7 @@ from faultkit import overrides
 
 from seqpg.apps.cli import report_failure
 from seqpg.batch import Prompt
-from seqpg.config import ConfigError, load_config
+from seqpg.config import ConfigError, EpisodeConfig, load_config
 from seqpg.model.loading import build_tiny_tokenizer
 from seqpg.rollout.env_errors import EpisodeFailure
 from seqpg.rollout.environments import EpisodeLimits
@@ -40,7 +40,7 @@ def test_a_failing_episode_is_closed_and_the_others_go_on(tiny_model_and_tokeniz
     monkeypatch.setattr(env_errors, "_reported", set())
     model, tok = tiny_model_and_tokenizer
     eps = sample_episodes(model, tok, PROMPTS, lambda: Flaky(mode, "cat"), n=2, limits=LIMITS, env_name="Flaky",
-                          env_timeout_s=0.3)
+                          env_timeout_s=0.3, on_env_error="drop")
     bad, good = eps[:2], eps[2:]
     for ep in good:
         assert ep.env_error is None and ep.done and [t.reward for t in ep.turns] == [0.5, 0.5, 0.5]
@@ -59,7 +59,7 @@ def test_raise_stops_at_the_first_failure_naming_environment_prompt_and_turn(tin
     with pytest.raises(EpisodeFailure, match="environment Flaky failed at turn 1 of an episode of prompt 'p-cat': "
                                              "ValueError: step failed on turn 2"):
         sample_episodes(model, tok, PROMPTS, lambda: Flaky("step_raises", "cat"), limits=LIMITS, env_name="Flaky",
-                        on_env_error="raise")
+                        env_timeout_s=EpisodeConfig().env_timeout_s, on_env_error="raise")
 
 
 def test_a_template_rejecting_the_message_order_closes_the_episode(tiny_model_and_tokenizer):
@@ -68,7 +68,8 @@ def test_a_template_rejecting_the_message_order_closes_the_episode(tiny_model_an
                          "{{ raise_exception('roles must alternate user/assistant once') }}{% endif %}"
                          "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    eps = sample_episodes(model, tok, PROMPTS, lambda: Flaky("step_raises", "none"), limits=LIMITS, env_name="F")
+    eps = sample_episodes(model, tok, PROMPTS, lambda: Flaky("step_raises", "none"), limits=LIMITS, env_name="F",
+                          env_timeout_s=EpisodeConfig().env_timeout_s, on_env_error="drop")
     assert all(ep.truncated and len(ep.turns) == 1 and "roles must alternate" in ep.env_error for ep in eps)
     assert all(ep.turns[0].reward == 0 for ep in eps)
 

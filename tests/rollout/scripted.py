@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from seqpg.config import EpisodeConfig
+
+ENV_CALLS = dict(env_timeout_s=EpisodeConfig().env_timeout_s, on_env_error=EpisodeConfig().on_env_error)
+"""``sample_episodes``' settings of the calls into environments, the config's defaults."""
+
 
 class CountdownEnv:
     """Says "try again k" after each turn; done after ``turns`` turns; reward k on turn k."""

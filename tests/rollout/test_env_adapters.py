@@ -20,7 +20,7 @@ from seqpg.rollout.sampling import SamplingArgs
 from seqpg.rollout.tools import load_tools
 
 sys.path.insert(0, os.path.dirname(__file__))
-from scripted import ScriptedModel  # noqa: E402
+from scripted import ENV_CALLS, ScriptedModel  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LIMITS = EpisodeLimits(max_turns=4, max_new_tokens=200, max_tokens=4000)
@@ -70,7 +70,7 @@ class NotebookEnv:
 def run(model, tok, env_cls, scripts, prompt=Prompt("q", "q"), tools=None, **kw):
     tools = tools if tools is not None else method_tools(env_cls(), spec="t")
     (ep,) = sample_episodes(ScriptedModel(model, tok, scripts), tok, [prompt], env_cls, tools=tools, limits=LIMITS,
-                            sampling=SamplingArgs(greedy=True), env_name="t", **kw)
+                            sampling=SamplingArgs(greedy=True), env_name="t", **kw, **ENV_CALLS)
     return ep
 
 

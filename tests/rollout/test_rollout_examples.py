@@ -13,6 +13,7 @@ from seqpg.model.policy import completion_logprobs
 from seqpg.rollout.episodes import episodes_to_rollout
 from seqpg.rollout.multiturn import sample_episodes
 from seqpg.rollout.tools import ToolStats, load_tools
+from scripted import ENV_CALLS
 
 ENVS = pathlib.Path(__file__).resolve().parents[2] / "examples" / "envs"
 LIMITS = EpisodeLimits(max_turns=3, max_new_tokens=16, max_tokens=1200)
@@ -69,7 +70,7 @@ def test_examples_run_against_the_tiny_model(tiny_model_and_tokenizer, name, cls
     stats = ToolStats()
     eps = sample_episodes(model, tok, [Prompt("", "a"), Prompt("", "b")], lambda: make_environment(env_cls),
                           limits=LIMITS, tools=load_tools([f"{ENVS / name}:{t}" for t in tools]), tool_stats=stats,
-                          generator=torch.Generator().manual_seed(0), env_name=spec)
+                          generator=torch.Generator().manual_seed(0), env_name=spec, **ENV_CALLS)
     assert all(ep.done or ep.truncated for ep in eps) and all(ep.turns for ep in eps)
     batch = episodes_to_rollout(eps, tok.pad_token_id, n=1)
     with torch.no_grad():

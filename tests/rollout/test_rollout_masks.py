@@ -17,14 +17,14 @@ from seqpg.rollout.episodes import episodes_to_rollout
 from seqpg.rollout.multiturn import sample_episodes
 
 sys.path.insert(0, os.path.dirname(__file__))
-from scripted import CountdownEnv, eos_prone  # noqa: E402
+from scripted import ENV_CALLS, CountdownEnv, eos_prone  # noqa: E402
 
 
 def episodes(model, tok):
     eos_prone(model, tok.eos_token_id)
     eps = sample_episodes(model, tok, [Prompt("hi", "a"), Prompt("Add 2 and 3.", "b")], lambda: CountdownEnv(3), n=2,
                           limits=EpisodeLimits(max_turns=3, max_new_tokens=10, max_tokens=400),
-                          generator=torch.Generator().manual_seed(0))
+                          generator=torch.Generator().manual_seed(0), **ENV_CALLS)
     return episodes_to_rollout(eps, tok.pad_token_id, n=2)
 
 

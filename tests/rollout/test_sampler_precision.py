@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scripted import CountdownEnv
+from scripted import ENV_CALLS, CountdownEnv
 
 from seqpg.batch import Prompt
 from seqpg.model.policy import completion_logprobs
@@ -74,10 +74,10 @@ def test_episodes_sample_on_int8_weights(tiny_model_and_tokenizer, monkeypatch):
     monkeypatch.setattr(fastdecode, "quantize_int8", lambda w, b: calls.append(1) or real(w, b))
     kw = dict(n=2, limits=EpisodeLimits(max_turns=2, max_new_tokens=5, max_tokens=300), sampling=SamplingArgs())
     fp32 = sample_episodes(model, tok, PROMPTS, lambda: CountdownEnv(2), generator=torch.Generator().manual_seed(0),
-                           **kw)
+                           **kw, **ENV_CALLS)
     assert not calls
     int8 = sample_episodes(model, tok, PROMPTS, lambda: CountdownEnv(2), generator=torch.Generator().manual_seed(0),
-                           quantize="int8", **kw)
+                           quantize="int8", **kw, **ENV_CALLS)
     assert len(calls) == 4 * model.config.num_hidden_layers + 1
     # a turn's first token comes from feeding its context (the model's precision), the next ones from int8 steps
     p = [ep.prompt_len for ep in fp32]

@@ -20,7 +20,7 @@ from seqpg.rollout.sampling import SamplingArgs, generate, preallocated_cache
 from seqpg.rollout.tools import load_tools
 
 sys.path.insert(0, os.path.dirname(__file__))
-from scripted import CountdownEnv, eos_prone  # noqa: E402
+from scripted import ENV_CALLS, CountdownEnv, eos_prone  # noqa: E402
 
 SYSTEM = "You answer questions about arithmetic, briefly, and call the add tool when a sum is asked for."
 PROMPTS = [Prompt("hi", "short"), Prompt("What is 12 + 7? Answer briefly.", "long"), Prompt("2+2?", "mid")]
@@ -102,7 +102,7 @@ def test_episodes_sampled_with_shared_first_inputs_equal_those_without(tiny_toke
     def sample(count):
         return sample_episodes(model, tiny_tokenizer, PROMPTS, lambda: CountdownEnv(2), n=3, limits=LIMITS,
                                sampling=SamplingArgs(temperature=1.0), tools=tools, system_prompt=SYSTEM,
-                               generator=torch.Generator().manual_seed(4), prefill=count)
+                               generator=torch.Generator().manual_seed(4), prefill=count, **ENV_CALLS)
 
     seen, counts = trunk_calls(model), (PrefillCount(), PrefillCount())
     shared = sample(counts[0])

@@ -15,7 +15,7 @@ from seqpg.rollout.multiturn import sample_episodes  # noqa: E402
 from seqpg.rollout.sampling import SamplingArgs  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from scripted import ScriptedModel  # noqa: E402
+from scripted import ENV_CALLS, ScriptedModel  # noqa: E402
 
 SPEC = "seqpg.rollout.skyrl_env:SkyRLEnv"
 
@@ -30,7 +30,8 @@ def test_skyrl_gym_environment_runs_episodes(tiny_model_and_tokenizer, env_id, s
     (ep,) = sample_episodes(ScriptedModel(model, tok, scripts), tok, [Prompt("What is 6*7?", "p", {"answer": "42"})],
                             lambda: make_environment(cls, {"id": env_id}, spec=SPEC), env_name=SPEC,
                             limits=EpisodeLimits(max_turns=2, max_new_tokens=40, max_tokens=2000),
-                            sampling=SamplingArgs(greedy=True), on_env_error="raise")
+                            sampling=SamplingArgs(greedy=True), env_timeout_s=ENV_CALLS["env_timeout_s"],
+                            on_env_error="raise")
     assert [t.text for t in ep.turns] == scripts and ep.env_error is None
     if rewards is not None:
         assert [t.reward for t in ep.turns] == rewards and ep.done

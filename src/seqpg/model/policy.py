@@ -45,9 +45,10 @@ from seqpg.model import segment_attention
 from seqpg.batch import RolloutBatch
 from seqpg.core import token_logprobs
 from seqpg.core.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs_and_entropy
+from seqpg.model.attention_masks import MASKABLE_ATTENTION, attention_implementation, layer_masks
 from seqpg.model.segment_attention import SegmentLayout
 
-PACKABLE_ATTENTION = ("sdpa", "eager")
+PACKABLE_ATTENTION = MASKABLE_ATTENTION
 """Attention implementations that take the shared-prompt layout's 4D mask as it is."""
 
 
@@ -169,8 +170,7 @@ def shared_prompt_groups(batch: RolloutBatch) -> PromptGroups | None:
 
 
 def _attention_implementation(model: nn.Module) -> str | None:
-    config = getattr(segment_attention._unwrap(model), "config", None)
-    return getattr(config, "_attn_implementation", None)
+    return attention_implementation(model)
 
 
 def _takes_per_row_logits_to_keep() -> bool:
@@ -253,44 +253,22 @@ def _exclusive_cumsum_per_group(x_R: torch.Tensor, group_R: torch.Tensor) -> tor
     return total_R - total_R[start_R]
 
 
-def _shared_prompt_mask(real_GL: torch.Tensor, segment_GL: torch.Tensor, implementation: str,
-                        dtype: torch.dtype, pos_GL: torch.Tensor | None = None,
-                        window: int | None = None) -> torch.Tensor:
-    """(G, 1, L, L) attention mask: query q sees key j <= q that is real and lies in the prompt or
-    in q's own segment.  Every query also sees itself, so padding queries stay finite.
-
-    ``window`` (a sliding-window layer's, with the position ids ``pos_GL``): only keys fewer than
-    ``window`` positions back, ``pos_q - pos_k < window``, counted in positions, not packed columns."""
+def _shared_prompt_allowed(real_GL: torch.Tensor, segment_GL: torch.Tensor) -> torch.Tensor:
+    """(G, L, L) bool: query q sees key j <= q that is real and lies in the prompt or in q's own segment.
+    Every query also sees itself, so padding queries stay finite."""
     L = real_GL.shape[1]
     seg_q, seg_k = segment_GL[:, :, None], segment_GL[:, None, :]
     causal_LL = torch.ones((L, L), dtype=torch.bool, device=real_GL.device).tril()
     allowed_GLL = causal_LL & real_GL[:, None, :] & ((seg_k == -1) | (seg_k == seg_q))
-    if window is not None:
-        allowed_GLL &= (pos_GL[:, :, None] - pos_GL[:, None, :]) < window
-    allowed_GLL |= torch.eye(L, dtype=torch.bool, device=real_GL.device)
-    if implementation == "eager":  # eager attention adds the mask to the scores
-        return torch.zeros(allowed_GLL.shape, dtype=dtype).masked_fill_(~allowed_GLL, torch.finfo(dtype).min)[:, None]
-    return allowed_GLL[:, None]
-
-
-def _sliding_window(model: nn.Module) -> int | None:
-    """The window of the model's sliding-window layers (Gemma 3's ``layer_types``), None without any."""
-    config = getattr(segment_attention._unwrap(model), "config", None)
-    if "sliding_attention" not in (getattr(config, "layer_types", None) or ()):
-        return None
-    return getattr(config, "sliding_window", None)
+    return allowed_GLL | torch.eye(L, dtype=torch.bool, device=real_GL.device)
 
 
 def _shared_prompt_masks(model: nn.Module, pk: "_Packed", dtype: torch.dtype) -> torch.Tensor | dict:
     """The shared-prompt layout's attention mask as the model takes it: one mask, or one per layer type
-    where some layers attend over a sliding window (a 4D mask the model would give every layer as is)."""
-    implementation = _attention_implementation(model)
-    mask = _shared_prompt_mask(pk.real_GL, pk.segment_GL, implementation, dtype)
-    window = _sliding_window(model)
-    if window is None:
-        return mask
-    return {"full_attention": mask, "sliding_attention": _shared_prompt_mask(
-        pk.real_GL, pk.segment_GL, implementation, dtype, pos_GL=pk.pos_GL, window=window)}
+    where some layers attend over a sliding window, counted in positions, not packed columns
+    (:func:`seqpg.model.attention_masks.layer_masks`)."""
+    allowed_GLL = _shared_prompt_allowed(pk.real_GL, pk.segment_GL)
+    return layer_masks(model, allowed_GLL, pk.pos_GL, pk.pos_GL, dtype)
 
 
 def _shared_prompt_logprobs(model: nn.Module, host: RolloutBatch, g: PromptGroups, temperature: float,

@@ -4,11 +4,12 @@ Each turn has two phases, both batched over the episodes still running:
 
 1. **Model**: every episode's new context tokens (the first observation at turn 0; later its
    last turn's final token and the environment's delta) are fed as ONE (B, D) chunk with the KV
-   cache of everything before, rows left-padded inside the chunk (padding masked out, positions
-   counting each row's real tokens only, so a row computes exactly what it would alone).  The
-   logits of the chunk's last column give each row's first token; decoding then runs one token
-   per row per step against the cache, like :mod:`seqpg.rollout.sampling`, until every row has ended its
-   turn (EOS, a stop string, or its token allowance).  Rows that ended early get padding
+   cache of everything before, rows left-padded inside the chunk (padding masked out; positions,
+   and a sliding window's width (Gemma 3's), counting each row's real tokens only, so a row computes
+   exactly what it would alone).  The logits of the chunk's last column give each row's first
+   token; decoding then runs one token per row per step against the cache, like
+   :mod:`seqpg.rollout.sampling`, until every row has ended its turn (EOS, a stop string, or its
+   token allowance).  Rows that ended early get padding
    columns, masked out.  Nothing is ever re-encoded: the cache only grows by the new tokens.
    The first inputs are computed once each where episodes share them: identical ones (a group's,
    when its environment's first observation does not depend on the seed) once, and the distinct
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 from seqpg.batch import Prompt
+from seqpg.model.attention_masks import MASKABLE_ATTENTION, attention_implementation, layer_masks, sliding_window
 from seqpg.model.policy import model_device
 from seqpg.rollout.prefix import PrefillCount, shared_prefill
 from seqpg.rollout.sampling import (CACHE_KWARG, SamplingArgs, choose_tokens, decoder, eos_token_ids,
@@ -71,6 +73,8 @@ class KVRows:
         self.attn_BW = torch.zeros((rows, 0), dtype=torch.bool, device=self.device)  # (B, W) real cache columns
         self.fed_B = torch.zeros(rows, dtype=torch.long, device=self.device)  # real tokens per row = next position
         self.prefilled = 0  # the first inputs' tokens run through the model (shared ones once)
+        self.windowed = sliding_window(model) is not None and attention_implementation(model) in MASKABLE_ATTENTION
+        self.dtype = next(model.parameters()).dtype
 
     def extend(self, new_ids: list[list[int]]) -> torch.Tensor:
         """Feed row i the tokens ``new_ids[i]`` (left-padded into one chunk). -> (B, V) logits.
@@ -134,10 +138,24 @@ class KVRows:
 
     def _forward(self, ids_BD: torch.Tensor, real_BD: torch.Tensor, pos_BD: torch.Tensor) -> torch.Tensor:
         self.attn_BW = torch.cat([self.attn_BW, real_BD], dim=1)
-        out = self.model(input_ids=ids_BD, attention_mask=self.attn_BW.long(), position_ids=pos_BD, use_cache=True,
+        out = self.model(input_ids=ids_BD, attention_mask=self._mask(pos_BD), position_ids=pos_BD, use_cache=True,
                          logits_to_keep=1, **{CACHE_KWARG: self.cache})
         self.fed_B = self.fed_B + real_BD.sum(dim=1)
         return out.logits[:, -1]
+
+    def _mask(self, pos_BD: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The attention mask of a chunk of D columns, the last D of ``attn_BW`` (B, W): that 2-D mask, which
+        the model makes causal; or, for a model with sliding-window layers, one 4-D mask per layer type with
+        the window counted in positions (:mod:`seqpg.model.attention_masks`).  The model's own masks count
+        it in columns, and a row's cache has masked columns inside it (idle decode steps, chunk padding)."""
+        if not self.windowed:
+            return self.attn_BW.long()
+        W, D = self.attn_BW.shape[1], pos_BD.shape[1]
+        causal_DW = torch.ones((D, W), dtype=torch.bool, device=self.device).tril(diagonal=W - D)
+        allowed_BDW = causal_DW & self.attn_BW[:, None]  # (B, D, W)
+        allowed_BDW[:, :, W - D:] |= torch.eye(D, dtype=torch.bool, device=self.device)  # padding queries stay finite
+        pos_BW = (self.attn_BW.long().cumsum(dim=1) - 1).clamp(min=0)  # a real column's position
+        return layer_masks(self.model, allowed_BDW, pos_BD, pos_BW, self.dtype)
 
 
 @dataclass
@@ -160,6 +178,8 @@ def sample_episodes(
     *,
     n: int = 1,
     limits: EpisodeLimits,
+    env_timeout_s: float,
+    on_env_error: str,
     sampling: SamplingArgs = SamplingArgs(),
     tools: dict[str, Tool] | None = None,
     tool_limits: ToolLimits = ToolLimits(),
@@ -172,8 +192,6 @@ def sample_episodes(
     env_name: str = "",
     env_seeds: Sequence[int] | None = None,
     fast_decode: bool = True,
-    env_timeout_s: float = 30.0,
-    on_env_error: str = "drop",
     quantize: str | None = None,
     prefill: PrefillCount | None = None,
 ) -> list[Episode]:
@@ -190,7 +208,8 @@ def sample_episodes(
     ``quantize="int8"``: on int8 weights there (the environment's tokens are fed in the model's precision).
     Every call into an environment runs with a time limit of ``env_timeout_s`` (:mod:`.env_adapters`);
     ``on_env_error``: ``drop`` closes an episode whose environment or chat template fails as truncated and
-    goes on, ``raise`` stops with :class:`.env_errors.EpisodeFailure` (:mod:`.env_errors`).
+    goes on, ``raise`` stops with :class:`.env_errors.EpisodeFailure` (:mod:`.env_errors`).  Both have no
+    default here: the config's (``episode.env_timeout_s``, ``episode.on_env_error``) is the one.
     ``prefill``: where to add the first inputs' tokens run through the model (:mod:`.prefix`).
     """
     if on_env_error not in ON_ENV_ERROR:
