@@ -5,6 +5,7 @@ The scripts measure; here only that they run through and print their result line
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -47,7 +48,7 @@ RESULT_LINE = {
 }
 """What each script prints when it ran through."""
 
-OTHER_TESTS = {"dapo_demo_table.py", "dapo_demo_ab.sh", "sft_then_rl.py"}
+OTHER_TESTS = {"dapo_demo_table.py", "dapo_demo_ab.sh", "sft_then_rl.py", "trl_arm.py"}
 """Scripts tested below on their own (they read a run's files, or need the real model for minutes)."""
 
 
@@ -140,12 +141,53 @@ exec {sys.executable} -m seqpg config "$@"
     assert "overlong_filter: false" in plain and "overlong_filter: true" in dapo
 
 
-def test_sft_then_rl_script_parses_and_its_configuration_validates():
-    """The equal-wall-clock comparison runs for half an hour on the real model: here its options and its
-    configuration (the secret-code task) are checked."""
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script", ["sft_then_rl.py", "trl_arm.py"])
+def test_sft_then_rl_scripts_parse(script):
+    """The equal-wall-clock comparison runs for an hour on the real model: here its options are checked."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, str(BENCH / "sft_then_rl.py"), "--help"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, str(BENCH / script), "--help"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--minutes" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("task", ["secret_code", "staff_directory"])
+def test_sft_then_rl_tasks_validate_and_name_their_demonstrations_script(task):
     from seqpg.config import load_config
-    load_config(str(ROOT / "examples" / "env_secret_code.yaml"), [])
+
+    config = str(ROOT / "examples" / f"env_{task}.yaml")
+    load_config(config, [])
+    assert _bench_module("sft_then_rl").demos_script(config) == ROOT / "scripts" / f"{task}_demos.py"
+
+
+def test_sft_then_rl_refuses_a_config_without_a_demonstrations_script():
+    with pytest.raises(SystemExit, match="no script"):
+        _bench_module("sft_then_rl").demos_script(str(ROOT / "examples" / "env_calculator.yaml"))
+
+
+def test_trl_arm_scores_the_final_answer_with_the_task_environment_and_trains_the_sft_split():
+    trl_arm = _bench_module("trl_arm")
+    cfg, train, tools, env_cls = trl_arm.load_task(str(ROOT / "examples" / "env_staff_directory.yaml"), [])
+    assert list(tools) == ["lookup_person"] and len(train) == cfg.task.train_size
+    name = train[0].text
+    env = env_cls()
+    question = env.reset(train[0], 0)
+    record = tools["lookup_person"].fn(name)
+    right = f"<answer>{env.number}</answer>"
+    episode = [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "lookup_person", "arguments": {"name": name}}}]}, {"role": "tool", "content": record}]
+    reward = trl_arm.make_reward(env_cls)
+    rewards = reward([episode + [{"role": "assistant", "content": right}],
+                      episode + [{"role": "assistant", "content": "<answer>0000x</answer>"}], episode],
+                     prompt_text=[name] * 3, prompt_id=[train[0].id] * 3)
+    assert question and rewards == [1.0, 0.0, 0.0]
+    rows = trl_arm.sft_rows(cfg, tools)
+    demos = (ROOT / cfg.sft.data).read_text().splitlines()
+    assert len(rows) == len(demos) - round(cfg.sft.eval_fraction * len(demos))  # seqpg sft's held-out rows left out
+    assert all(r["tools"] == [tools["lookup_person"].schema] for r in rows)

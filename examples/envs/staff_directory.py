@@ -13,9 +13,8 @@ has one number to copy; here four of five are wrong).  The first turn without a 
 answer: reward 1 when its last ``<answer>`` holds the asked number, else 0 (no tag, no credit: a model that
 echoes the record is not guessing for free).
 
-``DirectoryEnv`` is the environment seqpg runs (``episode.env``, tool ``lookup_person`` from ``episode.tools``);
-``TRLDirectoryEnv`` is the same task as TRL's ``GRPOTrainer(environment_factory=...)`` expects it (the tool a
-method, the question the dataset's prompt, the reward from the final completion).
+``DirectoryEnv`` is the environment (``episode.env``), ``lookup_person`` the tool (``episode.tools``): a free
+function, so TRL's GRPOTrainer takes it as it is (``tools=``; bench/trl_arm.py).
 """
 
 from __future__ import annotations
@@ -81,33 +80,3 @@ class DirectoryEnv:
     def step(self, model_text):
         given = given_answer(model_text)
         return None, float(given == self.number), True, {"field": self.field, "number": self.number, "given": given}
-
-
-class TRLDirectoryEnv:
-    """The same task for TRL's ``environment_factory``: ``reset(**row)`` gets the row's ``name``; the reward is
-    ``directory_reward(completions, environments)``, read from the episode's final turn."""
-
-    def reset(self, name: str, **row) -> None:
-        self.name = " ".join(name.split())
-        self.number = number_of(self.name, asked_field(self.name))
-
-    def lookup_person(self, name: str) -> str:
-        """Look up a person's record in the staff directory: their badge, room, phone, locker and desk numbers.
-
-        Args:
-            name: the person's full name, e.g. "Mira Okafor"
-        """
-        return lookup_person(name)
-
-
-def directory_reward(completions, environments, **kwargs) -> list[float]:
-    """TRL reward function: 1 when the episode's last assistant turn answers the asked number, else 0."""
-    rewards = []
-    for completion, env in zip(completions, environments, strict=True):
-        if isinstance(completion, list):  # conversational: the last assistant message is the final answer
-            turns = [m for m in completion if m.get("role") == "assistant"]
-            text = (turns[-1].get("content") or "") if turns else ""
-        else:
-            text = completion
-        rewards.append(float(given_answer(text) == env.number))
-    return rewards
