@@ -1,7 +1,8 @@
 """Equal wall clock on a tool task: (a) RL alone, (b) SFT alone, (c) SFT then RL, (d) TRL's SFT then GRPO.
 
     python bench/sft_then_rl.py [--minutes 10] [--config examples/env_secret_code.yaml] [--out bench/sft_rl]
-                                [--dynamic-sampling] [--trl | --trl-sft-only] [key=value ...]
+                                [--dynamic-sampling] [--trl | --trl-sft-only] [--samples N] [--eval-prompts N]
+                                [key=value ...]
                                 # key=value: overrides for every seqpg run, e.g. threads=2
 
 Each arm gets ``--minutes`` of training wall clock (``max_minutes``; model loading not counted):
@@ -68,14 +69,14 @@ def demos_script(config: str) -> Path:
     return script
 
 
-def evaluate(target: str, config: str, out: Path, overrides: list[str], name: str, samples: int) -> dict:
+def evaluate(target: str, config: str, out: Path, overrides: list[str], name: str, samples: int, n_prompts: int) -> dict:
     """``seqpg eval``'s result (what `seqpg eval TARGET -c CONFIG --samples N` prints), its completions kept in
     OUT/NAME.eval.json."""
     from seqpg.apps.session import eval_target, is_run_dir
 
     print(f"+ seqpg eval {target}", file=sys.stderr, flush=True)
     result = eval_target(target, config=None if is_run_dir(target) else config, overrides=overrides,
-                         samples=samples).result
+                         samples=samples, n_prompts=n_prompts).result
     (out / f"{name}.eval.json").write_text(json.dumps(result.as_dict(with_completions=True), indent=2))
     return result.as_dict()
 
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     trl.add_argument("--trl-sft-only", action="store_true", help="arm (d'): TRL's SFTTrainer alone")
     p.add_argument("--samples", type=int, default=0,
                    help="also sample N episodes per held-out prompt in every evaluation (seqpg eval --samples N)")
+    p.add_argument("--eval-prompts", type=int, default=0,
+                   help="evaluate on the first N held-out prompts only (0: all; fewer for a quick check of the script)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     out, cfg, ov = ROOT / args.out, args.config, list(args.overrides)
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (target, minutes) in arms.items():
         inside = Path(target).is_relative_to(out / "runs")
         file = "_".join(Path(target).relative_to(out / "runs").parts) if inside else Path(target).name
-        results[name] = evaluate(target, cfg, out, ov, file, args.samples)
+        results[name] = evaluate(target, cfg, out, ov, file, args.samples, args.eval_prompts)
         results[name]["trained_minutes"] = minutes
     (out / "results.json").write_text(json.dumps(results, indent=2))
     lines = table(results, f"# SFT then RL on {cfg}, {args.minutes:g} minutes per arm")

@@ -87,6 +87,12 @@ def make_reward(env_cls):
     return task_reward
 
 
+def precision(cfg) -> dict:
+    """TRL's precision arguments as the seqpg runs train: bf16 autocast only when the config's ``bf16`` is on (TRL's
+    default is on), gradient checkpointing as the config's ``model.gradient_checkpointing`` (TRL's default is on)."""
+    return {"bf16": cfg.bf16, "gradient_checkpointing": cfg.model.gradient_checkpointing}
+
+
 class WallClock:
     """A TrainerCallback that stops training once ``seconds`` of steps have run."""
 
@@ -113,7 +119,8 @@ def run_sft(cfg, tools, tok, model_dir: Path, out: Path, lr: float, seconds: flo
 
     args = SFTConfig(output_dir=str(out / "sft_work"), num_train_epochs=cfg.sft.epochs, learning_rate=lr,
                      per_device_train_batch_size=cfg.sft.batch_size, assistant_only_loss=True, use_cpu=True,
-                     save_strategy="no", report_to=[], logging_steps=1, seed=cfg.seed, max_length=cfg.sft.max_length)
+                     save_strategy="no", report_to=[], logging_steps=1, seed=cfg.seed, max_length=cfg.sft.max_length,
+                     **precision(cfg))
     clock = WallClock(seconds)
     trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=Dataset.from_list(sft_rows(cfg, tools)),
                          processing_class=tok, callbacks=[clock.callback])
@@ -139,7 +146,7 @@ def run_grpo(cfg, train, tools, env_cls, tok, model_dir: Path, out: Path, second
                       per_device_train_batch_size=s.samples_per_prompt * s.prompts_per_step,
                       max_completion_length=cfg.episode.max_episode_tokens, temperature=1.0,
                       max_tool_calling_iterations=cfg.episode.max_turns - 1, max_steps=100_000, use_cpu=True,
-                      save_strategy="no", report_to=[], logging_steps=1, seed=cfg.seed)
+                      save_strategy="no", report_to=[], logging_steps=1, seed=cfg.seed, **precision(cfg))
     clock = WallClock(seconds)
     trainer = GRPOTrainer(model=str(model_dir), reward_funcs=make_reward(env_cls), args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tok,
