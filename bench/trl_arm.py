@@ -10,7 +10,8 @@ The same task as the seqpg arms, read from the seqpg config: the model (``model.
 environment (``episode.env``, a seqpg environment whose first turn without a tool call is the answer) is
 reset on the row's prompt and steps once on the episode's last assistant message.  RL settings follow the
 config: ``samples_per_prompt`` generations per prompt, ``prompts_per_step`` prompts a step, ``optim.lr``,
-``algo.kl_coef`` as GRPO's beta, temperature 1, ``threads``; the rest is TRL's defaults.
+``algo.kl_coef`` as GRPO's beta, ``episode.max_turns`` - 1 tool rounds and the turns' tokens as the
+episode's (:func:`episode_tokens`), temperature 1, ``threads``; the rest is TRL's defaults.
 
 SmolLM2's chat template does not render tool calls, and TRL refuses such a template for tools (its
 ``supports_tool_calling`` check) and parses tool calls only for templates it knows (``add_response_schema``).
@@ -131,6 +132,13 @@ def run_sft(cfg, tools, tok, model_dir: Path, out: Path, lr: float, seconds: flo
     return minutes
 
 
+def episode_tokens(cfg) -> int:
+    """TRL's ``max_completion_length``, the whole episode's tokens (TRL has no per-turn limit): every turn's
+    ``max_new_tokens`` and 100 tokens for each tool result between them, within ``episode.max_episode_tokens``."""
+    e = cfg.episode
+    return min(e.max_turns * cfg.sampling.max_new_tokens + (e.max_turns - 1) * 100, e.max_episode_tokens)
+
+
 def run_grpo(cfg, train, tools, env_cls, tok, model_dir: Path, out: Path, seconds: float) -> float:
     """TRL GRPOTrainer on the training prompts with the task's tools and reward for ``seconds``; minutes trained."""
     from datasets import Dataset
@@ -144,7 +152,7 @@ def run_grpo(cfg, train, tools, env_cls, tok, model_dir: Path, out: Path, second
     args = GRPOConfig(output_dir=str(out / "grpo_work"), learning_rate=cfg.optim.lr, beta=cfg.algo.kl_coef,
                       num_generations=s.samples_per_prompt,
                       per_device_train_batch_size=s.samples_per_prompt * s.prompts_per_step,
-                      max_completion_length=cfg.episode.max_episode_tokens, temperature=1.0,
+                      max_completion_length=episode_tokens(cfg), temperature=1.0,
                       max_tool_calling_iterations=cfg.episode.max_turns - 1, max_steps=100_000, use_cpu=True,
                       save_strategy="no", report_to=[], logging_steps=1, seed=cfg.seed, **precision(cfg))
     clock = WallClock(seconds)
