@@ -57,8 +57,9 @@ def trained_minutes(run: Path) -> float:
     return sum(r.get("time/step", 0.0) for r in rows) / 60
 
 
-def demos_script(config: str) -> Path:
-    """The script that writes the config's demonstrations: ``scripts/NAME_demos.py`` for ``NAME_demos.jsonl``."""
+def demos_script(config: str) -> tuple[Path, str]:
+    """(the script that writes the config's demonstrations, ``sft.data``): ``scripts/NAME_demos.py`` writes
+    ``NAME_demos.jsonl``."""
     from seqpg.config import load_config
 
     data = load_config(config, []).sft.data
@@ -66,7 +67,7 @@ def demos_script(config: str) -> Path:
     if data is None or not script.is_file():
         raise SystemExit(f"{config}: sft.data={data}; no script {script.relative_to(ROOT)} writes it (the "
                          "demonstrations of examples/NAME_demos.jsonl come from scripts/NAME_demos.py)")
-    return script
+    return script, data
 
 
 def evaluate(target: str, config: str, out: Path, overrides: list[str], name: str, samples: int, n_prompts: int) -> dict:
@@ -155,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     out, cfg, ov = ROOT / args.out, args.config, list(args.overrides)
-    script = demos_script(cfg)
+    script, data = demos_script(cfg)
     shutil.rmtree(out / "runs", ignore_errors=True)
     (out / "runs").mkdir(parents=True)
-    subprocess.run([sys.executable, str(script), "--config", cfg], check=True)
+    subprocess.run([sys.executable, str(script), "--config", cfg, "--out", data], check=True, cwd=ROOT)
     arms = run_arms(args, cfg, out / "runs", ov)
     results = {}
     for name, (target, minutes) in arms.items():

@@ -163,7 +163,8 @@ def test_sft_then_rl_tasks_validate_and_name_their_demonstrations_script(task):
 
     config = str(ROOT / "examples" / f"env_{task}.yaml")
     load_config(config, [])
-    assert _bench_module("sft_then_rl").demos_script(config) == ROOT / "scripts" / f"{task}_demos.py"
+    assert _bench_module("sft_then_rl").demos_script(config) == (ROOT / "scripts" / f"{task}_demos.py",
+                                                                 f"examples/{task}_demos.jsonl")
 
 
 def test_sft_then_rl_refuses_a_config_without_a_demonstrations_script():
