@@ -70,7 +70,8 @@ def demos_script(config: str) -> tuple[Path, str]:
     return script, data
 
 
-def evaluate(target: str, config: str, out: Path, overrides: list[str], name: str, samples: int, n_prompts: int) -> dict:
+def evaluate(target: str, config: str, out: Path, overrides: list[str], name: str, samples: int,
+             n_prompts: int) -> dict:
     """``seqpg eval``'s result (what `seqpg eval TARGET -c CONFIG --samples N` prints), its completions kept in
     OUT/NAME.eval.json."""
     from seqpg.apps.session import eval_target, is_run_dir
@@ -125,7 +126,8 @@ def table(results: dict, title: str) -> list[str]:
     lines = [title, "", "| arm | held-out success (greedy) | s.e. | sampled ± s.e. | training minutes |",
              "|---|---|---|---|---|"]
     for name, r in results.items():
-        sampled = "" if r.get("sampled_reward") is None else f"{r['sampled_reward']:.3f} ± {r['se_sampled_reward']:.3f}"
+        sampled = ("" if r.get("sampled_reward") is None
+                   else f"{r['sampled_reward']:.3f} ± {r['se_sampled_reward']:.3f}")
         lines.append(f"| {name} | {r['mean_reward']:.3f} | {r['se_reward']:.3f} | {sampled} | "
                      f"{r['trained_minutes'] or 0:.1f} |")
     c = results["(c) SFT then RL"]

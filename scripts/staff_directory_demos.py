@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config)
     train, held_out = build_prompts(cfg.task)
     names = [" ".join(pr.text.split()) for pr in train[:args.n]]
-    assert not set(names) & {" ".join(pr.text.split()) for pr in held_out}, "a demonstration would use a held-out prompt"
+    held = {" ".join(pr.text.split()) for pr in held_out}
+    assert not set(names) & held, "a demonstration would use a held-out prompt"
     env = _env_module()
     Path(args.out).write_text("".join(json.dumps(demonstration(env, n)) + "\n" for n in names))
     print(f"wrote {len(names)} demonstrations (training prompts only) to {args.out}", file=sys.stderr)

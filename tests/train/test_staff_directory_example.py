@@ -46,7 +46,8 @@ def test_only_the_asked_number_of_the_record_is_rewarded():
 
 
 def test_the_asked_field_and_the_record_order_vary_with_the_name():
-    names = [json.loads(line)["prompt"] for line in (ROOT / "examples/envs/secret_names.jsonl").read_text().splitlines()]
+    rows = (ROOT / "examples" / "envs" / "secret_names.jsonl").read_text().splitlines()
+    names = [json.loads(line)["prompt"] for line in rows]
     env = load_environment(f"{ENV}:DirectoryEnv")()
     asked = {env.reset(Prompt(n, "0"), 0).split()[3] for n in names[:40]}
     orders = {tuple(_record(n)) for n in names[:40]}
