@@ -5,6 +5,7 @@ The scripts measure; here only that they run through and print their result line
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -56,7 +57,7 @@ RESULT_LINE = {
 }
 """What each script prints when it ran through."""
 
-OTHER_TESTS = {"dapo_demo_table.py", "dapo_demo_ab.sh", "sft_then_rl.py"}
+OTHER_TESTS = {"dapo_demo_table.py", "dapo_demo_ab.sh", "sft_then_rl.py", "trl_arm.py"}
 """Scripts tested below on their own (they read a run's files, or need the real model for minutes)."""
 
 
@@ -149,12 +150,101 @@ exec {sys.executable} -m seqpg config "$@"
     assert "overlong_filter: false" in plain and "overlong_filter: true" in dapo
 
 
-def test_sft_then_rl_script_parses_and_its_configuration_validates():
-    """The equal-wall-clock comparison runs for half an hour on the real model: here its options and its
-    configuration (the secret-code task) are checked."""
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script", ["sft_then_rl.py", "trl_arm.py"])
+def test_sft_then_rl_scripts_parse(script):
+    """The equal-wall-clock comparison runs for an hour on the real model: here its options are checked."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, str(BENCH / "sft_then_rl.py"), "--help"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, str(BENCH / script), "--help"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--minutes" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("task", ["secret_code", "staff_directory"])
+def test_sft_then_rl_tasks_validate_and_name_their_demonstrations_script(task):
     from seqpg.config import load_config
-    load_config(str(ROOT / "examples" / "env_secret_code.yaml"), [])
+
+    config = str(ROOT / "examples" / f"env_{task}.yaml")
+    load_config(config, [])
+    assert _bench_module("sft_then_rl").demos_script(config) == (ROOT / "scripts" / f"{task}_demos.py",
+                                                                 f"examples/{task}_demos.jsonl")
+
+
+def test_sft_then_rl_refuses_a_config_without_a_demonstrations_script():
+    with pytest.raises(SystemExit, match="no script"):
+        _bench_module("sft_then_rl").demos_script(str(ROOT / "examples" / "env_calculator.yaml"))
+
+
+def test_trl_arm_scores_the_final_answer_with_the_task_environment_and_trains_the_sft_split():
+    trl_arm = _bench_module("trl_arm")
+    cfg, train, tools, env_cls = trl_arm.load_task(str(ROOT / "examples" / "env_staff_directory.yaml"), [])
+    assert list(tools) == ["lookup_person"] and len(train) == cfg.task.train_size
+    name = train[0].text
+    env = env_cls()
+    question = env.reset(train[0], 0)
+    record = tools["lookup_person"].fn(name)
+    right = f"<answer>{env.number}</answer>"
+    episode = [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "lookup_person", "arguments": {"name": name}}}]}, {"role": "tool", "content": record}]
+    reward = trl_arm.make_reward(env_cls)
+    rewards = reward([episode + [{"role": "assistant", "content": right}],
+                      episode + [{"role": "assistant", "content": "<answer>0000x</answer>"}], episode],
+                     prompt_text=[name] * 3, prompt_id=[train[0].id] * 3)
+    assert question and rewards == [1.0, 0.0, 0.0]
+    rows = trl_arm.sft_rows(cfg, tools)
+    demos = (ROOT / cfg.sft.data).read_text().splitlines()
+    assert len(rows) == len(demos) - round(cfg.sft.eval_fraction * len(demos))  # seqpg sft's held-out rows left out
+    assert all(r["tools"] == [tools["lookup_person"].schema] for r in rows)
+
+
+def test_sft_then_rl_runs_every_arm_asked_for_and_compares_c_with_each(tmp_path, monkeypatch):
+    """The orchestration with the training and evaluation stubbed: each seqpg run's options, the time left to
+    (c)'s RL, the dynamic-sampling and TRL arms, and the table of differences."""
+    bench = _bench_module("sft_then_rl")
+    calls, evaluated = [], []
+
+    def fake_seqpg(*args):
+        calls.append(args)
+        run = Path(next(a for a in args if a.startswith("run_dir=")).removeprefix("run_dir="))
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "time/step": 30.0}) + "\n")
+        return 30.0
+
+    def fake_run(cmd, **kwargs):
+        calls.append(tuple(cmd))
+        if cmd[1].endswith("trl_arm.py"):
+            out = Path(cmd[cmd.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "timing.json").write_text(json.dumps({"sft_minutes": 1.0, "grpo_minutes": 3.0}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    def fake_evaluate(target, config, out, overrides, name, samples, n_prompts):
+        evaluated.append((name, samples, n_prompts))
+        return {"mean_reward": 0.5 if "c_sft_rl" in target else 0.25, "se_reward": 0.05, "sampled_reward": None}
+
+    monkeypatch.setattr(bench, "seqpg", fake_seqpg)
+    monkeypatch.setattr(bench, "evaluate", fake_evaluate)
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    out = tmp_path / "out"
+    assert bench.main(["--config", "examples/env_staff_directory.yaml", "--minutes", "4", "--out", str(out),
+                       "--dynamic-sampling", "--trl", "--eval-prompts", "3", "threads=1"]) == 0
+    assert calls[0][1].endswith("scripts/staff_directory_demos.py")
+    rl = [c for c in calls if c[0] == "train" and "--init" in c]
+    assert [c[c.index("--init") + 1] for c in rl] == [str(out / "runs" / "c_sft")] * 2
+    assert all("max_minutes=3.5" in c and "threads=1" in c for c in rl)  # 4 minutes less (c)'s 0.5 of SFT
+    assert "sampling.dynamic_sampling=true" not in rl[0] and "sampling.dynamic_sampling=true" in rl[1]
+    assert [e[0] for e in evaluated] == ["smollm2-135m-instruct", "a_rl", "b_sft", "c_sft", "c_sft_rl", "c_sft_rl_dyn",
+                                        "d_trl_sft", "d_trl_final"]
+    assert {e[1:] for e in evaluated} == {(0, 3)}
+    results = json.loads((out / "results.json").read_text())
+    assert results["(c) SFT then RL"]["trained_minutes"] == 1.0  # SFT 0.5 + RL 0.5
+    assert results["(d) TRL SFT then GRPO"]["trained_minutes"] == 4.0
+    table = (out / "results.md").read_text()
+    assert "(c) - (d) TRL SFT then GRPO: +0.250 = +3.5 standard errors" in table
+    assert "(c) - (c-dyn) SFT then RL, dynamic sampling: +0.000" in table and "(c) - base model" not in table
