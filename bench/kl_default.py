@@ -205,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.trl_worker:
         train_trl(a.config, a.overrides, a.minutes, a.threads, out / "trl")
         return 0
+    if "trl" in a.arms:
+        import importlib.util
+        if importlib.util.find_spec("trl") is None:
+            p.error('the trl arm needs TRL: pip install -e ".[bench]" (or leave it out: --arms loss,reward)')
     out.mkdir(parents=True, exist_ok=True)
     base_path = out / "base.eval.json"
     from seqpg.config import load_config

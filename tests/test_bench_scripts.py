@@ -32,6 +32,7 @@ SMOKE_ARGS = {
     "gemma3_sampling_ab.py": ["1", "1", "tiny"],
     "logprob_disagreement.py": ["--tiny", "--prompts", "2", "--samples", "2", "--max-new-tokens", "4", "--threads", "1"],
     "kl_default.py": ["--name", "smoke", "-c", "examples/demo.yaml", "--minutes", "0.01", "--eval-samples", "2",
+                      "--arms", "loss,reward",  # the trl arm needs the bench extra, which `make test` does not install
                       "--out", "{tmp}", "model.name=tiny", "task.eval_size=4", "sampling.max_new_tokens=4",
                       "sampling.chat_template=false", "tensorboard=false"],
     "sampler_precision_ab.py": ["1", "--model", "tiny", "--new-tokens", "4"],
