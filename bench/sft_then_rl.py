@@ -19,7 +19,7 @@ Each arm gets ``--minutes`` of training wall clock (``max_minutes``; model loadi
 The SFT runs use ``--sft-lr`` (the config's ``optim.lr`` is RL's).
 
 The demonstrations are written first, from training prompts only, by the script that writes the config's
-``sft.data`` (``examples/NAME_demos.jsonl`` is written by ``scripts/NAME_demos.py``).  Every arm, the base model
+``sft.data`` (written by ``scripts/task_demos.py`` from the task's ``demonstration(name)``).  Every arm, the base model
 and (c)'s SFT checkpoint are then evaluated by ``seqpg eval`` on the same held-out prompts (greedy episodes; the
 task's reward, 1 for the right answer), and ``OUT/results.md`` / ``results.json`` give each success rate with
 its standard error, and the differences of (c) to every other arm in standard errors (the goal is more than 3).
@@ -58,16 +58,19 @@ def trained_minutes(run: Path) -> float:
 
 
 def demos_script(config: str) -> tuple[Path, str]:
-    """(the script that writes the config's demonstrations, ``sft.data``): ``scripts/NAME_demos.py`` writes
-    ``NAME_demos.jsonl``."""
+    """(the script that writes the config's demonstrations, ``sft.data``): ``scripts/task_demos.py``, from the
+    ``demonstration(name)`` of the task's environment file; a SystemExit where the task has none."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from task_demos import task_module
+
     from seqpg.config import load_config
 
-    data = load_config(config, []).sft.data
-    script = ROOT / "scripts" / f"{Path(data or '').stem}.py"
-    if data is None or not script.is_file():
-        raise SystemExit(f"{config}: sft.data={data}; no script {script.relative_to(ROOT)} writes it (the "
-                         "demonstrations of examples/NAME_demos.jsonl come from scripts/NAME_demos.py)")
-    return script, data
+    cfg = load_config(config, [])
+    if cfg.sft.data is None or cfg.episode.env is None:
+        raise SystemExit(f"{config}: needs sft.data and episode.env (the demonstrations come from "
+                         "scripts/task_demos.py and the environment file's demonstration(name))")
+    task_module(cfg.episode.env)
+    return ROOT / "scripts" / "task_demos.py", cfg.sft.data
 
 
 def evaluate(target: str, config: str, out: Path, overrides: list[str], name: str, samples: int,

@@ -173,12 +173,12 @@ def test_sft_then_rl_tasks_validate_and_name_their_demonstrations_script(task):
 
     config = str(ROOT / "examples" / f"env_{task}.yaml")
     load_config(config, [])
-    assert _bench_module("sft_then_rl").demos_script(config) == (ROOT / "scripts" / f"{task}_demos.py",
+    assert _bench_module("sft_then_rl").demos_script(config) == (ROOT / "scripts" / "task_demos.py",
                                                                  f"examples/{task}_demos.jsonl")
 
 
 def test_sft_then_rl_refuses_a_config_without_a_demonstrations_script():
-    with pytest.raises(SystemExit, match="no script"):
+    with pytest.raises(SystemExit, match="needs sft.data"):
         _bench_module("sft_then_rl").demos_script(str(ROOT / "examples" / "env_calculator.yaml"))
 
 
@@ -235,7 +235,7 @@ def test_sft_then_rl_runs_every_arm_asked_for_and_compares_c_with_each(tmp_path,
     out = tmp_path / "out"
     assert bench.main(["--config", "examples/env_staff_directory.yaml", "--minutes", "4", "--out", str(out),
                        "--dynamic-sampling", "--trl", "--eval-prompts", "3", "threads=1"]) == 0
-    assert calls[0][1].endswith("scripts/staff_directory_demos.py")
+    assert calls[0][1].endswith("scripts/task_demos.py")
     rl = [c for c in calls if c[0] == "train" and "--init" in c]
     assert [c[c.index("--init") + 1] for c in rl] == [str(out / "runs" / "c_sft")] * 2
     assert all("max_minutes=3.5" in c and "threads=1" in c for c in rl)  # 4 minutes less (c)'s 0.5 of SFT

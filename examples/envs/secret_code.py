@@ -35,6 +35,17 @@ def question(name: str) -> str:
             "<answer>CODE</answer>.")
 
 
+def demonstration(name: str) -> dict:
+    """One episode of ``name`` done right, as chat messages (scripts/task_demos.py writes them for seqpg sft)."""
+    call = {"type": "function", "function": {"name": "lookup_code", "arguments": {"name": name}}}
+    return {"messages": [
+        {"role": "user", "content": question(name)},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "name": "lookup_code", "content": lookup_code(name)},
+        {"role": "assistant", "content": f"<answer>{code_of(name)}</answer>"},
+    ]}
+
+
 def given_code(text: str) -> str | None:
     """The content of the last <answer></answer>, else the last four-digit number in ``text``."""
     tagged = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)

@@ -62,6 +62,17 @@ def question(name: str) -> str:
             "with <answer>NUMBER</answer>.")
 
 
+def demonstration(name: str) -> dict:
+    """One episode of ``name`` done right, as chat messages (scripts/task_demos.py writes them for seqpg sft)."""
+    call = {"type": "function", "function": {"name": "lookup_person", "arguments": {"name": name}}}
+    return {"messages": [
+        {"role": "user", "content": question(name)},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "name": "lookup_person", "content": lookup_person(name)},
+        {"role": "assistant", "content": f"<answer>{number_of(name, asked_field(name))}</answer>"},
+    ]}
+
+
 def given_answer(text: str) -> str | None:
     """The content of the last <answer></answer> in ``text``, stripped; None without one."""
     tagged = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)

@@ -37,8 +37,8 @@ def test_only_the_looked_up_code_is_rewarded():
 
 def test_the_demonstrations_use_training_prompts_and_train_the_tool_call(tmp_path):
     out = tmp_path / "demos.jsonl"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "secret_code_demos.py"), "--n", "16", "--out", str(out)],
-                   check=True, cwd=ROOT)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "task_demos.py"), "-c", CONFIG, "--n", "16", "--out",
+                    str(out)], check=True, cwd=ROOT)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     cfg = load_config(CONFIG, ["model.name=tiny", f"sft.data={out}", "sft.eval_fraction=0"])
     _, held_out = build_prompts(cfg.task)

@@ -56,7 +56,7 @@ def test_the_asked_field_and_the_record_order_vary_with_the_name():
 
 def test_the_demonstrations_use_training_prompts_and_answer_the_asked_number(tmp_path):
     out = tmp_path / "demos.jsonl"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "staff_directory_demos.py"), "--n", "16", "--out",
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "task_demos.py"), "-c", CONFIG, "--n", "16", "--out",
                     str(out)], check=True, cwd=ROOT)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     cfg = load_config(CONFIG, ["model.name=tiny", f"sft.data={out}", "sft.eval_fraction=0"])
