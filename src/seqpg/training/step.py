@@ -122,14 +122,15 @@ class StepSettings:
                                 kl_noise_floor=kl_noise_floor(cfg),
                                 entropy_coef=a.entropy_coef, vf_coef=a.vf_coef, vf_clip=a.vf_clip, bf16=cfg.bf16,
                                 on_nonfinite=o.on_nonfinite, grad_noise=o.grad_noise)
+        correction = sampler_correction(cfg)
         return cls(family=family, advantage_params=MappingProxyType(params), whiten=a.whiten,
                    rollouts=rollouts_from_config(cfg), samples_per_prompt=s.samples_per_prompt,
                    seed_per_prompt=s.seed_per_prompt, seed=cfg.seed, kl_mode=a.kl_mode_used,
                    uses_reference=a.kl_coef > 0, update=update,
                    on_scorer_error=cfg.on_scorer_error,
                    sample_rounds=s.max_sample_rounds if s.dynamic_sampling else 1, overlong_filter=a.overlong_filter,
-                   sampler_correction=sampler_correction(cfg), sampler_is_cap=a.sampler_is_cap,
-                   sampler_check=sampler_differs(cfg) or sampler_correction(cfg) != "none")
+                   sampler_correction=correction, sampler_is_cap=a.sampler_is_cap,
+                   sampler_check=sampler_differs(cfg) or correction != "none")
 
     @property
     def max_completion_tokens(self) -> int:
@@ -152,13 +153,18 @@ def kl_noise_floor(cfg: TrainConfig) -> float:
     """The run's KL noise floor: ``algo.kl_noise_floor``, or the precision's default (:data:`KL_NOISE_FLOOR`)."""
     if cfg.algo.kl_noise_floor is not None:
         return cfg.algo.kl_noise_floor
-    return KL_NOISE_FLOOR[bool(cfg.bf16) or cfg.model.dtype == "bfloat16"]
+    return KL_NOISE_FLOOR[trains_in_bf16(cfg)]
+
+
+def trains_in_bf16(cfg: TrainConfig) -> bool:
+    """Whether the training forward runs in bfloat16 (``bf16`` autocast, or ``model.dtype=bfloat16`` weights)."""
+    return bool(cfg.bf16) or cfg.model.dtype == "bfloat16"
 
 
 def sampler_differs(cfg: TrainConfig) -> bool:
     """Whether the sampler's precision (``sampling.dtype``) differs from the training forward's (``bf16``,
     ``model.dtype``)."""
-    trainer = "bfloat16" if cfg.bf16 or cfg.model.dtype == "bfloat16" else "float32"
+    trainer = "bfloat16" if trains_in_bf16(cfg) else "float32"
     return cfg.sampling.dtype is not None and cfg.sampling.dtype != trainer
 
 
